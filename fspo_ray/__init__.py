@@ -1,0 +1,1 @@
+"""fspo-ray: few-shot preference optimization (FSPO) on Ray."""

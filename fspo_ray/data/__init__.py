@@ -1,0 +1,1 @@
+"""Data → episodes → prompts → tokens: everything the model sees."""

@@ -1,0 +1,183 @@
+"""FSPO episodes: N shots of one user in context plus one more pair of the same user as the query.
+
+Per user (fspo-method.md §1.2): order the user's pairs as they appear in the data, shuffle them with a
+generator seeded by (seed, user, pass), and cut non-overlapping windows of **N+1** pairs: pairs 0..N-1
+are the shots, pair N is the query. (The reference cuts N+2 and never uses the last pair, an
+off-by-one we do not copy.) The tail that does not fill a window is left out of that pass; R passes
+with fresh shuffles put each pair in many contexts, so few pairs end up in no episode at all, and
+those are counted. Shuffles depend only on the seed, the user id and the user's pair count, never on
+how the data is partitioned, so Ray Data and plain lists give the same episodes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fspo_ray.data.prompts import Shot
+from fspo_ray.data.readers import DataError, PreferencePair
+
+
+@dataclass(frozen=True)
+class Episode:
+    user_id: str | None
+    shots: tuple[Shot, ...]  # oldest first: the order they appear in the prompt
+    query: Shot
+    user_description: str | None = None
+    dispreferred_description: str | None = None  # of the persona the query's dispreferred answer suits
+    query_source: str = ""
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id,
+            "shots": [vars(s) for s in self.shots],
+            "query": vars(self.query),
+            "user_description": self.user_description,
+            "dispreferred_description": self.dispreferred_description,
+            "query_source": self.query_source,
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Episode:
+        return cls(
+            user_id=row["user_id"],
+            shots=tuple(Shot(**s) for s in row["shots"]),
+            query=Shot(**row["query"]),
+            user_description=_plain(row.get("user_description")),
+            dispreferred_description=_plain(row.get("dispreferred_description")),
+            query_source=row.get("query_source", ""),
+        )
+
+
+@dataclass
+class EpisodeStats:
+    users: int = 0
+    episodes: int = 0
+    users_without_episode: int = 0  # fewer than N+1 pairs
+    pairs_in_no_episode: int = 0  # in the tail of every pass
+
+    def add(self, other: EpisodeStats) -> None:
+        for name in vars(self):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+def default_passes(shots: int, split: str = "train") -> int:
+    """R = 2(N+1) passes for training, one for evaluation; user-less data (N = 0) needs one."""
+    return 2 * (shots + 1) if split == "train" and shots > 0 else 1
+
+
+def episode_windows(user_id: str | None, n_pairs: int, shots: int, passes: int, seed: int) -> list[list[int]]:
+    """Indices into the user's pairs (in data order) of each episode's window, shots first."""
+    width = shots + 1
+    windows = []
+    for p in range(passes):
+        order = list(range(n_pairs))
+        random.Random(f"{seed}/{user_id}/{p}").shuffle(order)
+        windows += [order[i : i + width] for i in range(0, n_pairs - width + 1, width)]
+    return windows
+
+
+def _window_stats(user_id: str | None, n_pairs: int, shots: int, passes: int, seed: int) -> EpisodeStats:
+    windows = episode_windows(user_id, n_pairs, shots, passes, seed)
+    used = {i for w in windows for i in w}
+    return EpisodeStats(
+        users=1, episodes=len(windows), users_without_episode=int(not windows), pairs_in_no_episode=n_pairs - len(used)
+    )
+
+
+def _check_shots(user_id: str | None, shots: int) -> None:
+    if shots < 0:
+        raise ValueError(f"shots must be >= 0, got {shots}")
+    if user_id is None and shots > 0:
+        raise DataError(
+            f"this data has no user ids (DPO-codebase JSON), so it cannot make {shots}-shot episodes; use shots=0"
+        )
+
+
+def user_episodes(pairs: Sequence[PreferencePair], shots: int, passes: int, seed: int) -> list[Episode]:
+    """All episodes of one user's pairs."""
+    if not pairs:
+        return []
+    user_id = pairs[0].user_id
+    _check_shots(user_id, shots)
+    ordered = sorted(pairs, key=lambda p: p.order)
+    if user_id is None:  # no user: every pair stands alone, in data order
+        windows = [[i] for _ in range(passes) for i in range(len(ordered))]
+    else:
+        windows = episode_windows(user_id, len(ordered), shots, passes, seed)
+    episodes = []
+    for window in windows:
+        *context, query = (ordered[i] for i in window)
+        episodes.append(
+            Episode(
+                user_id=user_id,
+                shots=tuple(Shot(p.question, p.preferred, p.dispreferred) for p in context),
+                query=Shot(query.question, query.preferred, query.dispreferred),
+                user_description=query.user_description,
+                dispreferred_description=query.dispreferred_description,
+                query_source=query.source,
+            )
+        )
+    return episodes
+
+
+def build_episodes(
+    pairs: Iterable[PreferencePair], shots: int, passes: int, seed: int
+) -> tuple[list[Episode], EpisodeStats]:
+    """Episodes of every user in `pairs` (plain Python, for small data), users in first-seen order."""
+    by_user: dict[str | None, list[PreferencePair]] = defaultdict(list)
+    for pair in pairs:
+        by_user[pair.user_id].append(pair)
+    episodes, stats = [], EpisodeStats()
+    for user_id, user_pairs in by_user.items():
+        episodes += user_episodes(user_pairs, shots, passes, seed)
+        if user_id is None:
+            stats.add(EpisodeStats(episodes=len(user_pairs) * passes))
+        else:
+            stats.add(_window_stats(user_id, len(user_pairs), shots, passes, seed))
+    return episodes, stats
+
+
+def _plain(value: Any) -> Any:
+    """A Python value from a Ray Data cell: numpy scalars unwrapped, an all-null column's NaN as None."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def build_episode_dataset(pairs_ds, shots: int, passes: int, seed: int, num_partitions: int | None = None):
+    """The same episodes on a Ray Dataset of `PreferencePair.as_row()` rows: a group-by over users.
+
+    `num_partitions` sets the group-by's shuffle width (Ray's default, 200, is far too wide for a laptop).
+    """
+    if shots == 0:
+        # Zero-shot episodes need no grouping; skip the all-to-all shuffle.
+        return pairs_ds.flat_map(
+            lambda row: [e.as_row() for e in user_episodes([PreferencePair(**row)], 0, passes, seed)]
+        )
+    columns = list(PreferencePair.__dataclass_fields__)
+
+    def group_episodes(group: dict[str, Any]) -> dict[str, list]:
+        n = len(group["question"])
+        pairs = [PreferencePair(**{c: _plain(group[c][i]) for c in columns}) for i in range(n)]
+        rows = [e.as_row() for e in user_episodes(pairs, shots, passes, seed)]
+        return {key: [r[key] for r in rows] for key in Episode.__dataclass_fields__} if rows else {}
+
+    return pairs_ds.groupby("user_id", num_partitions=num_partitions).map_groups(group_episodes, batch_format="numpy")
+
+
+def episode_dataset_stats(pairs_ds, shots: int, passes: int, seed: int) -> EpisodeStats:
+    """What `build_episode_dataset` will leave out, from per-user pair counts alone."""
+    stats = EpisodeStats()
+    for row in pairs_ds.groupby("user_id").count().iter_rows():
+        user_id, n_pairs = row["user_id"], row["count()"]
+        _check_shots(user_id, shots)
+        stats.add(
+            _window_stats(user_id, n_pairs, shots, passes, seed)
+            if user_id is not None
+            else EpisodeStats(episodes=n_pairs * passes)
+        )
+    return stats

@@ -1,0 +1,134 @@
+"""Episodes -> prompt/completion text -> token ids and labels, as the reference tokenizes them.
+
+Prompt and completions are tokenized separately without special tokens (no chat template, no BOS),
+EOS is appended to each completion, and the prompt's labels are masked with -100, so the loss and
+the sequence log-probs cover exactly the completion tokens, EOS included.
+
+Length policy: the reference cuts prompts and responses to fit, which can silently remove the query or
+train on empty responses. Here nothing is ever cut: while the episode is too long the oldest shot is
+dropped whole; if even the query alone does not fit, the episode is skipped. Both are counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fspo_ray.data.episodes import Episode
+from fspo_ray.data.prompts import DescriptionMode, build_completion, build_prompt
+from fspo_ray.data.readers import DataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    preferred_only: bool = False
+    description_mode: DescriptionMode = "none"
+
+
+@dataclass(frozen=True)
+class EpisodeText:
+    prompt: str
+    chosen: str
+    rejected: str
+    shots_used: int  # the newest `shots_used` shots of the episode are in the prompt
+
+
+def render_episode(episode: Episode, style: PromptStyle = PromptStyle(), shots_dropped: int = 0) -> EpisodeText:
+    """The episode's prompt and completions with the `shots_dropped` oldest shots left out."""
+    mode = style.description_mode
+    if mode == "teacher_forced" and not episode.user_description:
+        raise DataError(f"{episode.query_source}: teacher_forced descriptions need user_description")
+    if mode == "generated" and not (episode.user_description and episode.dispreferred_description):
+        raise DataError(
+            f"{episode.query_source}: generated descriptions need user_description and dispreferred_description"
+        )
+    shots = episode.shots[shots_dropped:]
+    prompt = build_prompt(
+        shots,
+        episode.query.question,
+        preferred_only=style.preferred_only,
+        description_mode=mode,
+        user_description=episode.user_description,
+    )
+
+    def completion(response: str, description: str | None) -> str:
+        return build_completion(
+            response, preferred_only=style.preferred_only, description_mode=mode, description=description
+        )
+
+    return EpisodeText(
+        prompt=prompt,
+        chosen=completion(episode.query.preferred, episode.user_description),
+        rejected=completion(episode.query.dispreferred, episode.dispreferred_description),
+        shots_used=len(shots),
+    )
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_text(tokenizer, text: EpisodeText) -> dict[str, Any]:
+    """Input ids and labels for the chosen and the rejected sequence."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; completions must end with one")
+    prompt = _ids(tokenizer, text.prompt)
+    out: dict[str, Any] = {"prompt_length": len(prompt)}
+    for name, completion in (("chosen", text.chosen), ("rejected", text.rejected)):
+        response = _ids(tokenizer, completion) + [tokenizer.eos_token_id]
+        out[f"{name}_input_ids"] = prompt + response
+        out[f"{name}_labels"] = [IGNORE_INDEX] * len(prompt) + response
+    return out
+
+
+@dataclass(frozen=True)
+class FittedEpisode:
+    text: EpisodeText
+    tokens: dict[str, Any]
+    shots_dropped: int
+
+
+def fit_episode(
+    episode: Episode,
+    tokenizer,
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    style: PromptStyle = PromptStyle(),
+) -> FittedEpisode | None:
+    """Tokenize the episode, dropping the oldest shots until it fits; None if even 0 shots do not fit.
+
+    Fits means: prompt <= max_prompt_length and prompt + the longer completion (EOS included) <= max_length.
+    """
+    completion_length = None
+    for dropped in range(len(episode.shots) + 1):
+        text = render_episode(episode, style, dropped)
+        tokens = tokenize_text(tokenizer, text)
+        prompt_length = tokens["prompt_length"]
+        if completion_length is None:  # completions do not depend on the shots
+            completion_length = max(len(tokens["chosen_input_ids"]), len(tokens["rejected_input_ids"])) - prompt_length
+        if prompt_length <= max_prompt_length and prompt_length + completion_length <= max_length:
+            return FittedEpisode(text, tokens, dropped)
+        if completion_length > max_length:
+            return None  # no prompt is short enough
+    return None
+
+
+def episode_record(episode: Episode, fitted: FittedEpisode | EpisodeText) -> dict[str, Any]:
+    """What `jobs.build_episodes` writes: the text and the shots actually placed in the prompt."""
+    text = fitted.text if isinstance(fitted, FittedEpisode) else fitted
+    dropped = len(episode.shots) - text.shots_used
+    row = episode.as_row()
+    return {
+        "user_id": episode.user_id,
+        "prompt": text.prompt,
+        "chosen": text.chosen,
+        "rejected": text.rejected,
+        "shots": row["shots"][dropped:],
+        "query": row["query"],
+        "user_description": episode.user_description,
+        "shots_dropped": dropped,
+        "query_source": episode.query_source,
+    }

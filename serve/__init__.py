@@ -1,0 +1,1 @@
+"""The Ray Serve personalization application (see README: serving)."""

@@ -1,0 +1,94 @@
+"""Episode invariants (fspo-method.md §1.2), on plain lists and on Ray Data."""
+
+from collections import Counter
+
+import pytest
+
+from fspo_ray.data.episodes import build_episode_dataset, build_episodes, default_passes, episode_dataset_stats
+from fspo_ray.data.readers import DataError, PreferencePair
+
+
+def make_pairs(counts: dict[str, int]) -> list[PreferencePair]:
+    pairs, order = [], 0
+    for user, n in counts.items():
+        for k in range(n):
+            pairs.append(PreferencePair(user, f"{user} q{k}", f"{user} w{k}", f"{user} l{k}", f"{user} likes",
+                                        order=order, source=f"f row {order + 1}"))  # fmt: skip
+            order += 1
+    return pairs
+
+
+COUNTS = {"alice": 13, "bob": 9, "carol": 3, "dave": 1}
+
+
+def test_every_episode_is_one_user_with_the_query_outside_its_shots():
+    episodes, _ = build_episodes(make_pairs(COUNTS), shots=3, passes=2, seed=0)
+    for e in episodes:
+        assert len(e.shots) == 3
+        texts = [s.question for s in e.shots] + [e.query.question]
+        assert {t.split()[0] for t in texts} == {e.user_id}
+        assert len(set(texts)) == 4  # the query pair is not among the shots, no pair twice
+        assert e.user_description == f"{e.user_id} likes"
+
+
+def test_windows_are_n_plus_one_with_tails_dropped_per_pass():
+    episodes, stats = build_episodes(make_pairs(COUNTS), shots=3, passes=5, seed=0)
+    assert Counter(e.user_id for e in episodes) == {"alice": 13 // 4 * 5, "bob": 9 // 4 * 5}
+    assert (stats.users, stats.episodes, stats.users_without_episode) == (4, len(episodes), 2)
+
+
+def test_each_pass_uses_disjoint_windows_and_passes_differ():
+    episodes, _ = build_episodes(make_pairs({"alice": 12}), shots=2, passes=3, seed=0)
+    passes = [episodes[i * 4 : (i + 1) * 4] for i in range(3)]
+    for p in passes:
+        used = [q for e in p for q in [s.question for s in e.shots] + [e.query.question]]
+        assert sorted(used) == sorted(f"alice q{k}" for k in range(12))  # a partition of the user's pairs
+    assert passes[0] != passes[1] and passes[1] != passes[2]
+
+
+def test_pairs_in_no_episode_are_counted():
+    episodes, stats = build_episodes(make_pairs({"alice": 7}), shots=2, passes=1, seed=0)
+    used = {q for e in episodes for q in [s.question for s in e.shots] + [e.query.question]}
+    assert stats.pairs_in_no_episode == 7 - len(used) == 1
+
+
+def test_deterministic_from_the_seed_and_independent_of_input_order():
+    pairs = make_pairs(COUNTS)
+    first, _ = build_episodes(pairs, shots=2, passes=2, seed=7)
+    again, _ = build_episodes(list(reversed(pairs)), shots=2, passes=2, seed=7)
+    other, _ = build_episodes(pairs, shots=2, passes=2, seed=8)
+    assert sorted(map(repr, first)) == sorted(map(repr, again))
+    assert sorted(map(repr, first)) != sorted(map(repr, other))
+
+
+def test_default_passes():
+    assert default_passes(8) == 18 and default_passes(8, "test") == 1 and default_passes(0) == 1
+
+
+def test_user_less_data_needs_zero_shots():
+    pairs = [PreferencePair(None, f"q{k}", "w", "l", order=k) for k in range(3)]
+    episodes, stats = build_episodes(pairs, shots=0, passes=1, seed=0)
+    assert [e.query.question for e in episodes] == ["q0", "q1", "q2"] and stats.episodes == 3
+    with pytest.raises(DataError, match="no user ids.*shots=0"):
+        build_episodes(pairs, shots=2, passes=1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shots", [0, 3])
+def test_ray_data_gives_the_same_episodes_and_stats(ray_local, shots):
+    pairs = make_pairs(COUNTS)
+    expected, expected_stats = build_episodes(pairs, shots=shots, passes=2, seed=3)
+    ds = ray_local.data.from_items([p.as_row() for p in pairs], override_num_blocks=3)
+    rows = build_episode_dataset(ds, shots=shots, passes=2, seed=3, num_partitions=2).take_all()
+    from fspo_ray.data.episodes import Episode
+
+    assert sorted(repr(Episode.from_row(r)) for r in rows) == sorted(map(repr, expected))
+    assert episode_dataset_stats(ds, shots=shots, passes=2, seed=3) == expected_stats

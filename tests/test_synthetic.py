@@ -1,0 +1,182 @@
+"""Synthetic users (fspo_ray/data/synthetic.py, jobs/synthetic_users.py): what the written data promises.
+
+Expectations come from the module's contract, checked on the files a user gets: the preferred answer
+shows the user's poles, every pole is equally common among training users (so no user-agnostic rule
+beats chance without shots), held-out users are disjoint and partly hold unseen combinations.
+"""
+
+import itertools
+import json
+from collections import Counter
+
+import pytest
+
+from fspo_ray.data.readers import read_pairs, resolve_format
+from fspo_ray.data.synthetic import _TASKS, DIMENSIONS, detect_properties, render_answer, score_answer, write_synthetic
+from jobs import synthetic_users
+
+SMALL = dict(n_train_users=20, n_test_users=6, pairs_per_user=10)
+
+
+def load_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def load_users(paths):
+    with open(paths["users"], encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def default_data(tmp_path_factory):
+    """The data set the job writes with its default sizes (seed 0, no label noise)."""
+    paths = synthetic_users.main([f"out={tmp_path_factory.mktemp('synthetic')}"])
+    return paths, load_jsonl(paths["train"]), load_jsonl(paths["test"]), load_users(paths)
+
+
+# --- determinism and files ------------------------------------------------------------------------
+
+
+def test_same_seed_writes_identical_files_and_another_seed_other_pairs(tmp_path):
+    a, b, c = (write_synthetic(str(tmp_path / name), **SMALL, seed=seed) for name, seed in
+               (("a", 7), ("b", 7), ("c", 8)))  # fmt: skip
+    for name in ("train", "test", "users"):
+        with open(a[name], "rb") as fa, open(b[name], "rb") as fb:
+            assert fa.read() == fb.read(), name
+    rows_a, rows_c = load_jsonl(a["train"]), load_jsonl(c["train"])
+    assert len(rows_a) == len(rows_c) == 20 * 10
+    same = sum(x == y for x, y in zip(rows_a, rows_c))
+    assert same < len(rows_a) / 2  # a different seed draws (mostly) different pairs
+
+
+def test_default_sizes_write_at_least_ten_thousand_pairs(default_data):
+    paths, train, test, _ = default_data
+    lines = 0
+    for split in ("train", "test"):
+        with open(paths[split], encoding="utf-8") as f:
+            lines += sum(1 for line in f if line.strip())
+    assert lines == len(train) + len(test) >= 10_000
+
+
+def test_files_read_back_as_canonical_pairs(default_data):
+    paths, train, test, _ = default_data
+    for split, rows in (("train", train), ("test", test)):
+        assert resolve_format(paths[split]) == "canonical"
+        pairs = list(read_pairs(paths[split]))
+        assert len(pairs) == len(rows)
+        for pair, row in zip(pairs, rows):
+            got = (pair.user_id, pair.question, pair.preferred, pair.dispreferred, pair.user_description)
+            assert got == (row["user_id"], row["question"], row["preferred"], row["dispreferred"],
+                           row["user_description"])  # fmt: skip
+            assert pair.dispreferred_description == row["dispreferred_description"]
+
+
+# --- users ----------------------------------------------------------------------------------------
+
+
+def test_train_and_test_users_are_disjoint_and_some_test_users_hold_unseen_combinations(default_data):
+    _, train, test, users = default_data
+    train_ids, test_ids = {r["user_id"] for r in train}, {r["user_id"] for r in test}
+    assert train_ids and test_ids and not train_ids & test_ids
+    assert all(users[u]["split"] == "train" for u in train_ids)
+    assert all(users[u]["split"] == "test" for u in test_ids)
+    assert set(users) == train_ids | test_ids
+
+    trained = {frozenset(users[u]["preferences"].items()) for u in train_ids}
+    novel = [u for u in test_ids if users[u]["novel_combination"]]
+    assert len(novel) == len(test_ids) // 2  # half the held-out users (64 of them by default)
+    for u in test_ids:
+        held_in_training = frozenset(users[u]["preferences"].items()) in trained
+        assert held_in_training != users[u]["novel_combination"], u
+    # The unseen combinations are made of poles that training users do hold, one by one.
+    trained_poles = {item for combo in trained for item in combo}
+    assert all(set(users[u]["preferences"].items()) <= trained_poles for u in novel)
+
+
+@pytest.mark.parametrize("dims_per_user", [1, 2, 3, 4])
+def test_each_pole_is_equally_common_among_training_users(tmp_path, dims_per_user):
+    def train_prefs(n_train, out):
+        users = load_users(write_synthetic(str(out), n_train_users=n_train, n_test_users=0, pairs_per_user=1,
+                                           dims_per_user=dims_per_user))  # fmt: skip
+        return [u["preferences"] for u in users.values() if u["split"] == "train"]
+
+    # How many distinct profiles training users cycle through, seen from a large population.
+    prefs = train_prefs(200, tmp_path / "many")
+    assert all(len(p) == dims_per_user for p in prefs)
+    n_profiles = len({frozenset(p.items()) for p in prefs})
+    for multiple in (1, 3):
+        counts = Counter((d, pole) for p in train_prefs(multiple * n_profiles, tmp_path / f"x{multiple}")
+                         for d, pole in p.items())  # fmt: skip
+        for d, (a, b) in DIMENSIONS.items():
+            assert counts[d, a] == counts[d, b] > 0, (d, counts)
+
+
+# --- the scoring function and the pairs -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("poles", list(itertools.product(*DIMENSIONS.values())), ids="-".join)
+def test_detect_properties_recovers_every_pole_of_a_rendered_answer(poles):
+    wanted = dict(zip(DIMENSIONS, poles))
+    for (task, steps), opener, closer in itertools.product(_TASKS, range(3), range(3)):
+        assert detect_properties(render_answer(task, steps, wanted, opener, closer)) == wanted
+
+
+def test_every_written_pair_is_ranked_by_the_users_preferences(default_data):
+    _, train, test, users = default_data
+    for row in train + test:
+        prefs = users[row["user_id"]]["preferences"]
+        assert score_answer(row["preferred"], prefs) > score_answer(row["dispreferred"], prefs), row
+        shown_w, shown_l = detect_properties(row["preferred"]), detect_properties(row["dispreferred"])
+        differing = {d for d in DIMENSIONS if shown_w[d] != shown_l[d]}
+        # The answers differ on a non-empty subset of the user's properties, the preferred one
+        # holding the user's poles there, and agree on everything else.
+        assert differing and differing <= set(prefs), row
+        assert all(shown_w[d] == prefs[d] for d in differing), row
+        assert row["user_description"] == users[row["user_id"]]["description"]
+
+
+def pole_rule_accuracy(rows, dim, pole):
+    """Accuracy of "prefer the answer showing `pole` of `dim`" on the pairs where that rule takes a side."""
+    decided = right = 0
+    for row in rows:
+        won, lost = detect_properties(row["preferred"])[dim], detect_properties(row["dispreferred"])[dim]
+        if won != lost:
+            decided += 1
+            right += won == pole
+    return right / decided, decided
+
+
+@pytest.mark.parametrize("dim,pole", [(d, p) for d, poles in DIMENSIONS.items() for p in poles])
+def test_without_shots_the_preferred_answer_cannot_be_guessed(default_data, dim, pole):
+    _, train, test, _ = default_data
+    # Pooled over training users, the preferred answer shows each pole half the time.
+    share, decided = pole_rule_accuracy(train, dim, pole)
+    assert decided >= 1000
+    assert abs(share - 0.5) <= 0.05
+    # So a fixed, user-independent rule is at chance on held-out users too.
+    accuracy, decided = pole_rule_accuracy(test, dim, pole)
+    assert decided >= 300
+    assert 0.45 <= accuracy <= 0.55
+
+
+def test_the_users_own_preferences_pick_every_held_out_pair(default_data):
+    _, _, test, users = default_data
+    right = sum(score_answer(r["preferred"], users[r["user_id"]]["preferences"]) >
+                score_answer(r["dispreferred"], users[r["user_id"]]["preferences"]) for r in test)  # fmt: skip
+    assert right == len(test) > 0
+
+
+def test_label_noise_flips_about_that_share_of_pairs(tmp_path):
+    paths = write_synthetic(str(tmp_path), n_train_users=50, n_test_users=10, pairs_per_user=40, label_noise=0.2)
+    users = load_users(paths)
+    rows = load_jsonl(paths["train"]) + load_jsonl(paths["test"])
+    assert len(rows) >= 2000
+    flipped = sum(score_answer(r["preferred"], users[r["user_id"]]["preferences"]) <
+                  score_answer(r["dispreferred"], users[r["user_id"]]["preferences"]) for r in rows)  # fmt: skip
+    assert 0.15 <= flipped / len(rows) <= 0.25
+
+
+def test_a_first_word_that_is_no_opener_shows_no_tone():
+    for text in ("I would mix flour and water.", "In short, knead it.", "He says: bake it.", "Of all ways, this."):
+        assert detect_properties(text)["tone"] is None, text
