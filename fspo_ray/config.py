@@ -30,13 +30,19 @@ def _first_line(error: Exception) -> str:
     return str(error).splitlines()[0]
 
 
-def parse_overrides(schema: type[T], argv: Sequence[str]) -> T:
+def parse_overrides(schema: type[T], argv: Sequence[str], groups: dict[str, str] | None = None) -> T:
+    """`groups` maps a Hydra-style group choice to the key it sets: {"loss": "name"} reads `loss=ipo`
+    as `loss.name=ipo`. Hydra's `+key=` and `++key=` prefixes are accepted and mean `key=`."""
     merged = OmegaConf.structured(schema)
     overrides = []
     for arg in argv:
         key, sep, value = arg.partition("=")
+        key = key.lstrip("+")
         if not sep or not key:
             raise ConfigError(f"expected key=value, got {arg!r}")
+        if groups and key in groups:
+            key = f"{key}.{groups[key]}"
+        arg = f"{key}={value}"
         if key == "config":
             try:
                 merged = OmegaConf.merge(merged, OmegaConf.load(value))

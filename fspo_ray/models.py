@@ -1,10 +1,20 @@
-"""Models and tokenizers that need no hub: built locally, for tests and demos."""
+"""Models and tokenizers that need no hub: presets built locally, and archives users bring.
+
+`model=` names a preset (`tiny`) or any local Hugging Face model folder. `model.archive=` starts training
+from (and references to) earlier weights: one of our run folders, any HF folder, or a DPO-codebase
+`policy.pt` (`{step_idx, state, metrics}`), read with `weights_only=True` so no arbitrary object is
+unpickled.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
+from fspo_ray.config import InputError
+
 EOS_TOKEN = "<|endoftext|>"
+CACHE_DIR = os.environ.get("FSPO_RAY_CACHE", os.path.expanduser("~/.cache/fspo-ray"))
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
@@ -23,3 +33,116 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     )
     bpe.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+
+
+# head_dim = 128 / 4 = 32: the smallest vLLM's CPU attention accepts.
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+
+
+def _tiny_corpus() -> list[str]:
+    """Text in the shape the model will read: FSPO prompts over synthetic users' answers."""
+    from fspo_ray.data.episodes import build_episodes
+    from fspo_ray.data.synthetic import make_users, user_pairs
+    from fspo_ray.data.tokenize import render_episode
+
+    pairs = [p for u in make_users(24, 0) for p in user_pairs(u, 8, seed=0)]
+    episodes, _ = build_episodes(pairs, shots=2, passes=1, seed=0)
+    texts = []
+    for episode in episodes:
+        text = render_episode(episode)
+        texts += [text.prompt, text.chosen, text.rejected]
+    return texts
+
+
+def build_tiny_model(path: str, vocab_size: int = 1024, seed: int = 0) -> str:
+    """A randomly initialized tiny Llama and its tokenizer, saved as a Hugging Face folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(_tiny_corpus(), vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+        **TINY,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, path)  # atomic: concurrent builders never see half a folder
+    return path
+
+
+PRESETS = {"tiny": build_tiny_model}
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A local HF folder for a preset name or a path; presets are built once into the cache."""
+    if name_or_path in PRESETS:
+        path = os.path.join(CACHE_DIR, "models", name_or_path)
+        if not os.path.isdir(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            PRESETS[name_or_path](path)
+        return path
+    if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+        raise InputError(
+            f"model={name_or_path}: not a preset ({', '.join(PRESETS)}) nor a Hugging Face model folder "
+            "(no config.json); nothing is downloaded from the hub"
+        )
+    return name_or_path
+
+
+def resolve_archive(archive: str) -> tuple[str | None, str | None]:
+    """(HF folder, policy.pt file) for `model.archive`: exactly one is set.
+
+    Our run folders hold their export in LATEST/; the seed's `.../LATEST/policy.pt` spelling resolves
+    to that folder when no such file exists, so the seed's two command lines chain unchanged.
+    """
+    if os.path.isdir(os.path.join(archive, "LATEST")):
+        archive = os.path.join(archive, "LATEST")
+    if os.path.isfile(os.path.join(archive, "config.json")):
+        return archive, None
+    if os.path.isfile(archive):
+        return None, archive
+    folder = os.path.dirname(archive)
+    if os.path.basename(archive) == "policy.pt" and os.path.isfile(os.path.join(folder, "config.json")):
+        return folder, None
+    raise InputError(f"model.archive={archive}: not a run folder, a Hugging Face folder or a policy.pt file")
+
+
+def load_policy_state(path: str) -> dict:
+    """The state dict of a DPO-codebase `policy.pt` (`{step_idx, state, metrics}`), without unpickling code."""
+    import torch
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an unpickling error names the offending global
+        raise InputError(f"model.archive={path}: not a plain tensor checkpoint ({str(e).splitlines()[0]})") from None
+    state = saved.get("state") if isinstance(saved, dict) else None
+    if not isinstance(state, dict):
+        raise InputError(f"model.archive={path}: expected a dict with a 'state' state dict (the DPO codebase's)")
+    return state
+
+
+def archive_to_folder(archive: str, base_model: str, out_dir: str) -> str:
+    """An HF folder holding the archive's weights (a policy.pt is applied to `base_model` once, here)."""
+    folder, policy_pt = resolve_archive(archive)
+    if folder:
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_model)
+    missing, unexpected = model.load_state_dict(load_policy_state(policy_pt), strict=False)
+    if unexpected or [k for k in missing if "rotary" not in k]:
+        raise InputError(
+            f"model.archive={policy_pt} does not fit model={base_model}: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(base_model).save_pretrained(out_dir)
+    return out_dir

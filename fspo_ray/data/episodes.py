@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +30,7 @@ class Episode:
     user_description: str | None = None
     dispreferred_description: str | None = None  # of the persona the query's dispreferred answer suits
     query_source: str = ""
+    episode_id: str = ""  # "{user}/{pass}/{window}" ("{source}/{pass}" at 0 shots): stable across runs
 
     def as_row(self) -> dict[str, Any]:
         return {
@@ -39,6 +40,7 @@ class Episode:
             "user_description": self.user_description,
             "dispreferred_description": self.dispreferred_description,
             "query_source": self.query_source,
+            "episode_id": self.episode_id,
         }
 
     @classmethod
@@ -50,6 +52,7 @@ class Episode:
             user_description=_plain(row.get("user_description")),
             dispreferred_description=_plain(row.get("dispreferred_description")),
             query_source=row.get("query_source", ""),
+            episode_id=row.get("episode_id", ""),
         )
 
 
@@ -109,8 +112,9 @@ def user_episodes(pairs: Sequence[PreferencePair], shots: int, passes: int, seed
         windows = [[i] for _ in range(passes) for i in range(len(ordered))]
     else:
         windows = episode_windows(user_id, len(ordered), shots, passes, seed)
+    per_pass = len(windows) // passes if passes else 0
     episodes = []
-    for window in windows:
+    for k, window in enumerate(windows):
         *context, query = (ordered[i] for i in window)
         episodes.append(
             Episode(
@@ -120,6 +124,10 @@ def user_episodes(pairs: Sequence[PreferencePair], shots: int, passes: int, seed
                 user_description=query.user_description,
                 dispreferred_description=query.dispreferred_description,
                 query_source=query.source,
+                # A 0-shot episode is its pair: name it by the pair, however the pairs were grouped.
+                episode_id=f"{user_id}/{k // per_pass}/{k % per_pass}"
+                if context
+                else f"{query.source}/{k // per_pass}",
             )
         )
     return episodes
@@ -170,10 +178,20 @@ def build_episode_dataset(pairs_ds, shots: int, passes: int, seed: int, num_part
 
 
 def episode_dataset_stats(pairs_ds, shots: int, passes: int, seed: int) -> EpisodeStats:
-    """What `build_episode_dataset` will leave out, from per-user pair counts alone."""
+    """What `build_episode_dataset` will leave out, from per-user pair counts alone.
+
+    Counts are taken per block and summed here (users × blocks small numbers), which needs no shuffle.
+    """
+
+    def count_users(batch: dict[str, Any]) -> dict[str, list]:
+        counts = Counter(_plain(u) for u in batch["user_id"])
+        return {"user_id": list(counts), "n": list(counts.values())}
+
+    per_user: Counter = Counter()
+    for row in pairs_ds.select_columns(["user_id"]).map_batches(count_users, batch_format="numpy").iter_rows():
+        per_user[_plain(row["user_id"])] += row["n"]
     stats = EpisodeStats()
-    for row in pairs_ds.groupby("user_id").count().iter_rows():
-        user_id, n_pairs = row["user_id"], row["count()"]
+    for user_id, n_pairs in per_user.items():
         _check_shots(user_id, shots)
         stats.add(
             _window_stats(user_id, n_pairs, shots, passes, seed)

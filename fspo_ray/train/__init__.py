@@ -1,0 +1,1 @@
+"""Distributed FSPO training: Ray Data pipeline → Ray Train TorchTrainer running DeepSpeed."""

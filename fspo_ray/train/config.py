@@ -1,0 +1,167 @@
+"""The training config: the DPO codebase's keys (so its command lines work) plus ours.
+
+    python -m jobs.train model=tiny datasets=[data/train.jsonl] loss=ipo loss.beta=0.05 \
+        model.archive=runs/sft/LATEST/policy.pt batch_size=8 num_workers=2 zero_stage=2
+
+`model=X` and `loss=X` are the seed's Hydra group choices: they set `model.name_or_path` and `loss.name`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from fspo_ray.config import ConfigError, parse_overrides
+
+# The seed's `trainer=` choices, mapped to a DeepSpeed ZeRO stage across Ray Train workers.
+TRAINER_ZERO_STAGE = {
+    "BasicTrainer": 0,  # plain data parallel
+    "FSDPTrainer": 3,  # FSDP full sharding == ZeRO-3
+    "TensorParallelTrainer": 3,  # DeepSpeed training has no tensor parallelism; ZeRO-3 shards instead
+}
+
+# Keys of the seed's config that have no effect here, and why (accepted so its command lines run).
+IGNORED_SEED_KEYS = {
+    "sample_during_eval": "sampling during evaluation is the evaluation job's work (jobs.evaluate)",
+    "n_eval_model_samples": "sampling during evaluation is the evaluation job's work (jobs.evaluate)",
+    "local_dirs": "runs go to storage_path (a local path or a URI)",
+    "local_run_dir": "runs go to storage_path/exp_name",
+    "fsdp_port": "Ray Train sets up the process group",
+    "model.block_name": "DeepSpeed ZeRO shards parameters without wrapping blocks",
+    "model.fsdp_policy_mp": "mixed precision is set by model.policy_dtype",
+}
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny"  # a preset (tiny) or a local Hugging Face model folder
+    tokenizer_name_or_path: str | None = None  # default: the model's own
+    archive: str | None = None  # start from (and reference to) these weights: run folder, HF folder, policy.pt
+    policy_dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    reference_dtype: str = "auto"
+    block_name: str | None = None  # seed key, no effect
+    fsdp_policy_mp: str | None = None  # seed key, no effect
+
+
+@dataclass
+class LossConfig:
+    name: str = "sft"  # sft | dpo | ipo
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # dpo only: conservative DPO
+    reference_free: bool = False
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False  # also needs WANDB_API_KEY; never required
+    entity: str | None = None
+    project: str = "fspo-ray"
+
+
+@dataclass
+class TrainConfig:
+    # --- the DPO codebase's keys ---
+    seed: int = 0
+    exp_name: str = "fspo"
+    datasets: list[str] = field(default_factory=list)  # [format:]path, see fspo_ray/data/readers.py
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: str = "BasicTrainer"
+    lr: float = 5e-7
+    n_epochs: int | None = 1
+    n_examples: int | None = None  # if set, train on this many examples instead of n_epochs
+    batch_size: int = 4  # examples per optimizer step, across all workers
+    eval_batch_size: int = 16  # examples per evaluation forward, across all workers
+    gradient_accumulation_steps: int = 1
+    max_length: int = 512
+    max_prompt_length: int = 256
+    warmup_steps: int = 150
+    max_grad_norm: float = 10.0
+    optimizer: str = "RMSprop"  # RMSprop | AdamW | Adam | SGD (torch.optim, PyTorch defaults)
+    eval_every: int = 20_000  # examples between evaluations and checkpoints
+    n_eval_examples: int = 256
+    do_first_eval: bool = True
+    minimum_log_interval_secs: float = 1.0
+    activation_checkpointing: bool = False
+    debug: bool = False  # no checkpoints, no exports
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    sample_during_eval: bool = False  # seed key, no effect
+    n_eval_model_samples: int = 16  # seed key, no effect
+    local_dirs: list[str] = field(default_factory=list)  # seed key, no effect
+    local_run_dir: str | None = None  # seed key, no effect
+    fsdp_port: int | None = None  # seed key, no effect
+    # --- ours: data ---
+    eval_datasets: list[str] = field(default_factory=list)  # held-out users' data; none: no evaluation
+    data_split: str | None = None  # split of save_to_disk DatasetDicts in `datasets`
+    eval_split: str | None = None
+    shots: int | None = None  # default: the first data set's format's
+    passes: int | None = None  # default: 2(N+1) (1 for 0 shots); evaluation always 1
+    sft_target: str = "chosen"  # chosen (the paper) | both (the released code)
+    description_mode: str = "none"  # none | generated | teacher_forced
+    preferred_only: bool = False
+    # --- ours: cluster ---
+    num_workers: int = 2
+    use_gpu: bool | None = None  # default: when the cluster has GPUs
+    cpus_per_worker: float | None = None  # default: 1 with GPUs, 0.5 on CPUs (leaves CPUs to Ray Data)
+    gpus_per_worker: float = 1.0
+    zero_stage: int | None = None  # default: from trainer
+    offload_optimizer: bool = False
+    offload_params: bool = False  # ZeRO-3 only
+    storage_path: str = "runs"  # local path (made absolute) or URI (s3://, gs://) for checkpoints
+    max_failures: int = 0
+    num_checkpoints_to_keep: int = 2
+    log_example_ids: bool = False  # write which episodes each step trained on, per rank
+
+    @property
+    def stage(self) -> int:
+        return self.zero_stage if self.zero_stage is not None else TRAINER_ZERO_STAGE[self.trainer]
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // (self.gradient_accumulation_steps * self.num_workers)
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.storage_path.rstrip('/')}/{self.exp_name}"
+
+
+def _one_of(name: str, value: object, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value} is not one of {', '.join(map(str, allowed))}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    if not cfg.datasets:
+        raise ConfigError("datasets=[...] is required: the preference data to train on")
+    _one_of("loss", cfg.loss.name, ("sft", "dpo", "ipo"))
+    _one_of("trainer", cfg.trainer, TRAINER_ZERO_STAGE)
+    _one_of("zero_stage", cfg.stage, (0, 1, 2, 3))
+    _one_of("optimizer", cfg.optimizer, ("RMSprop", "AdamW", "Adam", "SGD"))
+    _one_of("sft_target", cfg.sft_target, ("chosen", "both"))
+    _one_of("description_mode", cfg.description_mode, ("none", "generated", "teacher_forced"))
+    for name in ("policy_dtype", "reference_dtype"):
+        _one_of(f"model.{name}", getattr(cfg.model, name), ("auto", "float32", "bfloat16", "float16"))
+    per_step = cfg.gradient_accumulation_steps * cfg.num_workers
+    if cfg.batch_size % per_step or cfg.batch_size < per_step:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} must be a positive multiple of gradient_accumulation_steps × num_workers "
+            f"= {cfg.gradient_accumulation_steps} × {cfg.num_workers} = {per_step}"
+        )
+    if cfg.eval_batch_size % cfg.num_workers:
+        raise ConfigError(f"eval_batch_size={cfg.eval_batch_size} must be a multiple of num_workers={cfg.num_workers}")
+    if cfg.max_prompt_length > cfg.max_length:
+        raise ConfigError(f"max_prompt_length={cfg.max_prompt_length} exceeds max_length={cfg.max_length}")
+    if cfg.offload_params and cfg.stage != 3:
+        raise ConfigError("offload_params=true needs zero_stage=3")
+    if cfg.n_examples is None and not cfg.n_epochs:
+        raise ConfigError("set n_epochs or n_examples")
+    if "://" not in cfg.storage_path:
+        cfg.storage_path = os.path.abspath(cfg.storage_path)  # Ray Train needs an absolute path
+    return cfg
+
+
+def parse_train_config(argv: list[str]) -> TrainConfig:
+    ignored = [a.partition("=")[0] for a in argv if a.partition("=")[0].lstrip("+") in IGNORED_SEED_KEYS]
+    for key in ignored:
+        print(f"note: {key} has no effect here: {IGNORED_SEED_KEYS[key.lstrip('+')]}")
+    return validate(parse_overrides(TrainConfig, argv, groups={"model": "name_or_path", "loss": "name"}))

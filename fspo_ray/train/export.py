@@ -1,0 +1,37 @@
+"""The trained policy as a Hugging Face folder at `<run>/LATEST/`, loadable by `from_pretrained`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from fspo_ray.train.config import TrainConfig
+
+
+def publish(local_dir: str, destination: str) -> None:
+    """Copy a folder to a local path (replacing it whole) or to a URI such as s3://bucket/run/LATEST."""
+    if "://" in destination:
+        import pyarrow.fs
+
+        pyarrow.fs.copy_files(local_dir, destination)
+        return
+    staging = f"{destination}.tmp-{os.getpid()}"
+    shutil.copytree(local_dir, staging)
+    shutil.rmtree(destination, ignore_errors=True)
+    os.replace(staging, destination)
+
+
+def export_hf_folder(engine, tokenizer, cfg: TrainConfig, rank: int) -> None:
+    """Every rank must call this: under ZeRO-3 the weights are gathered from all of them."""
+    if cfg.stage == 3:
+        # The same consolidation accelerate and the HF Trainer use; rank 0 receives the full weights.
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict() if rank == 0 else None
+    if rank != 0:
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        engine.module.save_pretrained(directory, state_dict=state)
+        tokenizer.save_pretrained(directory)
+        publish(directory, f"{cfg.run_dir}/LATEST")

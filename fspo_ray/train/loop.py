@@ -1,0 +1,237 @@
+"""What every Ray Train worker runs: DeepSpeed over the policy, a frozen reference, its data shard.
+
+Resume is exact because a rank's shard is the same, in the same order, on every run (pipeline.py): the
+checkpoint records the optimizer steps taken, and a resumed rank skips exactly that many steps of its
+shard. Weights, optimizer and scheduler come back through DeepSpeed's checkpoint, RNG state per rank.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fspo_ray.train.config import TrainConfig
+from fspo_ray.train.export import export_hf_folder
+from fspo_ray.train.metrics import MetricsLog
+from fspo_ray.train.step import add_metrics, batch_loss, collate
+
+CHECKPOINT_TAG = "deepspeed"
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    cfg: TrainConfig
+    start_model: str  # HF folder the policy starts from and the reference stays at
+    tokenizer_path: str
+    steps_per_epoch: int
+    total_steps: int
+    has_eval: bool
+    summary: dict
+
+
+def _dtype(name: str, on_gpu: bool) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return getattr(torch, name)
+
+
+def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict:
+    zero: dict[str, Any] = {"stage": cfg.stage, "stage3_gather_16bit_weights_on_model_save": True}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "zero_allow_untested_optimizer": True,  # our client torch.optim optimizer
+        "zero_force_ds_cpu_optimizer": False,  # keep it under offload too: DeepSpeed's CPUAdam JIT-compiles
+        "steps_per_print": 2**62,
+    }
+
+
+def _load_model(path: str, dtype: torch.dtype, device: torch.device, cfg: TrainConfig):
+    from transformers import AutoModelForCausalLM
+
+    attention = "sdpa"
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        attention = "flash_attention_2"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention)
+    for module in model.modules():  # the reference trains with dropout disabled
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def _batches(shard, micro_batch: int, skip: int):
+    """The shard's micro-batches in its fixed order, the first `skip` left out."""
+    for i, batch in enumerate(shard.iter_batches(batch_size=micro_batch, batch_format="numpy", drop_last=True)):
+        if i >= skip:
+            yield batch
+
+
+def train_loop(plan: LoopPlan) -> None:
+    import deepspeed
+    import ray.data
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+    from transformers import AutoTokenizer
+    from transformers.integrations import HfDeepSpeedConfig
+
+    cfg = plan.cfg
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
+        # DeepSpeed JIT-compiles a shared-memory op on CPUs at init (~2 min) that training never uses.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")  # adopts Ray Train's process group
+    torch.manual_seed(cfg.seed + rank)
+
+    policy_dtype = _dtype(cfg.model.policy_dtype, on_gpu)
+    ds_config = deepspeed_config(cfg, policy_dtype)
+    hf_ds = HfDeepSpeedConfig(ds_config) if cfg.stage == 3 else None  # noqa: F841 (ZeRO-3: load partitioned)
+    tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    policy = _load_model(plan.start_model, policy_dtype, device, cfg)
+    if cfg.activation_checkpointing:
+        policy.gradient_checkpointing_enable()
+    optimizer = getattr(torch.optim, cfg.optimizer)(policy.parameters(), lr=cfg.lr)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=policy, optimizer=optimizer, lr_scheduler=warmup, config=ds_config
+    )
+    reference = None
+    if cfg.loss.name != "sft":
+        reference_dtype = _dtype(cfg.model.reference_dtype, on_gpu)
+        reference = _load_model(plan.start_model, reference_dtype, device, cfg).eval().requires_grad_(False)
+        if cfg.stage == 3:  # shard the frozen reference too
+            ref_config = {k: ds_config[k] for k in ("train_micro_batch_size_per_gpu", "bf16", "fp16")}
+            ref_config["zero_optimization"] = {"stage": 3}
+            reference = deepspeed.initialize(model=reference, config=ref_config)[0]
+        else:
+            reference = reference.to(device)
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+            with open(os.path.join(directory, "trainer_state.json")) as f:
+                step = json.load(f)["step"]
+            rng = os.path.join(directory, f"rng_rank{rank}.pt")
+            if os.path.exists(rng):
+                torch.set_rng_state(torch.load(rng, weights_only=True))
+    log = MetricsLog(cfg, rank, resume_step=step)
+
+    train_shard = ray.train.get_dataset_shard(f"train_{rank}")
+    eval_shard = ray.train.get_dataset_shard(f"eval_{rank}") if plan.has_eval else None
+
+    def evaluate() -> dict[str, float]:
+        engine.eval()
+        totals: dict[str, list] = {}
+        with torch.no_grad():
+            for rows in eval_shard.iter_batches(batch_size=cfg.eval_batch_size // world, batch_format="numpy"):
+                _, metrics = batch_loss(
+                    engine, reference, collate(rows, pad_id, device), cfg.loss, cfg.sft_target, "eval"
+                )
+                add_metrics(totals, metrics)
+        engine.train()
+        return _all_reduce(totals, device)
+
+    def save(metrics: dict[str, float]) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)
+            torch.save(torch.get_rng_state(), os.path.join(directory, f"rng_rank{rank}.pt"))
+            with open(os.path.join(directory, "trainer_state.json"), "w") as f:
+                json.dump({"step": step, "examples": step * cfg.batch_size, "summary": plan.summary}, f)
+            ray.train.report(
+                metrics,
+                checkpoint=Checkpoint.from_directory(directory),
+                checkpoint_dir_name=f"step-{step * cfg.batch_size}",
+            )
+
+    engine.train()
+    if cfg.do_first_eval and plan.has_eval and step == 0:
+        log.write(0, evaluate())
+    batches, epoch = None, -1
+    while step < plan.total_steps:
+        if step // plan.steps_per_epoch != epoch:
+            epoch = step // plan.steps_per_epoch
+            skip = (step % plan.steps_per_epoch) * cfg.gradient_accumulation_steps
+            batches = _batches(train_shard, cfg.micro_batch_size, skip)
+        started, totals, ids = time.perf_counter(), {}, []
+        tokens, boundary_norm = 0, float("nan")
+        for _ in range(cfg.gradient_accumulation_steps):
+            rows = next(batches)
+            ids += [str(i) for i in rows["episode_id"]]
+            batch = collate(rows, pad_id, device)
+            tokens += int(batch["attention_mask"].sum())
+            loss, metrics = batch_loss(engine, reference, batch, cfg.loss, cfg.sft_target, "train")
+            engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary():
+                boundary_norm = _grad_norm(engine)
+            engine.step()
+            add_metrics(totals, metrics)
+        step += 1
+        examples = step * cfg.batch_size
+        # Every rank all-reduces every step: a collective must never depend on one rank's clock.
+        elapsed = torch.tensor([tokens, time.perf_counter() - started], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(elapsed)
+        grad_norm = engine.get_global_grad_norm()  # ZeRO-1..3 and bf16 record it; fp32 ZeRO-0 does not
+        grad_norm = boundary_norm if grad_norm is None else grad_norm
+        metrics = _all_reduce(totals, device)
+        metrics.update(
+            {
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "lr": scheduler.get_last_lr()[0],
+                # summed over ranks: tokens of all ranks over the ranks' mean step time
+                "examples_per_second": cfg.batch_size / float(elapsed[1] / world),
+                "tokens_per_second": float(elapsed[0] / (elapsed[1] / world)),
+                "counters/examples": examples,
+                "counters/updates": step,
+            }
+        )
+        log.example_ids(step, ids)
+        log.write(step, metrics, progress=f"epoch {epoch} step {step}/{plan.total_steps}")
+        crossed_eval = examples // cfg.eval_every != (examples - cfg.batch_size) // cfg.eval_every
+        if (crossed_eval or step == plan.total_steps) and not cfg.debug:
+            metrics = evaluate() if plan.has_eval else {}
+            log.write(step, metrics)
+            save({"step": step, "examples": examples, **metrics})
+    if not cfg.debug:
+        export_hf_folder(engine, tokenizer, cfg, rank)
+    log.close()
+
+
+def _grad_norm(engine) -> float:
+    """The gradient norm before clipping, where DeepSpeed's engine would not report it."""
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return float("nan")  # not yet computed here; the engine reports it after the step
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _all_reduce(totals: dict[str, list], device: torch.device) -> dict[str, float]:
+    """Means over all ranks: all-reduce each metric's (sum, count)."""
+    if not totals:
+        return {}
+    keys = sorted(totals)
+    packed = torch.tensor([[totals[k][0], totals[k][1]] for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(packed)
+    return {k: float(packed[i, 0] / packed[i, 1]) for i, k in enumerate(keys)}

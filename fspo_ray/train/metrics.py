@@ -1,0 +1,89 @@
+"""Rank 0's record of a run: metrics.jsonl and TensorBoard in the run folder, W&B when asked, a console line.
+
+On resume, entries past the checkpoint are dropped so the curves hold each step once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+
+from fspo_ray.train.config import TrainConfig
+
+
+def _truncate_jsonl(path: str, keep_through_step: int) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if json.loads(line)["step"] <= keep_through_step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+class MetricsLog:
+    def __init__(self, cfg: TrainConfig, rank: int, resume_step: int):
+        self.cfg, self.rank = cfg, rank
+        # A URI storage_path holds checkpoints; logs stay in a local folder of the same name.
+        self.log_dir = cfg.run_dir if "://" not in cfg.run_dir else os.path.abspath(os.path.join("runs", cfg.exp_name))
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.ids_path = os.path.join(self.log_dir, "example_ids", f"rank{rank}.jsonl")
+        if cfg.log_example_ids:
+            os.makedirs(os.path.dirname(self.ids_path), exist_ok=True)
+            _truncate_jsonl(self.ids_path, resume_step)
+        self.jsonl = self.tensorboard = self.wandb = None
+        self.last_print = 0.0
+        if rank != 0:
+            return
+        path = os.path.join(self.log_dir, "metrics.jsonl")
+        _truncate_jsonl(path, resume_step)
+        self.jsonl = open(path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(os.path.join(self.log_dir, "tensorboard"), purge_step=resume_step + 1)
+        except ImportError:
+            print("note: tensorboard is not installed; metrics go to metrics.jsonl only")
+        if cfg.wandb.enabled:
+            if not os.environ.get("WANDB_API_KEY"):
+                print("note: wandb.enabled but WANDB_API_KEY is not set; not logging to W&B")
+            else:
+                import wandb
+
+                self.wandb = wandb.init(
+                    project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.exp_name, config=asdict(cfg),
+                    id=cfg.exp_name, resume="allow",
+                )  # fmt: skip
+
+    def write(self, step: int, metrics: dict[str, float], progress: str | None = None) -> None:
+        if self.rank != 0 or not metrics:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for key, value in metrics.items():
+            if self.tensorboard:
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+        now = time.monotonic()
+        if progress is None or now - self.last_print >= self.cfg.minimum_log_interval_secs:
+            self.last_print = now
+            shown = {
+                k: v for k, v in metrics.items() if k.startswith(("loss/", "rewards_eval/acc", "rewards_train/acc"))
+            }
+            rates = f"{metrics['examples_per_second']:.1f} ex/s" if "examples_per_second" in metrics else ""
+            text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+            print(f"[{self.cfg.exp_name}] {progress or f'eval at step {step}'} {text} {rates}".rstrip(), flush=True)
+
+    def example_ids(self, step: int, ids: list[str]) -> None:
+        if self.cfg.log_example_ids:
+            with open(self.ids_path, "a") as f:
+                f.write(json.dumps({"step": step, "ids": ids}) + "\n")
+
+    def close(self) -> None:
+        for sink in (self.jsonl, self.tensorboard):
+            if sink:
+                sink.close()
+        if self.wandb:
+            self.wandb.finish()

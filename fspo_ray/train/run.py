@@ -1,0 +1,84 @@
+"""The driver: resolve the model, prepare the data on the cluster, run the TorchTrainer."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from fspo_ray.data.tokenize import PromptStyle
+from fspo_ray.models import archive_to_folder, resolve_model
+from fspo_ray.train.config import TrainConfig
+from fspo_ray.train.loop import LoopPlan, train_loop
+from fspo_ray.train.pipeline import prepare, shots_for
+
+
+def _use_gpu(cfg: TrainConfig) -> bool:
+    import ray
+
+    return cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+
+
+def run_training(cfg: TrainConfig):
+    """Train; return Ray Train's Result. Re-running the same exp_name and storage_path resumes."""
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    model_path = resolve_model(cfg.model.name_or_path)
+    tokenizer_path = cfg.model.tokenizer_name_or_path or model_path
+    start_model = model_path
+    if cfg.model.archive:
+        local_run = cfg.run_dir if "://" not in cfg.run_dir else os.path.join("runs", cfg.exp_name)
+        start_model = archive_to_folder(cfg.model.archive, model_path, os.path.join(local_run, "archive"))
+
+    shots = shots_for(cfg.datasets, cfg.data_split, cfg.shots)
+    common = dict(
+        shots=shots,
+        tokenizer_path=tokenizer_path,
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        style=PromptStyle(cfg.preferred_only, cfg.description_mode),
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+    )
+    train = prepare(
+        cfg.datasets, split=cfg.data_split, passes=cfg.passes, purpose="train", rows_per_step=cfg.batch_size, **common
+    )
+    datasets = {f"train_{r}": shard for r, shard in enumerate(train.shards)}
+    summary = {"train": train.stats, "train_examples_per_epoch": train.examples}
+    if cfg.eval_datasets:
+        held_out = prepare(
+            cfg.eval_datasets, split=cfg.eval_split, passes=1, purpose="eval", rows_per_step=cfg.num_workers,
+            limit=cfg.n_eval_examples, **common,
+        )  # fmt: skip
+        datasets.update({f"eval_{r}": shard for r, shard in enumerate(held_out.shards)})
+        summary.update(eval=held_out.stats, eval_examples=held_out.examples)
+
+    steps_per_epoch = train.examples // cfg.batch_size
+    total_steps = cfg.n_examples // cfg.batch_size if cfg.n_examples else cfg.n_epochs * steps_per_epoch
+    summary.update(
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, planned_examples=total_steps * cfg.batch_size
+    )
+    print(f"[{cfg.exp_name}] data: {json.dumps(summary)}", flush=True)
+
+    use_gpu = _use_gpu(cfg)
+    cpus = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else (1.0 if use_gpu else 0.5)
+    resources = {"CPU": cpus, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
+    plan = LoopPlan(cfg, start_model, tokenizer_path, steps_per_epoch, total_steps, bool(cfg.eval_datasets), summary)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=plan,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=cfg.exp_name,
+            storage_path=cfg.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),  # already split, deterministically, by prepare()
+    )
+    result = trainer.fit()
+    print(f"[{cfg.exp_name}] done: model at {cfg.run_dir}/LATEST, metrics at {cfg.run_dir}/metrics.jsonl", flush=True)
+    return result
