@@ -137,7 +137,13 @@ def archive_to_folder(archive: str, base_model: str, out_dir: str) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(base_model)
-    missing, unexpected = model.load_state_dict(load_policy_state(policy_pt), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(load_policy_state(policy_pt), strict=False)
+    except RuntimeError as e:  # shapes differ: another model size
+        mismatches = [line.strip() for line in str(e).splitlines() if "size mismatch" in line][:3]
+        raise InputError(
+            f"model.archive={policy_pt} does not fit model={base_model}: {'; '.join(mismatches)}"
+        ) from None
     if unexpected or [k for k in missing if "rotary" not in k]:
         raise InputError(
             f"model.archive={policy_pt} does not fit model={base_model}: "

@@ -141,6 +141,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _one_of("description_mode", cfg.description_mode, ("none", "generated", "teacher_forced"))
     for name in ("policy_dtype", "reference_dtype"):
         _one_of(f"model.{name}", getattr(cfg.model, name), ("auto", "float32", "bfloat16", "float16"))
+    for name in ("num_workers", "gradient_accumulation_steps", "batch_size", "eval_batch_size", "eval_every",
+                 "max_length", "max_prompt_length", "n_eval_examples"):  # fmt: skip
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.n_examples is not None and cfg.n_examples < 1:
+        raise ConfigError(f"n_examples={cfg.n_examples} must be >= 1")
+    if cfg.loss.beta <= 0:
+        raise ConfigError(f"loss.beta={cfg.loss.beta} must be > 0")
+    if not 0 <= cfg.loss.label_smoothing < 0.5:
+        raise ConfigError(f"loss.label_smoothing={cfg.loss.label_smoothing} must be in [0, 0.5)")
+    if cfg.loss.label_smoothing and cfg.loss.name != "dpo":
+        raise ConfigError("loss.label_smoothing applies to loss=dpo only")
     per_step = cfg.gradient_accumulation_steps * cfg.num_workers
     if cfg.batch_size % per_step or cfg.batch_size < per_step:
         raise ConfigError(

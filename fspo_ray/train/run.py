@@ -20,7 +20,6 @@ def _use_gpu(cfg: TrainConfig) -> bool:
 
 def run_training(cfg: TrainConfig):
     """Train; return Ray Train's Result. Re-running the same exp_name and storage_path resumes."""
-    import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -22,10 +22,10 @@ def collate(rows: dict[str, Any], pad_token_id: int, device: torch.device) -> di
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     label_ids = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, (s, l) in enumerate(zip(sequences, labels)):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        label_ids[i, : len(l)] = torch.tensor(l)
-        attention_mask[i, : len(s)] = 1
+    for i, (tokens, targets) in enumerate(zip(sequences, labels)):
+        input_ids[i, : len(tokens)] = torch.tensor(tokens)
+        label_ids[i, : len(targets)] = torch.tensor(targets)
+        attention_mask[i, : len(tokens)] = 1
     return {
         "input_ids": input_ids.to(device),
         "labels": label_ids.to(device),

@@ -1,0 +1,179 @@
+"""The training job's command line: the seed's (DPO codebase's) overrides parse onto TrainConfig."""
+
+import os
+import re
+
+import pytest
+
+from fspo_ray.config import ConfigError
+from fspo_ray.train.config import parse_train_config
+
+# fspo-method.md §3, with model=llama3-8b swapped for the local preset and the data path filled in.
+SEED_SFT = (
+    "model=tiny datasets=[/x.json] n_epochs=1 loss=sft lr=1e-7 exp_name=X trainer=FSDPTrainer "
+    "sample_during_eval=false eval_every=1_000_000 do_first_eval=false debug=false wandb.project=P "
+    "batch_size=8 max_prompt_length=2048 max_length=2048"
+).split()
+SEED_IPO = (
+    "model=tiny datasets=[/x.json] n_epochs=2 loss=ipo lr=1e-7 loss.beta=0.05 exp_name=X trainer=FSDPTrainer "
+    "sample_during_eval=false eval_every=1_000_000 do_first_eval=false debug=false wandb.project=P "
+    "batch_size=4 max_prompt_length=2048 max_length=2048 model.archive=/SFT_RUN/LATEST/policy.pt"
+).split()
+
+
+def parse(*args):
+    return parse_train_config(["datasets=[/x.json]", *args])
+
+
+def test_seed_sft_command_line(capsys):
+    cfg = parse_train_config(SEED_SFT)
+    assert cfg.model.name_or_path == "tiny"
+    assert cfg.datasets == ["/x.json"]
+    assert cfg.loss.name == "sft"
+    assert cfg.loss.beta == 0.1  # untouched default
+    assert cfg.stage == 3  # FSDPTrainer: full sharding
+    assert cfg.eval_every == 1_000_000
+    assert cfg.model.archive is None
+    assert cfg.batch_size == 8
+    assert cfg.micro_batch_size == 8 // (1 * 2)  # default gradient_accumulation_steps=1, num_workers=2
+    assert cfg.lr == 1e-7 and cfg.n_epochs == 1 and cfg.exp_name == "X"
+    assert cfg.do_first_eval is False and cfg.wandb.project == "P"
+    assert cfg.max_length == 2048 and cfg.max_prompt_length == 2048
+    assert os.path.isabs(cfg.storage_path)
+    assert cfg.storage_path == os.path.join(os.getcwd(), "runs")
+    out = capsys.readouterr().out
+    assert re.search(r"note: sample_during_eval has no effect", out)
+
+
+def test_seed_ipo_command_line(capsys):
+    cfg = parse_train_config(SEED_IPO)
+    assert cfg.model.name_or_path == "tiny"
+    assert cfg.loss.name == "ipo"
+    assert cfg.loss.beta == 0.05
+    assert cfg.stage == 3
+    assert cfg.eval_every == 1_000_000
+    assert cfg.model.archive == "/SFT_RUN/LATEST/policy.pt"
+    assert cfg.batch_size == 4
+    assert cfg.micro_batch_size == 2
+    assert cfg.n_epochs == 2
+    assert os.path.isabs(cfg.storage_path)
+    assert "sample_during_eval" in capsys.readouterr().out
+
+
+def test_no_note_without_ignored_keys(capsys):
+    parse("loss=dpo")
+    assert capsys.readouterr().out == ""
+
+
+def test_relative_storage_path_made_absolute_uri_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert parse("storage_path=out/runs").storage_path == str(tmp_path / "out" / "runs")
+    assert parse("storage_path=s3://bucket/runs").storage_path == "s3://bucket/runs"
+
+
+def test_trainer_picks_zero_stage():
+    assert parse("trainer=BasicTrainer").stage == 0
+    assert parse("trainer=FSDPTrainer").stage == 3
+    assert parse("trainer=TensorParallelTrainer").stage == 3
+    assert parse().stage == 0  # default trainer is BasicTrainer
+
+
+def test_zero_stage_overrides_trainer():
+    assert parse("trainer=FSDPTrainer", "zero_stage=2").stage == 2
+    assert parse("trainer=BasicTrainer", "zero_stage=1").stage == 1
+
+
+def test_plus_prefix_means_plain_key(capsys):
+    plain = parse("loss.beta=0.3", "zero_stage=2", "loss=dpo")
+    plus = parse("+loss.beta=0.3", "++zero_stage=2", "+loss=dpo")
+    assert plus == plain
+    assert (plus.loss.beta, plus.stage, plus.loss.name) == (0.3, 2, "dpo")
+    parse("+sample_during_eval=true")
+    assert "sample_during_eval has no effect" in capsys.readouterr().out
+
+
+def test_unknown_key_suggests_close_match():
+    with pytest.raises(ConfigError, match=r"loss\.bta.*Did you mean: 'beta'"):
+        parse("loss.bta=1")
+    with pytest.raises(ConfigError, match=r"Did you mean.*'batch_size'"):
+        parse("bach_size=8")
+
+
+def test_batch_size_not_divisible_by_accumulation_times_workers():
+    with pytest.raises(ConfigError) as e:
+        parse("batch_size=10", "gradient_accumulation_steps=3", "num_workers=2")
+    message = str(e.value)
+    assert "batch_size=10" in message
+    assert {"10", "3", "2", "6"} <= set(re.findall(r"\d+", message))  # batch, accumulation, workers, product
+    # smaller than one micro-batch per worker per accumulation step
+    with pytest.raises(ConfigError, match="batch_size=2"):
+        parse("batch_size=2", "gradient_accumulation_steps=2", "num_workers=2")
+    cfg = parse("batch_size=12", "gradient_accumulation_steps=3", "num_workers=2")
+    assert cfg.micro_batch_size == 2
+
+
+def test_eval_batch_size_must_be_multiple_of_workers():
+    with pytest.raises(ConfigError, match=r"eval_batch_size=9.*num_workers=2"):
+        parse("eval_batch_size=9")
+    assert parse("eval_batch_size=9", "num_workers=3", "batch_size=6").eval_batch_size == 9
+
+
+def test_prompt_longer_than_sequence():
+    with pytest.raises(ConfigError, match=r"max_prompt_length=600.*max_length=512"):
+        parse("max_prompt_length=600")
+    assert parse("max_prompt_length=512").max_prompt_length == 512
+
+
+def test_unknown_loss_lists_choices():
+    with pytest.raises(ConfigError) as e:
+        parse("loss=kto")
+    message = str(e.value)
+    assert "kto" in message
+    for name in ("sft", "dpo", "ipo"):
+        assert name in message
+
+
+def test_unknown_trainer_rejected():
+    with pytest.raises(ConfigError, match="BasicTrainer"):
+        parse("trainer=MegatronTrainer")
+
+
+def test_offload_params_needs_stage_3():
+    with pytest.raises(ConfigError, match="offload_params.*zero_stage=3"):
+        parse("offload_params=true", "zero_stage=2")
+    with pytest.raises(ConfigError, match="offload_params"):
+        parse("offload_params=true")  # BasicTrainer: stage 0
+    assert parse("offload_params=true", "trainer=FSDPTrainer").offload_params is True
+
+
+def test_datasets_required():
+    with pytest.raises(ConfigError, match="datasets"):
+        parse_train_config(["loss=dpo"])
+    with pytest.raises(ConfigError, match="datasets"):
+        parse_train_config([])
+
+
+def test_bad_type_is_config_error():
+    with pytest.raises(ConfigError, match="batch_size=many"):
+        parse("batch_size=many")
+
+
+@pytest.mark.parametrize("arg", ["num_workers=0", "gradient_accumulation_steps=0", "num_workers=-2"])
+def test_non_positive_workers_or_accumulation_is_config_error(arg):
+    with pytest.raises(ConfigError, match=arg.partition("=")[0]):
+        parse(arg)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["loss=dpo", "loss.beta=0"], "loss.beta=0.0 must be > 0"),
+        (["loss=dpo", "loss.label_smoothing=0.7"], "must be in [0, 0.5)"),
+        (["loss=ipo", "loss.label_smoothing=0.1"], "applies to loss=dpo only"),
+        (["n_examples=-5"], "n_examples=-5 must be >= 1"),
+        (["eval_every=0"], "eval_every=0 must be >= 1"),
+    ],
+)
+def test_loss_and_schedule_values_checked_before_any_work(args, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse(*args)

@@ -1,0 +1,233 @@
+"""Training pieces that run without Ray: archives, collation, the batch loss, the DeepSpeed config."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from fspo_ray.config import InputError
+from fspo_ray.models import archive_to_folder, build_tiny_model, load_policy_state, resolve_archive, resolve_model
+from fspo_ray.train.config import LossConfig, parse_train_config
+from fspo_ray.train.loop import _dtype, deepspeed_config
+from fspo_ray.train.step import batch_loss, collate
+
+CHANGED = "model.layers.0.mlp.down_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_model(str(tmp_path_factory.mktemp("models") / "m"))
+
+
+def _mark(path):  # what unpickling an Evil would run
+    open(path, "w").close()
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return _mark, (self.marker,)
+
+
+def _save_policy(tmp_path, state, **extra):
+    path = str(tmp_path / "policy.pt")
+    torch.save({"step_idx": 3, "state": state, "metrics": {"loss": 1.0}, **extra}, path)
+    return path
+
+
+def test_policy_pt_applied_to_base_model(tiny, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    with torch.no_grad():
+        model.state_dict()[CHANGED].add_(1.0)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    policy_pt = _save_policy(tmp_path, model.state_dict())
+    assert torch.equal(load_policy_state(policy_pt)[CHANGED], expected[CHANGED])
+
+    out = archive_to_folder(policy_pt, tiny, str(tmp_path / "out"))
+    loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny).state_dict()
+    assert set(loaded) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+    assert torch.equal(loaded[CHANGED], base[CHANGED] + 1.0)
+    # a HF folder (the export) needs no conversion: it is used as is
+    assert archive_to_folder(out, tiny, str(tmp_path / "unused")) == out
+    assert not (tmp_path / "unused").exists()
+
+
+def test_policy_pt_with_pickled_object_refused(tmp_path):
+    marker = tmp_path / "ran"
+    policy_pt = _save_policy(tmp_path, {"w": torch.zeros(2)}, metrics=Evil(str(marker)))
+    with pytest.raises(InputError, match="not a plain tensor checkpoint"):
+        load_policy_state(policy_pt)
+    assert not marker.exists()  # nothing was unpickled
+    torch.save({"w": torch.zeros(2)}, policy_pt)  # plain tensors, but not the DPO codebase's layout
+    with pytest.raises(InputError, match="'state'"):
+        load_policy_state(policy_pt)
+
+
+def test_policy_pt_with_wrong_keys_names_them(tiny, tmp_path):
+    state = AutoModelForCausalLM.from_pretrained(tiny).state_dict()
+    state["model.layers.0.mlp.renamed.weight"] = state.pop(CHANGED)
+    policy_pt = _save_policy(tmp_path, state)
+    with pytest.raises(InputError, match="does not fit") as e:
+        archive_to_folder(policy_pt, tiny, str(tmp_path / "out"))
+    assert CHANGED in str(e.value) and "model.layers.0.mlp.renamed.weight" in str(e.value)
+    assert "missing" in str(e.value) and "unexpected" in str(e.value)
+
+
+def test_policy_pt_of_another_model_size_is_input_error(tiny, tmp_path):
+    state = AutoModelForCausalLM.from_pretrained(tiny).state_dict()
+    state[CHANGED] = torch.zeros(3, 3)  # same keys, another architecture's shapes
+    policy_pt = _save_policy(tmp_path, state)
+    with pytest.raises(InputError, match="does not fit"):
+        archive_to_folder(policy_pt, tiny, str(tmp_path / "out"))
+
+
+def test_resolve_archive(tmp_path):
+    latest = tmp_path / "run" / "LATEST"
+    latest.mkdir(parents=True)
+    (latest / "config.json").write_text("{}")
+    assert resolve_archive(str(tmp_path / "run")) == (str(latest), None)
+    assert resolve_archive(str(latest)) == (str(latest), None)
+    assert resolve_archive(str(latest / "policy.pt")) == (str(latest), None)  # the seed's spelling
+    pt = tmp_path / "old" / "policy.pt"
+    pt.parent.mkdir()
+    pt.write_bytes(b"x")
+    assert resolve_archive(str(pt)) == (None, str(pt))
+    for bad in (tmp_path / "nope", tmp_path / "nope" / "policy.pt", tmp_path / "old"):
+        with pytest.raises(InputError, match="model.archive="):
+            resolve_archive(str(bad))
+
+
+def test_resolve_model(tmp_path):
+    for bad in (tmp_path, tmp_path / "missing"):
+        with pytest.raises(InputError, match="no config.json"):
+            resolve_model(str(bad))
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model(str(tmp_path)) == str(tmp_path)
+
+
+ROWS = {  # two examples: prompt [5, 6], then the completion; labels hide the prompt
+    "chosen_input_ids": [[5, 6, 7, 8, 9], [5, 6, 10, 11]],
+    "chosen_labels": [[-100, -100, 7, 8, 9], [-100, -100, 10, 11]],
+    "rejected_input_ids": [[5, 6, 12], [5, 6, 13, 14, 15, 16]],
+    "rejected_labels": [[-100, -100, 12], [-100, -100, 13, 14, 15, 16]],
+}
+
+
+def test_collate_right_pads_chosen_first():
+    batch = collate(ROWS, pad_token_id=0, device=torch.device("cpu"))
+    x = -100  # expected, row by row: chosen 1, chosen 2, rejected 1, rejected 2
+    ids = [[5, 6, 7, 8, 9, 0], [5, 6, 10, 11, 0, 0], [5, 6, 12, 0, 0, 0], [5, 6, 13, 14, 15, 16]]
+    labels = [[x, x, 7, 8, 9, x], [x, x, 10, 11, x, x], [x, x, 12, x, x, x], [x, x, 13, 14, 15, 16]]
+    mask = [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
+    assert torch.equal(batch["input_ids"], torch.tensor(ids))
+    assert torch.equal(batch["labels"], torch.tensor(labels))
+    assert torch.equal(batch["attention_mask"], torch.tensor(mask))
+    assert all(v.dtype == torch.long for v in batch.values())
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=20, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    return LlamaForCausalLM(config)
+
+
+def _logp(model, tokens, labels):
+    """Σ log p(label_t | tokens_<t) over labelled positions, from one unpadded forward."""
+    with torch.no_grad():
+        logps = F.log_softmax(model(input_ids=torch.tensor([tokens])).logits[0].double(), -1)
+    return sum(logps[t - 1, labels[t]].item() for t in range(1, len(tokens)) if labels[t] != -100)
+
+
+def _expected_logps(model, side):
+    return [_logp(model, t, lab) for t, lab in zip(ROWS[f"{side}_input_ids"], ROWS[f"{side}_labels"])]
+
+
+METRIC_KEYS = {f"rewards_train/{k}" for k in ("chosen", "rejected", "accuracies", "margins")}
+METRIC_KEYS |= {"logps_train/chosen", "logps_train/rejected", "loss/train"}
+
+
+@pytest.mark.parametrize("beta", [0.05, 0.5])
+def test_ipo_and_dpo_against_itself(beta):
+    model, batch = _model(0), collate(ROWS, 0, torch.device("cpu"))
+    loss, metrics = batch_loss(model, model, batch, LossConfig(name="ipo", beta=beta), "chosen", "train")
+    assert set(metrics) == METRIC_KEYS
+    assert all(count == 2 for _, count in metrics.values())
+    for key in ("chosen", "rejected", "margins", "accuracies"):
+        assert metrics[f"rewards_train/{key}"][0].item() == 0.0, key
+    assert loss.item() == pytest.approx((1 / (2 * beta)) ** 2, rel=1e-6)
+    assert metrics["loss/train"][0].item() == pytest.approx(2 * (1 / (2 * beta)) ** 2, rel=1e-6)
+    assert metrics["logps_train/chosen"][0].item() == pytest.approx(sum(_expected_logps(model, "chosen")), abs=1e-3)
+    assert metrics["logps_train/rejected"][0].item() == pytest.approx(sum(_expected_logps(model, "rejected")), abs=1e-3)
+
+    loss, metrics = batch_loss(model, model, batch, LossConfig(name="dpo", beta=beta), "chosen", "eval")
+    assert set(metrics) == {k.replace("_train", "_eval").replace("/train", "/eval") for k in METRIC_KEYS}
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
+    assert metrics["rewards_eval/chosen"][0].item() == 0.0
+
+
+def test_dpo_against_another_reference():
+    policy, reference, beta, batch = _model(0), _model(1), 0.1, collate(ROWS, 0, torch.device("cpu"))
+    loss, metrics = batch_loss(policy, reference, batch, LossConfig(name="dpo", beta=beta), "chosen", "train")
+    pc, pr = _expected_logps(policy, "chosen"), _expected_logps(policy, "rejected")
+    rc, rr = _expected_logps(reference, "chosen"), _expected_logps(reference, "rejected")
+    h = [(pc[i] - pr[i]) - (rc[i] - rr[i]) for i in range(2)]
+    expected = [-math.log(1 / (1 + math.exp(-beta * hi))) for hi in h]
+    assert loss.item() == pytest.approx(sum(expected) / 2, abs=1e-4)
+    rewards_chosen = [beta * (pc[i] - rc[i]) for i in range(2)]
+    rewards_rejected = [beta * (pr[i] - rr[i]) for i in range(2)]
+    assert metrics["rewards_train/chosen"][0].item() == pytest.approx(sum(rewards_chosen), abs=1e-4)
+    assert metrics["rewards_train/accuracies"][0].item() == sum(c > r for c, r in zip(rewards_chosen, rewards_rejected))
+    assert loss.requires_grad  # the policy is trained, the reference is not
+
+
+@pytest.mark.parametrize("target", ["chosen", "both"])
+def test_sft_is_mean_negative_logp(target):
+    model, batch = _model(0), collate(ROWS, 0, torch.device("cpu"))
+    loss, metrics = batch_loss(model, None, batch, LossConfig(name="sft"), target, "train")
+    chosen = _expected_logps(model, "chosen")
+    targets = chosen + (_expected_logps(model, "rejected") if target == "both" else [])
+    assert loss.item() == pytest.approx(-sum(targets) / len(targets), abs=1e-4)
+    assert set(metrics) == {"logps_train/chosen", "loss/train"} and metrics["logps_train/chosen"][1] == 2
+    assert metrics["logps_train/chosen"][0].item() == pytest.approx(sum(chosen), abs=1e-4)
+    assert metrics["loss/train"][0].item() == pytest.approx(2 * loss.item(), rel=1e-6)
+
+
+DS_ARGS = "datasets=[/x.json] batch_size=8 gradient_accumulation_steps=2 num_workers=2 max_grad_norm=3.5".split()
+
+
+@pytest.mark.parametrize(
+    "extra, dtype, stage, offload",
+    [
+        ("trainer=FSDPTrainer", torch.float32, 3, ""),
+        ("zero_stage=2 offload_optimizer=true", torch.bfloat16, 2, "offload_optimizer"),
+        ("zero_stage=3 offload_params=true", torch.float16, 3, "offload_param"),
+        (
+            "zero_stage=3 offload_params=true offload_optimizer=true",
+            torch.bfloat16,
+            3,
+            "offload_param offload_optimizer",
+        ),
+    ],
+)
+def test_deepspeed_config(extra, dtype, stage, offload):
+    ds, offload = deepspeed_config(parse_train_config(DS_ARGS + extra.split()), dtype), set(offload.split())
+    sizes = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    assert sizes == (8, 2, 2)
+    assert ds["gradient_clipping"] == 3.5
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == stage
+    assert {k for k in zero if k.startswith("offload")} == offload
+    assert all(zero[k] == {"device": "cpu"} for k in offload)
+    assert ds["bf16"] == {"enabled": dtype is torch.bfloat16} and ds["fp16"] == {"enabled": dtype is torch.float16}
+
+
+def test_dtype():
+    assert (_dtype("auto", on_gpu=True), _dtype("auto", on_gpu=False)) == (torch.bfloat16, torch.float32)
+    assert (_dtype("float16", on_gpu=True), _dtype("bfloat16", on_gpu=False)) == (torch.float16, torch.bfloat16)
