@@ -20,7 +20,7 @@ def main(argv: list[str]):
     from fspo_ray.train.run import run_training
 
     cfg = parse_train_config(argv)
-    ray.init(log_to_driver=True)  # honours RAY_ADDRESS
+    ray.init(ignore_reinit_error=True)  # honours RAY_ADDRESS
     return run_training(cfg)
 
 

@@ -73,20 +73,12 @@ def test_user_less_data_needs_zero_shots():
         build_episodes(pairs, shots=2, passes=1, seed=0)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("shots", [0, 3])
-def test_ray_data_gives_the_same_episodes_and_stats(ray_local, shots):
+def test_ray_data_gives_the_same_episodes_and_stats(local_ray, shots):
     pairs = make_pairs(COUNTS)
     expected, expected_stats = build_episodes(pairs, shots=shots, passes=2, seed=3)
-    ds = ray_local.data.from_items([p.as_row() for p in pairs], override_num_blocks=3)
+    ds = local_ray.data.from_items([p.as_row() for p in pairs], override_num_blocks=3)
     rows = build_episode_dataset(ds, shots=shots, passes=2, seed=3, num_partitions=2).take_all()
     from fspo_ray.data.episodes import Episode
 

@@ -16,14 +16,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def users(tmp_path_factory) -> dict[str, str]:
     return write_synthetic(str(tmp_path_factory.mktemp("users")), n_train_users=48, n_test_users=16, pairs_per_user=12)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -22,7 +23,10 @@ def publish(local_dir: str, destination: str) -> None:
     os.replace(staging, destination)
 
 
-def export_hf_folder(engine, tokenizer, cfg: TrainConfig, rank: int) -> None:
+RUN_INFO = "fspo_run.json"  # beside the weights: what evaluation needs to know about the run
+
+
+def export_hf_folder(engine, tokenizer, cfg: TrainConfig, rank: int, run_info: dict) -> None:
     """Every rank must call this: under ZeRO-3 the weights are gathered from all of them."""
     if cfg.stage == 3:
         # The same consolidation accelerate and the HF Trainer use; rank 0 receives the full weights.
@@ -34,4 +38,6 @@ def export_hf_folder(engine, tokenizer, cfg: TrainConfig, rank: int) -> None:
     with tempfile.TemporaryDirectory() as directory:
         engine.module.save_pretrained(directory, state_dict=state)
         tokenizer.save_pretrained(directory)
+        with open(os.path.join(directory, RUN_INFO), "w") as f:
+            json.dump(run_info, f, indent=1)
         publish(directory, f"{cfg.run_dir}/LATEST")

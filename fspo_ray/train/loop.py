@@ -29,6 +29,7 @@ CHECKPOINT_TAG = "deepspeed"
 class LoopPlan:
     cfg: TrainConfig
     start_model: str  # HF folder the policy starts from and the reference stays at
+    base_model: str  # the `model=` folder, before any archive: evaluation's "base"
     tokenizer_path: str
     steps_per_epoch: int
     total_steps: int
@@ -215,7 +216,10 @@ def train_loop(plan: LoopPlan) -> None:
             log.write(step, metrics)
             save({"step": step, "examples": examples, **metrics})
     if not cfg.debug:
-        export_hf_folder(engine, tokenizer, cfg, rank)
+        run_info = {"reference": plan.start_model, "base_model": plan.base_model, "loss": cfg.loss.name,
+                    "beta": cfg.loss.beta, "shots": plan.summary["train"]["shots"],
+                    "description_mode": cfg.description_mode, "preferred_only": cfg.preferred_only}  # fmt: skip
+        export_hf_folder(engine, tokenizer, cfg, rank, run_info)
     log.close()
 
 

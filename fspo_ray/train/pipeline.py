@@ -30,7 +30,7 @@ TOKEN_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rej
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(path: str):
+def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
@@ -48,7 +48,7 @@ class Tokenize:
     seed: int
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        tokenizer = _tokenizer(self.tokenizer_path)
+        tokenizer = load_tokenizer(self.tokenizer_path)
         out: dict[str, list] = {k: [] for k in ("episode_id", "order", "shots_dropped", *TOKEN_COLUMNS)}
         for i in range(len(batch["episode_id"])):
             episode = Episode.from_row({k: batch[k][i] for k in batch})

@@ -63,7 +63,9 @@ def run_training(cfg: TrainConfig):
     use_gpu = _use_gpu(cfg)
     cpus = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else (1.0 if use_gpu else 0.5)
     resources = {"CPU": cpus, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
-    plan = LoopPlan(cfg, start_model, tokenizer_path, steps_per_epoch, total_steps, bool(cfg.eval_datasets), summary)
+    plan = LoopPlan(
+        cfg, start_model, model_path, tokenizer_path, steps_per_epoch, total_steps, bool(cfg.eval_datasets), summary
+    )
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=plan,

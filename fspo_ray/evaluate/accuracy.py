@@ -1,0 +1,161 @@
+"""Preference accuracy over shots: does the model read the user from the examples?
+
+Held-out users' episodes are built once with the largest shot count N; for each k in the list the same
+query pair is scored with only the k newest shots in the prompt, so the curve compares like with like.
+For each (episode, k), Ray Data batch inference computes the summed log-probs of the chosen and the
+rejected completion under the policy and the reference; the implicit reward r = β·(lpθ − lp_ref)
+ranks the preferred answer first or not (`rewards_eval/accuracies`), and r_w − r_l is the margin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from fspo_ray.data.episodes import Episode, build_episode_dataset
+from fspo_ray.data.tokenize import PromptStyle, fit_episode
+from fspo_ray.train.pipeline import load_tokenizer, read_pair_dataset
+
+
+@dataclass(frozen=True)
+class ShotsVariants:
+    """A Ray Data batch UDF: one episode with N shots → one tokenized row per k (its k newest shots)."""
+
+    shots_list: tuple[int, ...]
+    tokenizer_path: str
+    max_length: int
+    max_prompt_length: int
+    style: PromptStyle
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        tokenizer = load_tokenizer(self.tokenizer_path)
+        out: dict[str, list] = {}
+        for i in range(len(batch["episode_id"])):
+            episode = Episode.from_row({key: batch[key][i] for key in batch})
+            for k in self.shots_list:
+                variant = dataclasses.replace(episode, shots=episode.shots[len(episode.shots) - k :])
+                fitted = fit_episode(
+                    variant, tokenizer, max_length=self.max_length, max_prompt_length=self.max_prompt_length,
+                    style=self.style,
+                )  # fmt: skip
+                row = {
+                    "k": k,
+                    "user_id": episode.user_id,
+                    "episode_id": episode.episode_id,
+                    "fits": fitted is not None,
+                    "shots_used": k - fitted.shots_dropped if fitted else 0,
+                    **{name: fitted.tokens[name] if fitted else [] for name in _TOKEN_COLUMNS},
+                }
+                for key, value in row.items():
+                    out.setdefault(key, []).append(value)
+        return out
+
+
+_TOKEN_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+
+
+class LogpScorer:
+    """A Ray Data actor: summed completion log-probs under the policy and the reference, per row."""
+
+    def __init__(self, policy_path: str, reference_path: str):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()  # noqa: E731
+        self.policy = load(policy_path)
+        self.reference = self.policy if reference_path == policy_path else load(reference_path)
+        tokenizer = AutoTokenizer.from_pretrained(policy_path)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        from fspo_ray.train.step import collate, forward_logps
+
+        keep = [i for i, fits in enumerate(batch["fits"]) if fits]
+        rows = {key: [batch[key][i] for i in keep] for key in batch}
+        out = {key: rows[key] for key in ("k", "user_id", "episode_id", "shots_used")}
+        if not keep:
+            return {
+                **out,
+                **{name: [] for name in ("policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected")},
+            }
+        tensors = collate(rows, self.pad_id, self.device)
+        with torch.no_grad():
+            for name, model in (("policy", self.policy), ("reference", self.reference)):
+                chosen, rejected = forward_logps(model, tensors)
+                out[f"{name}_chosen"], out[f"{name}_rejected"] = chosen.float().tolist(), rejected.float().tolist()
+        return out
+
+
+def score_shots(
+    specs: list[str],
+    *,
+    split: str | None,
+    users: list[str] | None,
+    shots_list: list[int],
+    seed: int,
+    policy_path: str,
+    reference_path: str,
+    max_length: int,
+    max_prompt_length: int,
+    style: PromptStyle,
+    batch_size: int = 8,
+    concurrency: int = 1,
+    use_gpu: bool = False,
+    limit_episodes: int | None = None,
+) -> tuple[list[dict], int]:
+    """Per-(episode, k) log-probs of held-out episodes, and the number of (episode, k) that did not fit."""
+    pairs = read_pair_dataset(specs, split)
+    if users is not None:
+        keep = set(users)
+        pairs = pairs.filter(lambda row: row["user_id"] in keep)
+    episodes = build_episode_dataset(pairs, max(shots_list), passes=1, seed=seed, num_partitions=4)
+    if limit_episodes:
+        episodes = episodes.sort("episode_id").limit(limit_episodes)
+    variants = episodes.map_batches(
+        ShotsVariants(tuple(shots_list), policy_path, max_length, max_prompt_length, style), batch_size=16
+    ).materialize()
+    skipped = variants.count() - variants.sum("fits") if variants.count() else 0
+    scored = variants.map_batches(
+        LogpScorer,
+        fn_constructor_kwargs={"policy_path": policy_path, "reference_path": reference_path},
+        batch_size=batch_size,
+        concurrency=concurrency,
+        num_gpus=1 if use_gpu else 0,
+    )
+    return scored.take_all(), int(skipped)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (well-behaved near 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (centre - half, centre + half)
+
+
+def accuracy_by_shots(rows: list[dict], beta: float) -> list[dict]:
+    """Per k: accuracy (share of r_w > r_l) with its Wilson interval, and mean margin with a normal one."""
+    by_k: dict[int, list[float]] = {}
+    for row in rows:
+        margin = beta * (
+            (row["policy_chosen"] - row["reference_chosen"]) - (row["policy_rejected"] - row["reference_rejected"])
+        )
+        by_k.setdefault(int(row["k"]), []).append(margin)
+    table = []
+    for k in sorted(by_k):
+        margins = by_k[k]
+        n, wins = len(margins), sum(m > 0 for m in margins)
+        mean = sum(margins) / n
+        sd = math.sqrt(sum((m - mean) ** 2 for m in margins) / (n - 1)) if n > 1 else 0.0
+        low, high = wilson_interval(wins, n)
+        table.append({"k": k, "n": n, "accuracy": wins / n, "accuracy_ci": [low, high], "margin": mean,
+                      "margin_ci": [mean - 1.96 * sd / math.sqrt(n), mean + 1.96 * sd / math.sqrt(n)]})  # fmt: skip
+    return table

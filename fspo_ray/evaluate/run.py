@@ -1,0 +1,243 @@
+"""The evaluation job: accuracy over shots and win rates vs the base model, written as a report.
+
+Output folder: `report.json` (everything, with the config), `per_user.csv` (accuracy per user and k,
+wins/losses per user and system), `accuracy_vs_shots.png` (the meta-learning curve with 95% intervals).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from omegaconf import MISSING
+
+from fspo_ray.config import ConfigError
+from fspo_ray.data.episodes import Episode, build_episode_dataset
+from fspo_ray.data.readers import DEFAULT_SHOTS, resolve_format
+from fspo_ray.data.tokenize import PromptStyle, render_episode
+from fspo_ray.evaluate.accuracy import accuracy_by_shots, score_shots, wilson_interval
+from fspo_ray.evaluate.winrate import (
+    Comparison,
+    Generator,
+    endpoint_judge,
+    judge_both_orders,
+    local_judge,
+    oracle_judge,
+)
+from fspo_ray.models import resolve_archive, resolve_model
+from fspo_ray.train.export import RUN_INFO
+from fspo_ray.train.pipeline import read_pair_dataset
+
+SYSTEMS = ("fspo", "few_shot_base", "pref_ft", "oracle_prompt")
+
+
+@dataclass
+class EvaluateConfig:
+    model: str = MISSING  # the personalized model: a run folder or an HF folder
+    datasets: list[str] = MISSING  # held-out users' data, [format:]path
+    out: str = "eval"
+    reference: str | None = None  # default: the run's reference (its fspo_run.json), else `base_model`
+    base_model: str | None = None  # default: the run's `model=`; the opponent in every win rate
+    pref_ft: str | None = None  # the SFT checkpoint, for the pref_ft baseline
+    split: str | None = None
+    users: list[str] | None = None
+    users_file: str | None = None  # users.json of synthetic users: their true preferences, for judge=oracle
+    shots: list[int] | None = None  # default: 0, 1, 2, 4, ... up to max_shots
+    max_shots: int | None = None  # default: the format's
+    beta: float | None = None  # default: the run's; accuracy does not depend on it, margins do
+    seed: int = 0
+    n_episodes: int = 256  # held-out episodes for accuracy (each scored at every k)
+    judge: str = "oracle"  # oracle | llm | none
+    judge_model: str | None = None  # judge=llm: a local HF folder (or preset), or an OpenAI-compatible base URL
+    judge_model_name: str = "judge"
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    baselines: list[str] = field(default_factory=list)  # few_shot_base, pref_ft, oracle_prompt
+    n_queries: int = 64  # held-out queries for win rates
+    max_new_tokens: int = 64
+    max_length: int = 1024
+    max_prompt_length: int = 896
+    description_mode: str = "none"
+    preferred_only: bool = False
+    batch_size: int = 8
+    concurrency: int = 1  # model replicas for batch inference
+    use_gpu: bool | None = None
+
+
+def _run_info(model_dir: str) -> dict:
+    path = os.path.join(model_dir, RUN_INFO)
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def _shots_list(cfg: EvaluateConfig, max_shots: int) -> list[int]:
+    if cfg.shots is not None:
+        return sorted(set(cfg.shots))
+    ks, k = [0], 1
+    while k < max_shots:
+        ks.append(k)
+        k *= 2
+    return sorted(set(ks + [max_shots]))
+
+
+def _generate(model: str, prompts: list[dict], cfg: EvaluateConfig, use_gpu: bool) -> list[dict]:
+    import ray.data
+
+    return (
+        ray.data.from_items(prompts)
+        .map_batches(
+            Generator,
+            fn_constructor_kwargs={"model_path": model, "max_new_tokens": cfg.max_new_tokens},
+            batch_size=cfg.batch_size,
+            concurrency=cfg.concurrency,
+            num_gpus=1 if use_gpu else 0,
+        )
+        .take_all()
+    )
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    import ray
+
+    if cfg.judge not in ("oracle", "llm", "none"):
+        raise ConfigError(f"judge={cfg.judge} is not one of oracle, llm, none")
+    unknown = set(cfg.baselines) - set(SYSTEMS[1:])
+    if unknown:
+        raise ConfigError(f"baselines={sorted(unknown)}: known baselines are {', '.join(SYSTEMS[1:])}")
+    policy, _ = resolve_archive(cfg.model)
+    if policy is None:
+        raise ConfigError(f"model={cfg.model}: evaluate needs a run folder or a Hugging Face folder")
+    info = _run_info(policy)
+    base = resolve_model(cfg.base_model or info.get("base_model") or policy)
+    reference = resolve_model(cfg.reference or info.get("reference") or base)
+    beta = cfg.beta if cfg.beta is not None else info.get("beta", 0.1)
+    max_shots = (
+        cfg.max_shots if cfg.max_shots is not None else DEFAULT_SHOTS[resolve_format(cfg.datasets[0], cfg.split)]
+    )
+    shots_list = _shots_list(cfg, max_shots)
+    style = PromptStyle(cfg.preferred_only, cfg.description_mode)
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    preferences = {}
+    if cfg.judge == "oracle":
+        if not cfg.users_file:
+            raise ConfigError("judge=oracle needs users_file=users.json (the synthetic users' true preferences)")
+        preferences = {u: v["preferences"] for u, v in json.load(open(cfg.users_file)).items()}
+
+    rows, skipped = score_shots(
+        cfg.datasets, split=cfg.split, users=cfg.users, shots_list=shots_list, seed=cfg.seed, policy_path=policy,
+        reference_path=reference, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, style=style,
+        batch_size=cfg.batch_size, concurrency=cfg.concurrency, use_gpu=use_gpu, limit_episodes=cfg.n_episodes,
+    )  # fmt: skip
+    report = {
+        "config": asdict(cfg),
+        "models": {"policy": policy, "reference": reference, "base": base, "pref_ft": cfg.pref_ft},
+        "beta": beta,
+        "accuracy_by_shots": accuracy_by_shots(rows, beta),
+        "episode_variants_skipped_for_length": skipped,
+    }
+    per_user = _per_user_accuracy(rows, beta)
+
+    if cfg.judge != "none":
+        report["win_rate_vs_base"], per_user_wins = _win_rates(
+            cfg, policy, base, max_shots, style, preferences, use_gpu
+        )
+        per_user += per_user_wins
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    _write_csv(os.path.join(cfg.out, "per_user.csv"), per_user)
+    _plot(report["accuracy_by_shots"], os.path.join(cfg.out, "accuracy_vs_shots.png"))
+    return report
+
+
+def _per_user_accuracy(rows: list[dict], beta: float) -> list[dict]:
+    grouped: dict[tuple, list[dict]] = {}
+    for row in rows:
+        grouped.setdefault((row["user_id"], int(row["k"])), []).append(row)
+    out = []
+    for (user, k), user_rows in sorted(grouped.items()):
+        table = accuracy_by_shots(user_rows, beta)[0]
+        out.append({"user_id": user, "measure": "accuracy", "k": k, "n": table["n"], "value": table["accuracy"]})
+    return out
+
+
+def _win_rates(cfg, policy, base, max_shots, style, preferences, use_gpu) -> tuple[dict, list[dict]]:
+    pairs = read_pair_dataset(cfg.datasets, cfg.split)
+    episodes = build_episode_dataset(pairs, max_shots, passes=1, seed=cfg.seed + 1, num_partitions=4)
+    chosen = [Episode.from_row(r) for r in episodes.sort("episode_id").limit(cfg.n_queries).take_all()]
+    if cfg.users is not None:
+        chosen = [e for e in chosen if e.user_id in set(cfg.users)]
+    plain, oracle = PromptStyle(), PromptStyle(description_mode="teacher_forced")
+    systems = {  # system -> (model, prompt of an episode)
+        "base": (base, lambda e: render_episode(Episode(e.user_id, (), e.query), plain).prompt),
+        "fspo": (policy, lambda e: render_episode(e, style).prompt),
+        "few_shot_base": (base, lambda e: render_episode(e, plain).prompt),
+        "pref_ft": (cfg.pref_ft, lambda e: render_episode(e, plain).prompt),
+        "oracle_prompt": (base, lambda e: render_episode(Episode(e.user_id, (), e.query, e.user_description),
+                                                         oracle).prompt),
+    }  # fmt: skip
+    wanted = ["base", "fspo", *cfg.baselines]
+    if "pref_ft" in wanted and not cfg.pref_ft:
+        raise ConfigError("baselines=[pref_ft] needs pref_ft=<the SFT run or HF folder>")
+    answers: dict[str, dict[str, str]] = {}
+    for name in wanted:
+        model, prompt_of = systems[name]
+        items = [{"episode_id": e.episode_id, "prompt": prompt_of(e)} for e in chosen]
+        answers[name] = {r["episode_id"]: r["answer"] for r in _generate(resolve_model(model), items, cfg, use_gpu)}
+    judge = oracle_judge
+    if cfg.judge == "llm":
+        if not cfg.judge_model:
+            raise ConfigError("judge=llm needs judge_model=<local HF folder or http(s):// OpenAI-compatible URL>")
+        if cfg.judge_model.startswith(("http://", "https://")):
+            judge = endpoint_judge(cfg.judge_model, cfg.judge_model_name, os.environ.get(cfg.judge_api_key_env))
+        else:
+            judge = local_judge(resolve_model(cfg.judge_model))
+    results, per_user = {}, []
+    for name in wanted[1:]:
+        total, by_user = Comparison(), {}
+        for e in chosen:
+            verdict = judge_both_orders(judge, e.query.question, answers[name][e.episode_id],
+                                        answers["base"][e.episode_id], e.user_description or "",
+                                        preferences.get(e.user_id, {}))  # fmt: skip
+            for tally in (total, by_user.setdefault(e.user_id, Comparison())):
+                if verdict == "win":
+                    tally.wins += 1
+                elif verdict == "loss":
+                    tally.losses += 1
+                else:
+                    tally.dropped += 1
+        low, high = wilson_interval(total.wins, total.wins + total.losses)
+        results[name] = {"win_rate": total.win_rate, "ci": [low, high], "wins": total.wins, "losses": total.losses,
+                         "dropped_inconsistent": total.dropped, "queries": len(chosen)}  # fmt: skip
+        per_user += [{"user_id": u, "measure": f"win_rate_{name}", "k": max_shots, "n": c.wins + c.losses,
+                      "value": c.win_rate} for u, c in sorted(by_user.items())]  # fmt: skip
+    results["examples"] = [{"question": e.query.question, **{n: answers[n][e.episode_id] for n in wanted}}
+                           for e in chosen[:3]]  # fmt: skip
+    return results, per_user
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["user_id", "measure", "k", "n", "value"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _plot(table: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    ks = [row["k"] for row in table]
+    accuracy = [row["accuracy"] for row in table]
+    errors = [[a - row["accuracy_ci"][0] for a, row in zip(accuracy, table)],
+              [row["accuracy_ci"][1] - a for a, row in zip(accuracy, table)]]  # fmt: skip
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    axes.errorbar(ks, accuracy, yerr=errors, marker="o", capsize=3)
+    axes.axhline(0.5, color="grey", linestyle=":", label="chance")
+    axes.set(xlabel="shots in context (k)", ylabel="preference accuracy (held-out users)", ylim=(0, 1))
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,45 @@
+"""Evaluate a personalized model on held-out users: `python -m jobs.evaluate key=value ...`.
+
+    python -m jobs.evaluate model=runs/ipo datasets=[data/synthetic/test.jsonl] \
+        users_file=data/synthetic/users.json out=runs/ipo/eval baselines=[few_shot_base,oracle_prompt]
+
+Writes report.json, per_user.csv and accuracy_vs_shots.png to `out`, and prints a summary table.
+See fspo_ray/evaluate/run.py for every key.
+"""
+
+from __future__ import annotations
+
+from fspo_ray.config import parse_overrides, run_job
+from fspo_ray.evaluate.run import EvaluateConfig, evaluate
+
+
+def summary(report: dict) -> str:
+    lines = ["shots  n     accuracy [95% CI]       margin"]
+    for row in report["accuracy_by_shots"]:
+        low, high = row["accuracy_ci"]
+        lines.append(
+            f"{row['k']:<6} {row['n']:<5} {row['accuracy']:.3f} [{low:.3f}, {high:.3f}]   {row['margin']:+.4f}"
+        )
+    for name, result in report.get("win_rate_vs_base", {}).items():
+        if name != "examples":
+            low, high = result["ci"]
+            lines.append(
+                f"win rate vs base, {name}: {result['win_rate']:.3f} [{low:.3f}, {high:.3f}] "
+                f"({result['wins']} wins, {result['losses']} losses, {result['dropped_inconsistent']} dropped)"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> dict:
+    import ray
+
+    cfg = parse_overrides(EvaluateConfig, argv)
+    ray.init(ignore_reinit_error=True)  # honours RAY_ADDRESS
+    report = evaluate(cfg)
+    print(summary(report))
+    print(f"report: {cfg.out}/report.json, per user: {cfg.out}/per_user.csv, plot: {cfg.out}/accuracy_vs_shots.png")
+    return report
+
+
+if __name__ == "__main__":
+    run_job(main)

@@ -1,0 +1,150 @@
+"""The evaluation job: its numbers against a direct computation, the order swap, the report files."""
+
+import csv
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from fspo_ray.data.episodes import build_episodes
+from fspo_ray.data.readers import read_pairs
+from fspo_ray.data.synthetic import render_answer, write_synthetic
+from fspo_ray.data.tokenize import fit_episode
+from fspo_ray.evaluate.accuracy import accuracy_by_shots, wilson_interval
+from fspo_ray.evaluate.winrate import judge_both_orders, oracle_judge, parse_verdict
+
+
+def test_wilson_interval_matches_the_formula():
+    low, high = wilson_interval(5, 10)
+    z = 1.96
+    half = z * math.sqrt(0.25 / 10 + z * z / 400) / (1 + z * z / 10)
+    assert (low, high) == pytest.approx((0.5 - half, 0.5 + half))
+    assert wilson_interval(0, 10)[0] == pytest.approx(0.0, abs=1e-12) and wilson_interval(10, 10)[1] == pytest.approx(
+        1.0
+    )
+
+
+def test_accuracy_by_shots_from_log_probs():
+    rows = [  # margin = β((pc - rc) - (pr - rr))
+        {"k": 0, "policy_chosen": -1.0, "reference_chosen": -2.0, "policy_rejected": -3.0, "reference_rejected": -3.0},
+        {"k": 0, "policy_chosen": -5.0, "reference_chosen": -2.0, "policy_rejected": -3.0, "reference_rejected": -3.0},
+        {"k": 2, "policy_chosen": -1.0, "reference_chosen": -1.0, "policy_rejected": -4.0, "reference_rejected": -2.0},
+    ]
+    table = accuracy_by_shots(rows, beta=0.5)
+    assert [(r["k"], r["n"], r["accuracy"]) for r in table] == [(0, 2, 0.5), (2, 1, 1.0)]
+    assert table[0]["margin"] == pytest.approx((0.5 * 1 + 0.5 * -3) / 2) and table[1]["margin"] == pytest.approx(1.0)
+
+
+def test_a_judge_stuck_on_one_position_gives_no_consistent_verdict():
+    always_first = lambda *args: "m"  # noqa: E731
+    assert judge_both_orders(always_first, "q", "ours", "theirs", "d", {}) is None
+    always_second = lambda *args: "M"  # noqa: E731
+    assert judge_both_orders(always_second, "q", "ours", "theirs", "d", {}) is None
+
+
+def test_oracle_judge_is_order_consistent_on_a_clear_preference():
+    prefs = {"tone": "formal", "length": "brief"}
+    steps = ["mix flour", "knead it", "let it rise", "bake it"]
+    good = render_answer(
+        "bake bread", steps, {"tone": "formal", "length": "brief", "format": "prose", "mood": "reserved"}
+    )
+    bad = render_answer(
+        "bake bread", steps, {"tone": "casual", "length": "detailed", "format": "prose", "mood": "reserved"}
+    )
+    assert judge_both_orders(oracle_judge, "q", good, bad, "", prefs) == "win"
+    assert judge_both_orders(oracle_judge, "q", bad, good, "", prefs) == "loss"
+    assert judge_both_orders(oracle_judge, "q", good, good, "", prefs) is None  # a tie is dropped
+    assert parse_verdict(" M") == "M" and parse_verdict("maybe") == "m" and parse_verdict("x") is None
+
+
+@pytest.mark.slow
+def test_evaluate_job_report_matches_a_direct_computation(local_ray, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fspo_ray.models import build_tiny_model
+    from jobs.evaluate import main
+
+    users = write_synthetic(str(tmp_path / "users"), n_train_users=4, n_test_users=6, pairs_per_user=8)
+    policy, reference = build_tiny_model(str(tmp_path / "p"), seed=1), build_tiny_model(str(tmp_path / "r"), seed=2)
+    out = tmp_path / "eval"
+    report = main([f"model={policy}", f"reference={reference}", f"base_model={reference}", f"out={out}",
+                   f"datasets=[{users['test']}]", f"users_file={users['users']}", "max_shots=3", "shots=[0,1,3]",
+                   "n_episodes=8", "n_queries=4", "max_new_tokens=8", "beta=0.5",
+                   "baselines=[few_shot_base,oracle_prompt]"])  # fmt: skip
+
+    # The same episodes, scored here with plain transformers.
+    episodes, _ = build_episodes(read_pairs(users["test"]), shots=3, passes=1, seed=0)
+    episodes = sorted(episodes, key=lambda e: e.episode_id)[:8]
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    models = [AutoModelForCausalLM.from_pretrained(p).eval() for p in (policy, reference)]
+
+    def logp(model, ids, labels):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        return sum(logits[t - 1, tok].item() for t, tok in enumerate(labels) if tok != -100 and t > 0)
+
+    for row in report["accuracy_by_shots"]:
+        margins = []
+        for episode in episodes:
+            variant = dataclasses.replace(episode, shots=episode.shots[3 - row["k"] :])
+            tokens = fit_episode(variant, tokenizer, max_length=1024, max_prompt_length=896).tokens
+            pc, rc = (logp(m, tokens["chosen_input_ids"], tokens["chosen_labels"]) for m in models)
+            pr, rr = (logp(m, tokens["rejected_input_ids"], tokens["rejected_labels"]) for m in models)
+            margins.append(0.5 * ((pc - rc) - (pr - rr)))
+        assert row["n"] == 8
+        assert row["accuracy"] == sum(m > 0 for m in margins) / 8
+        assert row["margin"] == pytest.approx(sum(margins) / 8, abs=1e-3)
+    assert [r["k"] for r in report["accuracy_by_shots"]] == [0, 1, 3]
+
+    wins = report["win_rate_vs_base"]
+    for name in ("fspo", "few_shot_base", "oracle_prompt"):
+        assert wins[name]["wins"] + wins[name]["losses"] + wins[name]["dropped_inconsistent"] == 4
+    assert json.loads((out / "report.json").read_text())["accuracy_by_shots"] == report["accuracy_by_shots"]
+    with open(out / "per_user.csv") as f:
+        per_user = list(csv.DictReader(f))
+    assert {r["measure"] for r in per_user} >= {"accuracy", "win_rate_fspo"}
+    png = (out / "accuracy_vs_shots.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out / "accuracy_vs_shots.png").shape[2] in (3, 4)
+
+
+def test_endpoint_judge_speaks_the_openai_chat_protocol():
+    import http.server
+    import threading
+
+    from fspo_ray.evaluate.winrate import endpoint_judge
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompt = body["messages"][0]["content"]
+            seen.append((self.path, self.headers.get("Authorization"), prompt))
+            # A judge that always prefers the answer saying "formal", wherever it stands.
+            first = prompt.split("Answer m:\n", 1)[1].split("\n\nAnswer M:", 1)[0]
+            reply = {"choices": [{"message": {"content": "m" if "formal" in first else "M"}}]}
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        judge = endpoint_judge(f"http://127.0.0.1:{server.server_port}", "judge", api_key="k")
+        assert judge_both_orders(judge, "Q?", "a formal answer", "a casual one", "Likes formal.", {}) == "win"
+        assert judge_both_orders(judge, "Q?", "a casual one", "a formal answer", "Likes formal.", {}) == "loss"
+    finally:
+        server.shutdown()
+    path, auth, prompt = seen[0]
+    assert path == "/v1/chat/completions" and auth == "Bearer k"
+    assert "User description: Likes formal." in prompt and "Question: Q?" in prompt
