@@ -113,7 +113,10 @@ PRESETS = {"tiny": build_tiny_model, "smollm2-135m": build_smollm2}
 
 
 def resolve_model(name_or_path: str) -> str:
-    """A local HF folder for a preset name or a path; presets are built once into the cache."""
+    """A local HF folder for a preset name, one of our run folders (its LATEST/) or an HF folder path;
+    presets are built once into the cache."""
+    if os.path.isfile(os.path.join(name_or_path, "LATEST", "config.json")):
+        return os.path.join(name_or_path, "LATEST")
     if name_or_path in PRESETS:
         path = os.path.join(CACHE_DIR, "models", name_or_path)
         if not os.path.isdir(path):
@@ -122,8 +125,8 @@ def resolve_model(name_or_path: str) -> str:
         return path
     if not os.path.isfile(os.path.join(name_or_path, "config.json")):
         raise InputError(
-            f"model={name_or_path}: not a preset ({', '.join(PRESETS)}) nor a Hugging Face model folder "
-            "(no config.json); nothing is downloaded from the hub"
+            f"model={name_or_path}: not a preset ({', '.join(PRESETS)}), a run folder nor a Hugging Face model "
+            "folder (no config.json); nothing is downloaded from the hub"
         )
     return name_or_path
 

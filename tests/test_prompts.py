@@ -153,3 +153,15 @@ def test_missing_descriptions_are_named():
     episode = Episode("u", SHOTS, Shot("q", "a", "b"), query_source="f.jsonl row 9")
     with pytest.raises(ValueError, match="f.jsonl row 9: generated descriptions need"):
         render_episode(episode, PromptStyle(description_mode="generated"))
+
+
+def test_answer_start_while_streaming():
+    from fspo_ray.data.prompts import answer_start
+
+    assert answer_start("## Pref") is None  # could still be the header
+    assert answer_start("## Preferred Response \nHel") == len("## Preferred Response \n")
+    assert answer_start("Hello") == 0  # no header at all: all of it is the answer
+    assert answer_start("## User Description\nLikes cats.\n## Pre") is None
+    text = "## User Description\nLikes cats.\n## Preferred Response \nMeow"
+    assert text[answer_start(text) :] == "Meow"
+    assert answer_start("## Response \nx", preferred_only=True) == len("## Response \n")

@@ -127,3 +127,15 @@ def strip_completion_header(text: str, *, preferred_only: bool = False) -> tuple
             text = text[len(header) :]
             break
     return description, text.strip()
+
+
+def answer_start(text: str, *, preferred_only: bool = False) -> int | None:
+    """Where the answer begins in a completion still being generated, or None while it cannot be known
+    (inside a user description or a header). Streaming uses this to send the answer alone."""
+    header = RESPONSE_HEADER if preferred_only else PREFERRED_HEADER
+    if text.startswith(DESCRIPTION_HEADER) or DESCRIPTION_HEADER.startswith(text):
+        cut = text.find(header)
+        return None if cut == -1 else cut + len(header)
+    if text.startswith(header):
+        return len(header)
+    return None if header.startswith(text) else 0

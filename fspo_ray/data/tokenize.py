@@ -116,6 +116,31 @@ def fit_episode(
     return None
 
 
+def fit_prompt(
+    shots: tuple,
+    question: str,
+    tokenizer,
+    max_prompt_tokens: int,
+    *,
+    style: PromptStyle = PromptStyle(),
+    user_description: str | None = None,
+) -> tuple[list[int], int] | None:
+    """(prompt token ids, shots dropped) with the oldest shots dropped until it fits; None if even the
+    question alone does not. Serving uses this where training uses `fit_episode`: the same policy."""
+    for dropped in range(len(shots) + 1):
+        prompt = build_prompt(
+            shots[dropped:],
+            question,
+            preferred_only=style.preferred_only,
+            description_mode=style.description_mode,
+            user_description=user_description,
+        )
+        ids = _ids(tokenizer, prompt)
+        if len(ids) <= max_prompt_tokens:
+            return ids, dropped
+    return None
+
+
 def episode_record(episode: Episode, fitted: FittedEpisode | EpisodeText) -> dict[str, Any]:
     """What `jobs.build_episodes` writes: the text and the shots actually placed in the prompt."""
     text = fitted.text if isinstance(fitted, FittedEpisode) else fitted

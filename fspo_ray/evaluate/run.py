@@ -26,7 +26,7 @@ from fspo_ray.evaluate.winrate import (
     local_judge,
     oracle_judge,
 )
-from fspo_ray.models import resolve_archive, resolve_model
+from fspo_ray.models import resolve_model
 from fspo_ray.train.export import RUN_INFO
 from fspo_ray.train.pipeline import read_pair_dataset
 
@@ -104,12 +104,13 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     unknown = set(cfg.baselines) - set(SYSTEMS[1:])
     if unknown:
         raise ConfigError(f"baselines={sorted(unknown)}: known baselines are {', '.join(SYSTEMS[1:])}")
-    policy, _ = resolve_archive(cfg.model)
-    if policy is None:
-        raise ConfigError(f"model={cfg.model}: evaluate needs a run folder or a Hugging Face folder")
+    policy = resolve_model(cfg.model)
     info = _run_info(policy)
     base = resolve_model(cfg.base_model or info.get("base_model") or policy)
     reference = resolve_model(cfg.reference or info.get("reference") or base)
+    pref_ft = resolve_model(cfg.pref_ft) if cfg.pref_ft else None  # every model checked before any work
+    if "pref_ft" in cfg.baselines and not pref_ft:
+        raise ConfigError("baselines=[pref_ft] needs pref_ft=<the SFT run or HF folder>")
     beta = cfg.beta if cfg.beta is not None else info.get("beta", 0.1)
     max_shots = (
         cfg.max_shots if cfg.max_shots is not None else DEFAULT_SHOTS[resolve_format(cfg.datasets[0], cfg.split)]
@@ -130,7 +131,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     )  # fmt: skip
     report = {
         "config": asdict(cfg),
-        "models": {"policy": policy, "reference": reference, "base": base, "pref_ft": cfg.pref_ft},
+        "models": {"policy": policy, "reference": reference, "base": base, "pref_ft": pref_ft},
         "beta": beta,
         "accuracy_by_shots": accuracy_by_shots(rows, beta),
         "episode_variants_skipped_for_length": skipped,
@@ -161,7 +162,8 @@ def _per_user_accuracy(rows: list[dict], beta: float) -> list[dict]:
     return out
 
 
-def _win_rates(cfg, policy, base, max_shots, style, preferences, use_gpu) -> tuple[dict, list[dict]]:
+def _win_rates(cfg, models, max_shots, style, preferences, use_gpu) -> tuple[dict, list[dict]]:
+    base, policy = models["base"], models["policy"]
     pairs = read_pair_dataset(cfg.datasets, cfg.split)
     episodes = build_episode_dataset(pairs, max_shots, passes=1, seed=cfg.seed + 1, num_partitions=4)
     chosen = [Episode.from_row(r) for r in episodes.sort("episode_id").limit(cfg.n_queries).take_all()]
@@ -172,18 +174,16 @@ def _win_rates(cfg, policy, base, max_shots, style, preferences, use_gpu) -> tup
         "base": (base, lambda e: render_episode(Episode(e.user_id, (), e.query), plain).prompt),
         "fspo": (policy, lambda e: render_episode(e, style).prompt),
         "few_shot_base": (base, lambda e: render_episode(e, plain).prompt),
-        "pref_ft": (cfg.pref_ft, lambda e: render_episode(e, plain).prompt),
+        "pref_ft": (models["pref_ft"], lambda e: render_episode(e, plain).prompt),
         "oracle_prompt": (base, lambda e: render_episode(Episode(e.user_id, (), e.query, e.user_description),
                                                          oracle).prompt),
     }  # fmt: skip
     wanted = ["base", "fspo", *cfg.baselines]
-    if "pref_ft" in wanted and not cfg.pref_ft:
-        raise ConfigError("baselines=[pref_ft] needs pref_ft=<the SFT run or HF folder>")
     answers: dict[str, dict[str, str]] = {}
     for name in wanted:
         model, prompt_of = systems[name]
         items = [{"episode_id": e.episode_id, "prompt": prompt_of(e)} for e in chosen]
-        answers[name] = {r["episode_id"]: r["answer"] for r in _generate(resolve_model(model), items, cfg, use_gpu)}
+        answers[name] = {r["episode_id"]: r["answer"] for r in _generate(model, items, cfg, use_gpu)}
     judge = oracle_judge
     if cfg.judge == "llm":
         if not cfg.judge_model:
