@@ -139,9 +139,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     per_user = _per_user_accuracy(rows, beta)
 
     if cfg.judge != "none":
-        report["win_rate_vs_base"], per_user_wins = _win_rates(
-            cfg, policy, base, max_shots, style, preferences, use_gpu
-        )
+        models = {"base": base, "policy": policy, "pref_ft": pref_ft}
+        report["win_rate_vs_base"], per_user_wins = _win_rates(cfg, models, max_shots, style, preferences, use_gpu)
         per_user += per_user_wins
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
@@ -236,7 +235,7 @@ def _plot(table: list[dict], path: str) -> None:
     figure, axes = plt.subplots(figsize=(5, 3.5))
     axes.errorbar(ks, accuracy, yerr=errors, marker="o", capsize=3)
     axes.axhline(0.5, color="grey", linestyle=":", label="chance")
-    axes.set(xlabel="shots in context (k)", ylabel="preference accuracy (held-out users)", ylim=(0, 1))
+    axes.set(xlabel="shots in context (k)", ylabel="preference accuracy (held-out users)", ylim=(0, 1), xticks=ks)
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)

