@@ -5,7 +5,6 @@ import socket
 
 import httpx
 import pytest
-
 from test_serve import HISTORY, QUERY, direct_greedy, training_prompt
 
 pytestmark = [
