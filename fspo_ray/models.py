@@ -131,6 +131,17 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
+def load_for_inference(path: str):
+    """(model, tokenizer, device): on the GPU in bf16 when there is one, else on the CPU in fp32; eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path), device
+
+
 def resolve_archive(archive: str) -> tuple[str | None, str | None]:
     """(HF folder, policy.pt file) for `model.archive`: exactly one is set.
 

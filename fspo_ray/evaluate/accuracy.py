@@ -60,15 +60,10 @@ class LogpScorer:
     """A Ray Data actor: summed completion log-probs under the policy and the reference, per row."""
 
     def __init__(self, policy_path: str, reference_path: str):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from fspo_ray.models import load_for_inference
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()  # noqa: E731
-        self.policy = load(policy_path)
-        self.reference = self.policy if reference_path == policy_path else load(reference_path)
-        tokenizer = AutoTokenizer.from_pretrained(policy_path)
+        self.policy, tokenizer, self.device = load_for_inference(policy_path)
+        self.reference = self.policy if reference_path == policy_path else load_for_inference(reference_path)[0]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:

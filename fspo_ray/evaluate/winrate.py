@@ -31,13 +31,9 @@ class Generator:
     """A Ray Data actor: greedy (or sampled) continuations of prompts, headers stripped, stopped at EOS."""
 
     def __init__(self, model_path: str, max_new_tokens: int, temperature: float = 0.0):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from fspo_ray.models import load_for_inference
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model, self.tokenizer, self.device = load_for_inference(model_path)
         self.tokenizer.padding_side = "left"  # generation continues from the last prompt token
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -95,17 +91,17 @@ def endpoint_judge(url: str, model: str, api_key: str | None = None) -> Judge:
 def local_judge(model_path: str) -> Judge:
     """A local Hugging Face model as the judge: the verdict is its greedy continuation of the prompt."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    from fspo_ray.models import load_for_inference
+
+    model, tokenizer, device = load_for_inference(model_path)
 
     def judge(question: str, first: str, second: str, description: str, preferences: dict) -> str:
         prompt = JUDGE_PROMPT.format(description=description, question=question, first=first, second=second)
         if tokenizer.chat_template:
             prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                    add_generation_prompt=True)  # fmt: skip
-        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         return parse_verdict(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)) or "?"

@@ -43,13 +43,9 @@ class TransformersEngine:
     name = "transformers"
 
     def __init__(self, model_path: str):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from fspo_ray.models import load_for_inference
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model, self.tokenizer, self.device = load_for_inference(model_path)
         self.max_model_len = self.model.config.max_position_embeddings
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
