@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 		$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec; \
 	fi
 	touch $@
+
+demo: setup
+	$(PY) -m jobs.demo config=jobs/demo.yaml
 
 test: setup
 	$(PY) -m pytest -q
