@@ -27,7 +27,7 @@ def test_serve_run_with_the_shipped_config(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     serve_cli = str(Path(sys.executable).parent / "serve")
-    env = {**os.environ, "RAY_ADDRESS": "", "FSPO_API_KEY": ""}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "FSPO_API_KEY")}  # a local Ray, no key
     process = subprocess.Popen([serve_cli, "run", str(path)], cwd=repo, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
