@@ -97,7 +97,7 @@ def main(argv: list[str]) -> dict:
     users = json.load(open(data["users"]))
     print(f"user {user}: {users[user]['description']} (the model only saw {len(history)} of their choices)")
     print(f"question: {request['query']}\n--- personalized model:\n{personalized['response']}\n"
-          f"--- base model:\n{base['response']}")  # fmt: skip
+          f"--- base model:\n{base['response'] or '(an empty answer: it stopped at once)'}")  # fmt: skip
     serve.shutdown()
 
     print(f"\nreport: {out}/eval/report.json  plot: {out}/eval/accuracy_vs_shots.png  "
