@@ -102,18 +102,21 @@ def fit_episode(
 
     Fits means: prompt <= max_prompt_length and prompt + the longer completion (EOS included) <= max_length.
     """
-    completion_length = None
-    for dropped in range(len(episode.shots) + 1):
-        text = render_episode(episode, style, dropped)
-        tokens = tokenize_text(tokenizer, text)
-        prompt_length = tokens["prompt_length"]
-        if completion_length is None:  # completions do not depend on the shots
-            completion_length = max(len(tokens["chosen_input_ids"]), len(tokens["rejected_input_ids"])) - prompt_length
-        if prompt_length <= max_prompt_length and prompt_length + completion_length <= max_length:
-            return FittedEpisode(text, tokens, dropped)
-        if completion_length > max_length:
-            return None  # no prompt is short enough
-    return None
+    full = render_episode(episode, style)  # also checks the descriptions the style needs
+    # EOS included; completions do not depend on the shots, so they are measured once.
+    completion_length = max(len(_ids(tokenizer, c)) for c in (full.chosen, full.rejected)) + 1
+    fitted = fit_prompt(
+        episode.shots,
+        episode.query.question,
+        tokenizer,
+        min(max_prompt_length, max_length - completion_length),
+        style=style,
+        user_description=episode.user_description,
+    )
+    if fitted is None:
+        return None
+    text = render_episode(episode, style, fitted[1])
+    return FittedEpisode(text, tokenize_text(tokenizer, text), fitted[1])
 
 
 def fit_prompt(
