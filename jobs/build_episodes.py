@@ -16,7 +16,7 @@ from omegaconf import MISSING
 
 from fspo_ray.config import ConfigError, parse_overrides, run_job
 from fspo_ray.data.episodes import build_episodes, default_passes
-from fspo_ray.data.readers import DEFAULT_SHOTS, read_pairs, resolve_format
+from fspo_ray.data.readers import default_shots, read_pairs
 from fspo_ray.data.tokenize import PromptStyle, episode_record, fit_episode, render_episode
 
 
@@ -38,7 +38,7 @@ class BuildEpisodesConfig:
 
 def main(argv: list[str]) -> dict[str, int]:
     cfg = parse_overrides(BuildEpisodesConfig, argv)
-    shots = cfg.shots if cfg.shots is not None else DEFAULT_SHOTS[resolve_format(cfg.data, cfg.split)]
+    shots = cfg.shots if cfg.shots is not None else default_shots(cfg.data, cfg.split)
     passes = cfg.passes if cfg.passes is not None else default_passes(shots, cfg.split or "train")
     if passes < 1:
         raise ConfigError(f"passes must be >= 1, got {passes}")

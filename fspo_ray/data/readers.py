@@ -293,3 +293,8 @@ def read_pairs(
         fields = normalize(row, where)
         if keep is None or fields["user_id"] in keep:
             yield PreferencePair(**fields, source=where, order=(file_index << _ROW_BITS) | number)
+
+
+def default_shots(spec: str, split: str | None = None) -> int:
+    """The shots the reference uses for this data set's format (fspo-method.md §1.1)."""
+    return DEFAULT_SHOTS[resolve_format(spec, split)]

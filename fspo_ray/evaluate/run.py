@@ -15,7 +15,7 @@ from omegaconf import MISSING
 
 from fspo_ray.config import ConfigError
 from fspo_ray.data.episodes import Episode, build_episode_dataset
-from fspo_ray.data.readers import DEFAULT_SHOTS, resolve_format
+from fspo_ray.data.readers import default_shots
 from fspo_ray.data.tokenize import PromptStyle, render_episode
 from fspo_ray.evaluate.accuracy import accuracy_by_shots, score_shots, wilson_interval
 from fspo_ray.evaluate.winrate import (
@@ -112,9 +112,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if "pref_ft" in cfg.baselines and not pref_ft:
         raise ConfigError("baselines=[pref_ft] needs pref_ft=<the SFT run or HF folder>")
     beta = cfg.beta if cfg.beta is not None else info.get("beta", 0.1)
-    max_shots = (
-        cfg.max_shots if cfg.max_shots is not None else DEFAULT_SHOTS[resolve_format(cfg.datasets[0], cfg.split)]
-    )
+    max_shots = cfg.max_shots if cfg.max_shots is not None else default_shots(cfg.datasets[0], cfg.split)
     shots_list = _shots_list(cfg, max_shots)
     style = PromptStyle(cfg.preferred_only, cfg.description_mode)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0

@@ -124,6 +124,11 @@ class TrainConfig:
     def run_dir(self) -> str:
         return f"{self.storage_path.rstrip('/')}/{self.exp_name}"
 
+    @property
+    def local_dir(self) -> str:
+        """The run folder on this filesystem: the run itself, or runs/<exp_name> beside a URI storage_path."""
+        return self.run_dir if "://" not in self.run_dir else os.path.abspath(os.path.join("runs", self.exp_name))
+
 
 def _one_of(name: str, value: object, allowed) -> None:
     if value not in allowed:

@@ -8,6 +8,7 @@ shard. Weights, optimizer and scheduler come back through DeepSpeed's checkpoint
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -63,7 +64,7 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict:
     }
 
 
-def _load_model(path: str, dtype: torch.dtype, device: torch.device, cfg: TrainConfig):
+def _load_model(path: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     attention = "sdpa"
@@ -109,7 +110,7 @@ def train_loop(plan: LoopPlan) -> None:
     hf_ds = HfDeepSpeedConfig(ds_config) if cfg.stage == 3 else None  # noqa: F841 (ZeRO-3: load partitioned)
     tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    policy = _load_model(plan.start_model, policy_dtype, device, cfg)
+    policy = _load_model(plan.start_model, policy_dtype, device)
     if cfg.activation_checkpointing:
         policy.gradient_checkpointing_enable()
     optimizer = getattr(torch.optim, cfg.optimizer)(policy.parameters(), lr=cfg.lr)
@@ -120,7 +121,7 @@ def train_loop(plan: LoopPlan) -> None:
     reference = None
     if cfg.loss.name != "sft":
         reference_dtype = _dtype(cfg.model.reference_dtype, on_gpu)
-        reference = _load_model(plan.start_model, reference_dtype, device, cfg).eval().requires_grad_(False)
+        reference = _load_model(plan.start_model, reference_dtype, device).eval().requires_grad_(False)
         if cfg.stage == 3:  # shard the frozen reference too
             ref_config = {k: ds_config[k] for k in ("train_micro_batch_size_per_gpu", "bf16", "fp16")}
             ref_config["zero_optimization"] = {"stage": 3}

@@ -25,8 +25,7 @@ def _truncate_jsonl(path: str, keep_through_step: int) -> None:
 class MetricsLog:
     def __init__(self, cfg: TrainConfig, rank: int, resume_step: int):
         self.cfg, self.rank = cfg, rank
-        # A URI storage_path holds checkpoints; logs stay in a local folder of the same name.
-        self.log_dir = cfg.run_dir if "://" not in cfg.run_dir else os.path.abspath(os.path.join("runs", cfg.exp_name))
+        self.log_dir = cfg.local_dir  # a URI storage_path holds checkpoints; logs stay local
         os.makedirs(self.log_dir, exist_ok=True)
         self.ids_path = os.path.join(self.log_dir, "example_ids", f"rank{rank}.jsonl")
         if cfg.log_example_ids:

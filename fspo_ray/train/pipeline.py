@@ -23,7 +23,7 @@ from fspo_ray.data.episodes import (
     default_passes,
     episode_dataset_stats,
 )
-from fspo_ray.data.readers import DEFAULT_SHOTS, read_pairs, resolve_format
+from fspo_ray.data.readers import read_pairs, resolve_format
 from fspo_ray.data.tokenize import PromptStyle, fit_episode
 
 TOKEN_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
@@ -88,10 +88,6 @@ def read_pair_dataset(specs: list[str], split: str | None):
         resolve_format(spec, split)  # fail here, with the reader's message, rather than inside a task
     items = [{"spec": spec, "file_index": i} for i, spec in enumerate(specs)]
     return ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_file)
-
-
-def shots_for(specs: list[str], split: str | None, shots: int | None) -> int:
-    return shots if shots is not None else DEFAULT_SHOTS[resolve_format(specs[0], split)]
 
 
 def prepare(

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 
+from fspo_ray.data.readers import default_shots
 from fspo_ray.data.tokenize import PromptStyle
 from fspo_ray.models import archive_to_folder, resolve_model
 from fspo_ray.train.config import TrainConfig
 from fspo_ray.train.loop import LoopPlan, train_loop
-from fspo_ray.train.pipeline import prepare, shots_for
+from fspo_ray.train.pipeline import prepare
 
 
 def _use_gpu(cfg: TrainConfig) -> bool:
@@ -27,10 +28,9 @@ def run_training(cfg: TrainConfig):
     tokenizer_path = cfg.model.tokenizer_name_or_path or model_path
     start_model = model_path
     if cfg.model.archive:
-        local_run = cfg.run_dir if "://" not in cfg.run_dir else os.path.join("runs", cfg.exp_name)
-        start_model = archive_to_folder(cfg.model.archive, model_path, os.path.join(local_run, "archive"))
+        start_model = archive_to_folder(cfg.model.archive, model_path, os.path.join(cfg.local_dir, "archive"))
 
-    shots = shots_for(cfg.datasets, cfg.data_split, cfg.shots)
+    shots = cfg.shots if cfg.shots is not None else default_shots(cfg.datasets[0], cfg.data_split)
     common = dict(
         shots=shots,
         tokenizer_path=tokenizer_path,
