@@ -87,13 +87,19 @@ class LogpScorer:
         return out
 
 
+def held_out_episodes(specs: list[str], *, split: str | None, users: list[str] | None, shots: int, seed: int):
+    """Held-out episodes with `shots` shots (one pass), in a fixed order: the same for every measure."""
+    pairs = read_pair_dataset(specs, split)
+    if users is not None:
+        keep = set(users)
+        pairs = pairs.filter(lambda row: row["user_id"] in keep)
+    return build_episode_dataset(pairs, shots, passes=1, seed=seed, num_partitions=4).sort("episode_id").materialize()
+
+
 def score_shots(
-    specs: list[str],
+    episodes,
     *,
-    split: str | None,
-    users: list[str] | None,
     shots_list: list[int],
-    seed: int,
     policy_path: str,
     reference_path: str,
     max_length: int,
@@ -102,16 +108,9 @@ def score_shots(
     batch_size: int = 8,
     concurrency: int = 1,
     use_gpu: bool = False,
-    limit_episodes: int | None = None,
 ) -> tuple[list[dict], int]:
-    """Per-(episode, k) log-probs of held-out episodes, and the number of (episode, k) that did not fit."""
-    pairs = read_pair_dataset(specs, split)
-    if users is not None:
-        keep = set(users)
-        pairs = pairs.filter(lambda row: row["user_id"] in keep)
-    episodes = build_episode_dataset(pairs, max(shots_list), passes=1, seed=seed, num_partitions=4)
-    if limit_episodes:
-        episodes = episodes.sort("episode_id").limit(limit_episodes)
+    """Per-(episode, k) log-probs of `episodes` (built with max(shots_list) shots), and the number of
+    (episode, k) that did not fit."""
     variants = episodes.map_batches(
         ShotsVariants(tuple(shots_list), policy_path, max_length, max_prompt_length, style), batch_size=16
     ).materialize()

@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, field
 from omegaconf import MISSING
 
 from fspo_ray.config import ConfigError
-from fspo_ray.data.episodes import Episode, build_episode_dataset
+from fspo_ray.data.episodes import Episode
 from fspo_ray.data.readers import default_shots
 from fspo_ray.data.tokenize import PromptStyle, render_episode
-from fspo_ray.evaluate.accuracy import accuracy_by_shots, score_shots, wilson_interval
+from fspo_ray.evaluate.accuracy import accuracy_by_shots, held_out_episodes, score_shots, wilson_interval
 from fspo_ray.evaluate.winrate import (
     Comparison,
     Generator,
@@ -28,7 +28,6 @@ from fspo_ray.evaluate.winrate import (
 )
 from fspo_ray.models import resolve_model
 from fspo_ray.train.export import RUN_INFO
-from fspo_ray.train.pipeline import read_pair_dataset
 
 SYSTEMS = ("fspo", "few_shot_base", "pref_ft", "oracle_prompt")
 
@@ -122,10 +121,11 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             raise ConfigError("judge=oracle needs users_file=users.json (the synthetic users' true preferences)")
         preferences = {u: v["preferences"] for u, v in json.load(open(cfg.users_file)).items()}
 
+    episodes = held_out_episodes(cfg.datasets, split=cfg.split, users=cfg.users, shots=max_shots, seed=cfg.seed)
     rows, skipped = score_shots(
-        cfg.datasets, split=cfg.split, users=cfg.users, shots_list=shots_list, seed=cfg.seed, policy_path=policy,
-        reference_path=reference, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, style=style,
-        batch_size=cfg.batch_size, concurrency=cfg.concurrency, use_gpu=use_gpu, limit_episodes=cfg.n_episodes,
+        episodes.limit(cfg.n_episodes), shots_list=shots_list, policy_path=policy, reference_path=reference,
+        max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, style=style,
+        batch_size=cfg.batch_size, concurrency=cfg.concurrency, use_gpu=use_gpu,
     )  # fmt: skip
     report = {
         "config": asdict(cfg),
@@ -138,7 +138,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     if cfg.judge != "none":
         models = {"base": base, "policy": policy, "pref_ft": pref_ft}
-        report["win_rate_vs_base"], per_user_wins = _win_rates(cfg, models, max_shots, style, preferences, use_gpu)
+        queries = [Episode.from_row(r) for r in episodes.limit(cfg.n_queries).take_all()]
+        report["win_rate_vs_base"], per_user_wins = _win_rates(cfg, models, queries, style, preferences, use_gpu)
         per_user += per_user_wins
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
@@ -159,13 +160,8 @@ def _per_user_accuracy(rows: list[dict], beta: float) -> list[dict]:
     return out
 
 
-def _win_rates(cfg, models, max_shots, style, preferences, use_gpu) -> tuple[dict, list[dict]]:
+def _win_rates(cfg, models, chosen, style, preferences, use_gpu) -> tuple[dict, list[dict]]:
     base, policy = models["base"], models["policy"]
-    pairs = read_pair_dataset(cfg.datasets, cfg.split)
-    episodes = build_episode_dataset(pairs, max_shots, passes=1, seed=cfg.seed + 1, num_partitions=4)
-    chosen = [Episode.from_row(r) for r in episodes.sort("episode_id").limit(cfg.n_queries).take_all()]
-    if cfg.users is not None:
-        chosen = [e for e in chosen if e.user_id in set(cfg.users)]
     plain, oracle = PromptStyle(), PromptStyle(description_mode="teacher_forced")
     systems = {  # system -> (model, prompt of an episode)
         "base": (base, lambda e: render_episode(Episode(e.user_id, (), e.query), plain).prompt),
@@ -206,7 +202,7 @@ def _win_rates(cfg, models, max_shots, style, preferences, use_gpu) -> tuple[dic
         low, high = wilson_interval(total.wins, total.wins + total.losses)
         results[name] = {"win_rate": total.win_rate, "ci": [low, high], "wins": total.wins, "losses": total.losses,
                          "dropped_inconsistent": total.dropped, "queries": len(chosen)}  # fmt: skip
-        per_user += [{"user_id": u, "measure": f"win_rate_{name}", "k": max_shots, "n": c.wins + c.losses,
+        per_user += [{"user_id": u, "measure": f"win_rate_{name}", "k": len(chosen[0].shots), "n": c.wins + c.losses,
                       "value": c.win_rate} for u, c in sorted(by_user.items())]  # fmt: skip
     results["examples"] = [{"question": e.query.question, **{n: answers[n][e.episode_id] for n in wanted}}
                            for e in chosen[:3]]  # fmt: skip
