@@ -18,17 +18,21 @@ from fspo_ray.config import parse_overrides, run_job
 class DemoConfig:
     out: str = "runs/demo"
     model: str = "tiny"
-    n_train_users: int = 96
-    n_test_users: int = 32
+    n_train_users: int = 256
+    n_test_users: int = 64
     pairs_per_user: int = 16
+    dims_per_user: int = 1  # properties each user cares about (synthetic.py)
     shots: int = 3
-    batch_size: int = 16
-    max_length: int = 1024
-    max_prompt_length: int = 768
+    passes: int = 3  # training episodes per user = passes * pairs_per_user / (shots + 1)
+    preferred_only: bool = True  # shots show the preferred answer only (the reference's preferred-only prompt)
+    batch_size: int = 8
+    max_length: int = 512
+    max_prompt_length: int = 384
+    sft_examples: int = 1200
     sft_lr: float = 3e-3
-    ipo_lr: float = 3e-4
+    ipo_examples: int = 2400
+    ipo_lr: float = 6e-4
     ipo_beta: float = 0.1
-    n_epochs: int = 1
     eval_episodes: int = 256
     eval_queries: int = 32
     backend: str = "transformers"  # the service's engine; auto picks vLLM where it runs (slower to start)
@@ -56,22 +60,28 @@ def main(argv: list[str]) -> dict:
     cfg = parse_overrides(DemoConfig, argv)
     out = os.path.abspath(cfg.out)
     started = time.perf_counter()
+    owns_ray = not ray.is_initialized()  # a caller's Ray (tests, a notebook) is left running
     ray.init(ignore_reinit_error=True)
 
     _step("1/5 synthetic users: preferences known exactly, held-out users unseen in training")
-    data = write_synthetic(os.path.join(out, "data"), n_train_users=cfg.n_train_users, n_test_users=cfg.n_test_users,
-                           pairs_per_user=cfg.pairs_per_user, seed=cfg.seed)  # fmt: skip
+    data = write_synthetic(
+        os.path.join(out, "data"), n_train_users=cfg.n_train_users, n_test_users=cfg.n_test_users,
+        pairs_per_user=cfg.pairs_per_user, dims_per_user=cfg.dims_per_user, seed=cfg.seed,
+    )  # fmt: skip
     common = [f"model={cfg.model}", f"datasets=[{data['train']}]", f"eval_datasets=[{data['test']}]",
-              f"shots={cfg.shots}", f"batch_size={cfg.batch_size}", f"max_length={cfg.max_length}",
+              f"shots={cfg.shots}", f"passes={cfg.passes}", f"preferred_only={cfg.preferred_only}",
+              f"batch_size={cfg.batch_size}", f"max_length={cfg.max_length}",
               f"max_prompt_length={cfg.max_prompt_length}", f"storage_path={out}/runs", "zero_stage=2",
               "optimizer=AdamW", "warmup_steps=5", "n_eval_examples=128", "eval_batch_size=32",
-              f"n_epochs={cfg.n_epochs}", f"seed={cfg.seed}"]  # fmt: skip
+              f"seed={cfg.seed}"]  # fmt: skip
     _step("2/5 few-shot SFT on the preferred answers (2 Ray Train workers, DeepSpeed ZeRO-2)")
-    sft = parse_train_config([*common, "loss=sft", f"lr={cfg.sft_lr}", "exp_name=sft", "do_first_eval=false"])
+    sft = parse_train_config([*common, "loss=sft", f"lr={cfg.sft_lr}", f"n_examples={cfg.sft_examples}",
+                              "exp_name=sft", "do_first_eval=false"])  # fmt: skip
     run_training(sft)
     _step("3/5 few-shot IPO from the SFT model, referenced to it")
-    ipo = parse_train_config([*common, "loss=ipo", f"loss.beta={cfg.ipo_beta}", f"lr={cfg.ipo_lr}", "exp_name=ipo",
-                              f"model.archive={sft.run_dir}", "eval_every=256"])  # fmt: skip
+    ipo = parse_train_config([*common, "loss=ipo", f"loss.beta={cfg.ipo_beta}", f"lr={cfg.ipo_lr}",
+                              f"n_examples={cfg.ipo_examples}", "exp_name=ipo", f"model.archive={sft.run_dir}",
+                              "eval_every=1200"])  # fmt: skip
     run_training(ipo)
 
     _step("4/5 evaluation on held-out users: accuracy over shots, oracle win rate vs the base model")
@@ -103,7 +113,8 @@ def main(argv: list[str]) -> dict:
     print(f"\nreport: {out}/eval/report.json  plot: {out}/eval/accuracy_vs_shots.png  "
           f"per user: {out}/eval/per_user.csv\nmodel: {ipo.run_dir}/LATEST  "
           f"training curves: {ipo.run_dir}/metrics.jsonl\ndone in {time.perf_counter() - started:.0f} s")  # fmt: skip
-    ray.shutdown()
+    if owns_ray:
+        ray.shutdown()
     return {"report": report, "personalized": personalized, "base": base}
 
 

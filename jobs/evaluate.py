@@ -20,6 +20,10 @@ def summary(report: dict) -> str:
         lines.append(
             f"{row['k']:<6} {row['n']:<5} {row['accuracy']:.3f} [{low:.3f}, {high:.3f}]   {row['margin']:+.4f}"
         )
+    rows = report["accuracy_by_shots"]
+    if len(rows) > 1 and rows[0]["k"] == 0:
+        gain = 100 * (rows[-1]["accuracy"] - rows[0]["accuracy"])
+        lines.append(f"learning from shots: {gain:+.1f} points of accuracy at {rows[-1]['k']} shots over 0 shots")
     for name, result in report.get("win_rate_vs_base", {}).items():
         if name != "examples":
             low, high = result["ci"]

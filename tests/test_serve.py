@@ -157,3 +157,12 @@ def test_health_and_docs(service):
     assert httpx.get(f"{service['url']}/healthz").json() == {"status": "ok", "model": "tiny", "backend": "transformers"}
     assert "/v1/personalize" in httpx.get(f"{service['url']}/openapi.json").json()["paths"]
     assert httpx.get(f"{service['url']}/docs").status_code == 200
+
+
+def test_the_readme_curl_request(service):
+    from test_readme import curl_request
+
+    body = curl_request()
+    response = post(service, body)
+    assert response.status_code == 200
+    assert response.json()["shots_used"] == len(body["history"]) == 1

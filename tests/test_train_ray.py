@@ -1,4 +1,5 @@
-"""Training on a local Ray in this process: FSPO on synthetic users, the HF export, a worker killed mid-run."""
+"""Training on a local Ray in this process: a worker killed mid-run. (SFT then IPO on synthetic users, and the
+HF export served, run in test_demo.py.)"""
 
 import json
 import os
@@ -29,28 +30,6 @@ def train(*overrides: str):
     cfg = parse_train_config(list(overrides))
     run_training(cfg)
     return cfg
-
-
-def test_fspo_sft_then_ipo_with_zero2_learns_on_held_out_users(local_ray, users, tmp_path):
-    data = [f"datasets=[{users['train']}]", f"eval_datasets=[{users['test']}]", "shots=2", "passes=1",
-            "batch_size=8", "n_eval_examples=64", "eval_batch_size=16", "zero_stage=2", f"storage_path={tmp_path}",
-            "max_prompt_length=384", "max_length=512", "optimizer=AdamW", "warmup_steps=2"]  # fmt: skip
-    sft = train("model=tiny", *data, "loss=sft", "lr=3e-3", "exp_name=sft", "eval_every=1_000_000")
-    ipo = train("model=tiny", *data, "loss=ipo", "loss.beta=0.1", "lr=3e-4", "exp_name=ipo", "eval_every=96",
-                f"model.archive={sft.run_dir}")  # fmt: skip
-
-    evals = [m for m in metrics(ipo.run_dir) if "rewards_eval/accuracies" in m]
-    assert evals[0]["step"] == 0 and evals[0]["rewards_eval/accuracies"] == 0.0  # policy == reference: no margin
-    assert evals[-1]["rewards_eval/accuracies"] > evals[0]["rewards_eval/accuracies"]
-    print("held-out rewards_eval/accuracies by step:", [(m["step"], m["rewards_eval/accuracies"]) for m in evals])
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    export = os.path.join(ipo.run_dir, "LATEST")
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(export), AutoTokenizer.from_pretrained(export)
-    prompt = tokenizer("# Task\n", add_special_tokens=False, return_tensors="pt")
-    generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
-    assert generated.shape[1] > prompt["input_ids"].shape[1]
 
 
 def _kill_one_worker_after_checkpoint(run_dir: str, killed: list) -> None:

@@ -57,8 +57,8 @@ class EvaluateConfig:
     max_new_tokens: int = 64
     max_length: int = 1024
     max_prompt_length: int = 896
-    description_mode: str = "none"
-    preferred_only: bool = False
+    description_mode: str | None = None  # default: the run's prompt style (its fspo_run.json), else "none"
+    preferred_only: bool | None = None  # default: the run's, else false
     batch_size: int = 8
     concurrency: int = 1  # model replicas for batch inference
     use_gpu: bool | None = None
@@ -113,7 +113,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     beta = cfg.beta if cfg.beta is not None else info.get("beta", 0.1)
     max_shots = cfg.max_shots if cfg.max_shots is not None else default_shots(cfg.datasets[0], cfg.split)
     shots_list = _shots_list(cfg, max_shots)
-    style = PromptStyle(cfg.preferred_only, cfg.description_mode)
+    style = PromptStyle(
+        info.get("preferred_only", False) if cfg.preferred_only is None else cfg.preferred_only,
+        cfg.description_mode or info.get("description_mode", "none"),
+    )
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     preferences = {}
     if cfg.judge == "oracle":

@@ -1,4 +1,5 @@
-"""Rank 0's record of a run: metrics.jsonl and TensorBoard in the run folder, W&B when asked, a console line.
+"""Rank 0's record of a run: metrics.jsonl and TensorBoard in the run folder, Ray metrics for the dashboard,
+W&B when asked, a console line.
 
 On resume, entries past the checkpoint are dropped so the curves hold each step once.
 """
@@ -22,6 +23,17 @@ def _truncate_jsonl(path: str, keep_through_step: int) -> None:
         f.writelines(kept)
 
 
+# The live view of a run in the Ray dashboard (Prometheus names get Ray's "ray_" prefix), tagged by run.
+RAY_GAUGES = {
+    "loss/train": ("fspo_train_loss", "Training loss of the last optimizer step."),
+    "rewards_train/accuracies": ("fspo_train_reward_accuracy", "Share of training pairs with r_w > r_l."),
+    "examples_per_second": ("fspo_train_examples_per_second", "Training examples per second, all workers."),
+    "tokens_per_second": ("fspo_train_tokens_per_second", "Training tokens per second, all workers."),
+    "loss/eval": ("fspo_eval_loss", "Loss on the held-out examples."),
+    "rewards_eval/accuracies": ("fspo_eval_reward_accuracy", "Share of held-out pairs with r_w > r_l."),
+}
+
+
 class MetricsLog:
     def __init__(self, cfg: TrainConfig, rank: int, resume_step: int):
         self.cfg, self.rank = cfg, rank
@@ -38,6 +50,9 @@ class MetricsLog:
         path = os.path.join(self.log_dir, "metrics.jsonl")
         _truncate_jsonl(path, resume_step)
         self.jsonl = open(path, "a")
+        from ray.util import metrics as ray_metrics
+
+        self.gauges = {key: ray_metrics.Gauge(name, doc, tag_keys=("run",)) for key, (name, doc) in RAY_GAUGES.items()}
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -63,6 +78,8 @@ class MetricsLog:
         for key, value in metrics.items():
             if self.tensorboard:
                 self.tensorboard.add_scalar(key, value, step)
+            if key in self.gauges:
+                self.gauges[key].set(value, tags={"run": self.cfg.exp_name})
         if self.wandb:
             self.wandb.log(metrics, step=step)
         now = time.monotonic()

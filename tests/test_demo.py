@@ -1,0 +1,81 @@
+"""The demo pipeline end to end at a reduced size, its training read live from Ray's metrics endpoint."""
+
+import json
+import re
+import socket
+import threading
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SAMPLE = re.compile(r"^(ray_fspo_\w+)\{(.*)\} (\S+)$")
+
+
+def watch_metrics(port: int, seen: dict, stop: threading.Event) -> None:
+    """What the dashboard's Prometheus scrape sees: {(metric, run tag): values} while the demo runs."""
+    while not stop.is_set():
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            text = ""
+        for line in text.splitlines():
+            sample = SAMPLE.match(line)
+            if sample:
+                run = re.search(r'run="([^"]*)"', sample[2])
+                seen.setdefault((sample[1], run[1] if run else None), set()).add(float(sample[3]))
+        stop.wait(1.0)
+
+
+def test_demo_at_reduced_size(tmp_path, monkeypatch, capsys):
+    import ray
+
+    from jobs.demo import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RAY_metrics_report_interval_ms", "1000")  # Ray's default 10 s outlasts this short run
+    ray.init(num_cpus=2, include_dashboard=False)
+    seen: dict = {}
+    stop = threading.Event()
+    try:
+        watcher = threading.Thread(target=watch_metrics, args=(ray.nodes()[0]["MetricsExportPort"], seen, stop))
+        watcher.start()
+        result = main([f"out={tmp_path}", "n_train_users=32", "n_test_users=8", "sft_examples=64", "ipo_examples=96",
+                       "eval_episodes=32", "eval_queries=4", f"port={port}"])  # fmt: skip
+    finally:
+        stop.set()
+        watcher.join()
+        ray.shutdown()
+    printed = capsys.readouterr().out
+
+    # Evaluation: 8 held-out users x 16 pairs / (3 shots + 1) = 32 episodes, each scored at every k.
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    rows = report["accuracy_by_shots"]
+    assert [(r["k"], r["n"]) for r in rows] == [(0, 32), (1, 32), (2, 32), (3, 32)]
+    gain = 100 * (rows[-1]["accuracy"] - rows[0]["accuracy"])
+    assert f"learning from shots: {gain:+.1f} points of accuracy at 3 shots over 0 shots" in printed
+    assert (tmp_path / "eval" / "accuracy_vs_shots.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "eval" / "per_user.csv").read_text().startswith("user_id,")
+
+    # IPO starts at its reference: zero margins, so no held-out pair is ranked yet.
+    ipo_metrics = [json.loads(line) for line in (tmp_path / "runs" / "ipo" / "metrics.jsonl").read_text().splitlines()]
+    assert ipo_metrics[0]["step"] == 0 and ipo_metrics[0]["rewards_eval/accuracies"] == 0.0
+    assert [m["counters/examples"] for m in ipo_metrics if "counters/examples" in m][-1] == 96
+
+    # The personalized answer came over HTTP from the trained model, with the user's 3 shots in its prompt.
+    personalized, base = result["personalized"], result["base"]
+    assert personalized["shots_used"] == 3 and personalized["model"].endswith("ipo")
+    assert base["shots_used"] == 0
+    assert f"--- personalized model:\n{personalized['response']}\n" in printed
+    assert "done in" in printed
+
+    # The dashboard saw both runs live: every training gauge, and values that the run logged.
+    for run in ("sft", "ipo"):
+        for name in ("loss", "examples_per_second", "tokens_per_second"):
+            assert seen.get((f"ray_fspo_train_{name}", run)), f"no {name} for {run} in {sorted(seen)}"
+    assert seen.get(("ray_fspo_train_reward_accuracy", "ipo"))
+    logged = [m["loss/train"] for m in ipo_metrics if "loss/train" in m]
+    assert any(value == pytest.approx(v, rel=1e-6) for value in seen[("ray_fspo_train_loss", "ipo")] for v in logged)
