@@ -28,9 +28,9 @@ class DemoConfig:
     batch_size: int = 8
     max_length: int = 512
     max_prompt_length: int = 384
-    sft_examples: int = 1200
+    sft_examples: int = 1000
     sft_lr: float = 3e-3
-    ipo_examples: int = 2400
+    ipo_examples: int = 1600
     ipo_lr: float = 6e-4
     ipo_beta: float = 0.1
     eval_episodes: int = 256
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> dict:
               f"shots={cfg.shots}", f"passes={cfg.passes}", f"preferred_only={cfg.preferred_only}",
               f"batch_size={cfg.batch_size}", f"max_length={cfg.max_length}",
               f"max_prompt_length={cfg.max_prompt_length}", f"storage_path={out}/runs", "zero_stage=2",
-              "optimizer=AdamW", "warmup_steps=5", "n_eval_examples=128", "eval_batch_size=32",
+              "optimizer=AdamW", "warmup_steps=5", "n_eval_examples=64", "eval_batch_size=32",
               f"seed={cfg.seed}"]  # fmt: skip
     _step("2/5 few-shot SFT on the preferred answers (2 Ray Train workers, DeepSpeed ZeRO-2)")
     sft = parse_train_config([*common, "loss=sft", f"lr={cfg.sft_lr}", f"n_examples={cfg.sft_examples}",
@@ -81,13 +81,14 @@ def main(argv: list[str]) -> dict:
     _step("3/5 few-shot IPO from the SFT model, referenced to it")
     ipo = parse_train_config([*common, "loss=ipo", f"loss.beta={cfg.ipo_beta}", f"lr={cfg.ipo_lr}",
                               f"n_examples={cfg.ipo_examples}", "exp_name=ipo", f"model.archive={sft.run_dir}",
-                              "eval_every=1200"])  # fmt: skip
+                              "eval_every=1000"])  # fmt: skip
     run_training(ipo)
 
     _step("4/5 evaluation on held-out users: accuracy over shots, oracle win rate vs the base model")
     report = evaluate(EvaluateConfig(
         model=ipo.run_dir, datasets=[data["test"]], users_file=data["users"], out=os.path.join(out, "eval"),
-        max_shots=cfg.shots, n_episodes=cfg.eval_episodes, n_queries=cfg.eval_queries, seed=cfg.seed,
+        max_shots=cfg.shots, n_episodes=cfg.eval_episodes, n_queries=cfg.eval_queries, concurrency=2,
+        seed=cfg.seed,
     ))  # fmt: skip
     print(summary(report))
 

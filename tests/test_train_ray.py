@@ -26,12 +26,6 @@ def metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def train(*overrides: str):
-    cfg = parse_train_config(list(overrides))
-    run_training(cfg)
-    return cfg
-
-
 def _kill_one_worker_after_checkpoint(run_dir: str, killed: list) -> None:
     import psutil
 

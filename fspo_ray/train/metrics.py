@@ -7,11 +7,16 @@ On resume, entries past the checkpoint are dropped so the curves hold each step 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict
 
 from fspo_ray.train.config import TrainConfig
+
+# Not print(): Ray Train patches print in its workers and, where Ray has redirected stdout, emits each
+# printed line twice (once to stdout, once through its logger). A logger line reaches the driver once.
+logger = logging.getLogger(__name__)
 
 
 def _truncate_jsonl(path: str, keep_through_step: int) -> None:
@@ -58,10 +63,10 @@ class MetricsLog:
 
             self.tensorboard = SummaryWriter(os.path.join(self.log_dir, "tensorboard"), purge_step=resume_step + 1)
         except ImportError:
-            print("note: tensorboard is not installed; metrics go to metrics.jsonl only")
+            logger.warning("note: tensorboard is not installed; metrics go to metrics.jsonl only")
         if cfg.wandb.enabled:
             if not os.environ.get("WANDB_API_KEY"):
-                print("note: wandb.enabled but WANDB_API_KEY is not set; not logging to W&B")
+                logger.warning("note: wandb.enabled but WANDB_API_KEY is not set; not logging to W&B")
             else:
                 import wandb
 
@@ -90,7 +95,7 @@ class MetricsLog:
             }
             rates = f"{metrics['examples_per_second']:.1f} ex/s" if "examples_per_second" in metrics else ""
             text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
-            print(f"[{self.cfg.exp_name}] {progress or f'eval at step {step}'} {text} {rates}".rstrip(), flush=True)
+            logger.info(f"[{self.cfg.exp_name}] {progress or f'eval at step {step}'} {text} {rates}".rstrip())
 
     def example_ids(self, step: int, ids: list[str]) -> None:
         if self.cfg.log_example_ids:
