@@ -87,8 +87,7 @@ def main(argv: list[str]) -> dict:
     _step("4/5 evaluation on held-out users: accuracy over shots, oracle win rate vs the base model")
     report = evaluate(EvaluateConfig(
         model=ipo.run_dir, datasets=[data["test"]], users_file=data["users"], out=os.path.join(out, "eval"),
-        max_shots=cfg.shots, n_episodes=cfg.eval_episodes, n_queries=cfg.eval_queries, concurrency=2,
-        seed=cfg.seed,
+        max_shots=cfg.shots, n_episodes=cfg.eval_episodes, n_queries=cfg.eval_queries, seed=cfg.seed,
     ))  # fmt: skip
     print(summary(report))
 
