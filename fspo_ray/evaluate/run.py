@@ -27,7 +27,7 @@ from fspo_ray.evaluate.winrate import (
     oracle_judge,
 )
 from fspo_ray.models import resolve_model
-from fspo_ray.train.export import RUN_INFO
+from fspo_ray.train.export import read_run_info
 
 SYSTEMS = ("fspo", "few_shot_base", "pref_ft", "oracle_prompt")
 
@@ -62,11 +62,6 @@ class EvaluateConfig:
     batch_size: int = 8
     concurrency: int = 1  # model replicas for batch inference
     use_gpu: bool | None = None
-
-
-def _run_info(model_dir: str) -> dict:
-    path = os.path.join(model_dir, RUN_INFO)
-    return json.load(open(path)) if os.path.exists(path) else {}
 
 
 def _shots_list(cfg: EvaluateConfig, max_shots: int) -> list[int]:
@@ -104,7 +99,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if unknown:
         raise ConfigError(f"baselines={sorted(unknown)}: known baselines are {', '.join(SYSTEMS[1:])}")
     policy = resolve_model(cfg.model)
-    info = _run_info(policy)
+    info = read_run_info(policy)
     base = resolve_model(cfg.base_model or info.get("base_model") or policy)
     reference = resolve_model(cfg.reference or info.get("reference") or base)
     pref_ft = resolve_model(cfg.pref_ft) if cfg.pref_ft else None  # every model checked before any work

@@ -23,7 +23,16 @@ def publish(local_dir: str, destination: str) -> None:
     os.replace(staging, destination)
 
 
-RUN_INFO = "fspo_run.json"  # beside the weights: what evaluation needs to know about the run
+RUN_INFO = "fspo_run.json"  # beside the weights: what evaluation and serving need to know about the run
+
+
+def read_run_info(model_dir: str) -> dict:
+    """The run's fspo_run.json (reference, base model, beta, prompt style), or {} for a plain HF folder."""
+    path = os.path.join(model_dir, RUN_INFO)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def export_hf_folder(engine, tokenizer, cfg: TrainConfig, rank: int, run_info: dict) -> None:
