@@ -19,12 +19,12 @@ from fastapi import FastAPI, Header, HTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from fspo_ray.data.prompts import PREFERRED_HEADER, RESPONSE_HEADER, Shot, answer_start, strip_completion_header
+from fspo_ray.data.prompts import Shot, answer_start, strip_completion_header
 from fspo_ray.data.tokenize import PromptStyle, fit_prompt
 from fspo_ray.models import resolve_model
 from fspo_ray.serve.api import PersonalizeRequest, PersonalizeResponse, Usage
 from fspo_ray.serve.engine import Generation, Sampling, TransformersEngine, make_engine
-from fspo_ray.train.export import RUN_INFO
+from fspo_ray.train.export import read_run_info
 
 api = FastAPI(
     title="fspo-ray personalization API",
@@ -40,9 +40,7 @@ class Personalizer:
         from ray.util import metrics
 
         path = resolve_model(model)
-        info_path = os.path.join(path, RUN_INFO)
-        info = json.load(open(info_path)) if os.path.exists(info_path) else {}
-        self.preferred_only = bool(info.get("preferred_only", False))
+        self.preferred_only = bool(read_run_info(path).get("preferred_only", False))
         self.engine = make_engine(backend, path)
         self.model_name = os.path.basename(os.path.dirname(path)) if path.endswith("LATEST") else os.path.basename(path)
         self.api_key = os.environ.get(api_key_env) or None
@@ -96,24 +94,26 @@ class Personalizer:
         sampling = Sampling(request.max_new_tokens, request.temperature, request.top_p, request.seed)
         meta = {"prompt_tokens": len(prompt), "shots_used": len(shots) - dropped, "shots_dropped": dropped}
         if request.stream:
-            return StreamingResponse(self._events(prompt, sampling, request, meta, started),
+            return StreamingResponse(self._events(prompt, sampling, request, style, meta, started),
                                      media_type="text/event-stream")  # fmt: skip
         generation = await self._generate(prompt, sampling)
-        description, answer = strip_completion_header(generation.text, preferred_only=style.preferred_only)
-        self._done(started, generation.completion_tokens)
+        return self._response(generation.text, generation.completion_tokens, request, style, meta, started)
+
+    def _response(self, text: str, completion_tokens: int, request: PersonalizeRequest, style: PromptStyle,
+                  meta: dict, started: float) -> PersonalizeResponse:  # fmt: skip
+        """The finished answer, streamed or not: its header stripped, its request counted."""
+        self.requests.inc(tags={"status": "200", **self.tags})
+        self.latency.observe(time.perf_counter() - started, tags=self.tags)
+        self.tokens.inc(completion_tokens, tags=self.tags)
+        description, answer = strip_completion_header(text, preferred_only=style.preferred_only)
         return PersonalizeResponse(
             response=answer,
             user_description=description if request.rationalize else request.user_description,
             model=self.model_name,
-            usage=Usage(prompt_tokens=meta["prompt_tokens"], completion_tokens=generation.completion_tokens),
+            usage=Usage(prompt_tokens=meta["prompt_tokens"], completion_tokens=completion_tokens),
             shots_used=meta["shots_used"],
-            shots_dropped=dropped,
+            shots_dropped=meta["shots_dropped"],
         )
-
-    def _done(self, started: float, completion_tokens: int) -> None:
-        self.requests.inc(tags={"status": "200", **self.tags})
-        self.latency.observe(time.perf_counter() - started, tags=self.tags)
-        self.tokens.inc(completion_tokens, tags=self.tags)
 
     async def _generate(self, prompt: list[int], sampling: Sampling) -> Generation:
         if isinstance(self.engine, TransformersEngine):
@@ -134,34 +134,23 @@ class Personalizer:
             results.update(zip(members, outputs))
         return [results[i] for i in range(len(prompts))]
 
-    async def _events(self, prompt, sampling, request, meta, started):
+    async def _events(self, prompt, sampling, request, style, meta, started):
         """Server-sent events: {"token": ...} for each piece of the answer, then the full response."""
         text, shown, first = "", 0, True
-        header = RESPONSE_HEADER if self.preferred_only and not request.rationalize else PREFERRED_HEADER
         async for piece in self.engine.stream(prompt, sampling):
             if first:
                 self.first_token.observe(time.perf_counter() - started, tags=self.tags)
                 first = False
             text += piece
-            body_start = answer_start(text, preferred_only=header == RESPONSE_HEADER)
+            body_start = answer_start(text, preferred_only=style.preferred_only)
             if body_start is None:
                 continue  # still inside the description or the header
-            if body_start > shown:
-                shown = body_start
+            shown = max(shown, body_start)
             if len(text) > shown:
                 yield f"data: {json.dumps({'token': text[shown:]})}\n\n"
                 shown = len(text)
-        description, answer = strip_completion_header(text, preferred_only=header == RESPONSE_HEADER)
         completion_tokens = len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"])
-        self._done(started, completion_tokens)
-        final = PersonalizeResponse(
-            response=answer,
-            user_description=description if request.rationalize else request.user_description,
-            model=self.model_name,
-            usage=Usage(prompt_tokens=meta["prompt_tokens"], completion_tokens=completion_tokens),
-            shots_used=meta["shots_used"],
-            shots_dropped=meta["shots_dropped"],
-        )
+        final = self._response(text, completion_tokens, request, style, meta, started)
         yield f"data: {final.model_dump_json()}\n\n"
         yield "data: [DONE]\n\n"
 
