@@ -12,6 +12,8 @@ import os
 import time
 from dataclasses import asdict
 
+from ray.util import metrics as ray_metrics
+
 from fspo_ray.train.config import TrainConfig
 
 # Not print(): Ray Train patches print in its workers and, where Ray has redirected stdout, emits each
@@ -55,8 +57,6 @@ class MetricsLog:
         path = os.path.join(self.log_dir, "metrics.jsonl")
         _truncate_jsonl(path, resume_step)
         self.jsonl = open(path, "a")
-        from ray.util import metrics as ray_metrics
-
         self.gauges = {key: ray_metrics.Gauge(name, doc, tag_keys=("run",)) for key, (name, doc) in RAY_GAUGES.items()}
         try:
             from torch.utils.tensorboard import SummaryWriter
