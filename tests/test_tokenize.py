@@ -4,7 +4,7 @@ import pytest
 
 from fspo_ray.data.episodes import Episode
 from fspo_ray.data.prompts import Shot
-from fspo_ray.data.tokenize import IGNORE_INDEX, fit_episode, render_episode, tokenize_text
+from fspo_ray.data.tokenize import fit_episode, render_episode, tokenize_text
 from fspo_ray.models import build_tokenizer
 
 
@@ -21,17 +21,17 @@ EPISODE = Episode(
 )
 
 
-def test_prompt_and_completions_tokenized_separately_with_eos_and_masked_prompt(byte_tokenizer):
+def test_prompt_and_completions_tokenized_separately_with_eos(byte_tokenizer):
     text = render_episode(EPISODE)
     tokens = tokenize_text(byte_tokenizer, text)
     encode = lambda s: byte_tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompt = encode(text.prompt)
     eos = byte_tokenizer.eos_token_id
-    assert tokens["prompt_length"] == len(prompt) == len(text.prompt.encode())
-    assert tokens["chosen_input_ids"] == prompt + encode("## Preferred Response \nyes\n") + [eos]
-    assert tokens["rejected_input_ids"] == prompt + encode("## Preferred Response \nno!\n") + [eos]
-    assert tokens["chosen_labels"] == [IGNORE_INDEX] * len(prompt) + encode("## Preferred Response \nyes\n") + [eos]
-    assert byte_tokenizer.decode(tokens["chosen_input_ids"][:-1]) == text.prompt + text.chosen  # no BOS anywhere
+    assert tokens["prompt_ids"] == prompt and len(prompt) == len(text.prompt.encode())
+    assert tokens["chosen_ids"] == encode("## Preferred Response \nyes\n") + [eos]
+    assert tokens["rejected_ids"] == encode("## Preferred Response \nno!\n") + [eos]
+    assert set(tokens) == {"prompt_ids", "chosen_ids", "rejected_ids"}  # the prompt is held once
+    assert byte_tokenizer.decode(tokens["prompt_ids"] + tokens["chosen_ids"][:-1]) == text.prompt + text.chosen  # no BOS
 
 
 def test_fits_unchanged_when_within_limits(byte_tokenizer):

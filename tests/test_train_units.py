@@ -112,24 +112,15 @@ def test_resolve_model(tmp_path):
     assert resolve_model(str(tmp_path)) == str(tmp_path)
 
 
-ROWS = {  # two examples: prompt [5, 6], then the completion; labels hide the prompt
-    "chosen_input_ids": [[5, 6, 7, 8, 9], [5, 6, 10, 11]],
-    "chosen_labels": [[-100, -100, 7, 8, 9], [-100, -100, 10, 11]],
-    "rejected_input_ids": [[5, 6, 12], [5, 6, 13, 14, 15, 16]],
-    "rejected_labels": [[-100, -100, 12], [-100, -100, 13, 14, 15, 16]],
+ROWS = {  # two examples: prompt [5, 6], then the completions
+    "prompt_ids": [[5, 6], [5, 6]],
+    "chosen_ids": [[7, 8, 9], [10, 11]],
+    "rejected_ids": [[12], [13, 14, 15, 16]],
 }
 
 
-def test_collate_right_pads_chosen_first():
-    batch = collate(ROWS, pad_token_id=0, device=torch.device("cpu"))
-    x = -100  # expected, row by row: chosen 1, chosen 2, rejected 1, rejected 2
-    ids = [[5, 6, 7, 8, 9, 0], [5, 6, 10, 11, 0, 0], [5, 6, 12, 0, 0, 0], [5, 6, 13, 14, 15, 16]]
-    labels = [[x, x, 7, 8, 9, x], [x, x, 10, 11, x, x], [x, x, 12, x, x, x], [x, x, 13, 14, 15, 16]]
-    mask = [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
-    assert torch.equal(batch["input_ids"], torch.tensor(ids))
-    assert torch.equal(batch["labels"], torch.tensor(labels))
-    assert torch.equal(batch["attention_mask"], torch.tensor(mask))
-    assert all(v.dtype == torch.long for v in batch.values())
+def _batch(rows=ROWS, with_rejected=True):
+    return collate(rows, 0, torch.device("cpu"), with_rejected=with_rejected)
 
 
 def _model(seed):
@@ -138,15 +129,16 @@ def _model(seed):
     return LlamaForCausalLM(config)
 
 
-def _logp(model, tokens, labels):
-    """Σ log p(label_t | tokens_<t) over labelled positions, from one unpadded forward."""
+def _logp(model, prompt, completion):
+    """Σ log p(completion_t | prompt, completion_<t), from one unpadded forward."""
+    tokens = prompt + completion
     with torch.no_grad():
         logps = F.log_softmax(model(input_ids=torch.tensor([tokens])).logits[0].double(), -1)
-    return sum(logps[t - 1, labels[t]].item() for t in range(1, len(tokens)) if labels[t] != -100)
+    return sum(logps[len(prompt) + t - 1, token].item() for t, token in enumerate(completion))
 
 
 def _expected_logps(model, side):
-    return [_logp(model, t, lab) for t, lab in zip(ROWS[f"{side}_input_ids"], ROWS[f"{side}_labels"])]
+    return [_logp(model, p, c) for p, c in zip(ROWS["prompt_ids"], ROWS[f"{side}_ids"])]
 
 
 METRIC_KEYS = {f"rewards_train/{k}" for k in ("chosen", "rejected", "accuracies", "margins")}
@@ -155,7 +147,7 @@ METRIC_KEYS |= {"logps_train/chosen", "logps_train/rejected", "loss/train"}
 
 @pytest.mark.parametrize("beta", [0.05, 0.5])
 def test_ipo_and_dpo_against_itself(beta):
-    model, batch = _model(0), collate(ROWS, 0, torch.device("cpu"))
+    model, batch = _model(0), _batch()
     loss, metrics = batch_loss(model, model, batch, LossConfig(name="ipo", beta=beta), "chosen", "train")
     assert set(metrics) == METRIC_KEYS
     assert all(count == 2 for _, count in metrics.values())
@@ -173,7 +165,7 @@ def test_ipo_and_dpo_against_itself(beta):
 
 
 def test_dpo_against_another_reference():
-    policy, reference, beta, batch = _model(0), _model(1), 0.1, collate(ROWS, 0, torch.device("cpu"))
+    policy, reference, beta, batch = _model(0), _model(1), 0.1, _batch()
     loss, metrics = batch_loss(policy, reference, batch, LossConfig(name="dpo", beta=beta), "chosen", "train")
     pc, pr = _expected_logps(policy, "chosen"), _expected_logps(policy, "rejected")
     rc, rr = _expected_logps(reference, "chosen"), _expected_logps(reference, "rejected")
@@ -189,7 +181,7 @@ def test_dpo_against_another_reference():
 
 @pytest.mark.parametrize("target", ["chosen", "both"])
 def test_sft_is_mean_negative_logp(target):
-    model, batch = _model(0), collate(ROWS, 0, torch.device("cpu"))
+    model, batch = _model(0), _batch(with_rejected=target == "both")
     loss, metrics = batch_loss(model, None, batch, LossConfig(name="sft"), target, "train")
     chosen = _expected_logps(model, "chosen")
     targets = chosen + (_expected_logps(model, "rejected") if target == "both" else [])
@@ -231,3 +223,16 @@ def test_deepspeed_config(extra, dtype, stage, offload):
 def test_dtype():
     assert (_dtype("auto", on_gpu=True), _dtype("auto", on_gpu=False)) == (torch.bfloat16, torch.float32)
     assert (_dtype("float16", on_gpu=True), _dtype("bfloat16", on_gpu=False)) == (torch.float16, torch.bfloat16)
+
+
+def test_precomputed_reference_scores_replace_the_reference_model():
+    policy, reference = _model(0), _model(1)
+    rows = dict(ROWS, reference_chosen=_expected_logps(reference, "chosen"),
+                reference_rejected=_expected_logps(reference, "rejected"))  # fmt: skip
+    on_the_fly = batch_loss(policy, reference, _batch(), LossConfig(name="ipo", beta=0.1), "chosen", "train")
+    precomputed = batch_loss(policy, None, _batch(rows), LossConfig(name="ipo", beta=0.1), "chosen", "train")
+    assert precomputed[0].item() == pytest.approx(on_the_fly[0].item(), rel=1e-5)
+    for key, (value, count) in on_the_fly[1].items():
+        assert precomputed[1][key][0].item() == pytest.approx(value.item(), rel=1e-4, abs=1e-5), key
+    with pytest.raises(ValueError, match="needs a reference model or precomputed reference scores"):
+        batch_loss(policy, None, _batch(), LossConfig(name="dpo"), "chosen", "train")

@@ -1,8 +1,8 @@
 """Episodes -> prompt/completion text -> token ids and labels, as the reference tokenizes them.
 
 Prompt and completions are tokenized separately without special tokens (no chat template, no BOS),
-EOS is appended to each completion, and the prompt's labels are masked with -100, so the loss and
-the sequence log-probs cover exactly the completion tokens, EOS included.
+EOS is appended to each completion. The loss and the sequence log-probs cover exactly the completion
+tokens, EOS included; the prompt is stored once per episode, not once per completion.
 
 Length policy: the reference cuts prompts and responses to fit, which can silently remove the query or
 train on empty responses. Here nothing is ever cut: while the episode is too long the oldest shot is
@@ -17,9 +17,6 @@ from typing import Any
 from fspo_ray.data.episodes import Episode
 from fspo_ray.data.prompts import DescriptionMode, build_completion, build_prompt
 from fspo_ray.data.readers import DataError
-
-IGNORE_INDEX = -100
-
 
 @dataclass(frozen=True)
 class PromptStyle:
@@ -71,16 +68,15 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def tokenize_text(tokenizer, text: EpisodeText) -> dict[str, Any]:
-    """Input ids and labels for the chosen and the rejected sequence."""
+    """The prompt's ids and each completion's ids with its EOS; a sequence is prompt + completion, so the
+    prompt is stored once and the loss's positions are those after it."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; completions must end with one")
-    prompt = _ids(tokenizer, text.prompt)
-    out: dict[str, Any] = {"prompt_length": len(prompt)}
-    for name, completion in (("chosen", text.chosen), ("rejected", text.rejected)):
-        response = _ids(tokenizer, completion) + [tokenizer.eos_token_id]
-        out[f"{name}_input_ids"] = prompt + response
-        out[f"{name}_labels"] = [IGNORE_INDEX] * len(prompt) + response
-    return out
+    return {
+        "prompt_ids": _ids(tokenizer, text.prompt),
+        "chosen_ids": _ids(tokenizer, text.chosen) + [tokenizer.eos_token_id],
+        "rejected_ids": _ids(tokenizer, text.rejected) + [tokenizer.eos_token_id],
+    }
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any
 
 from fspo_ray.data.episodes import Episode, build_episode_dataset
 from fspo_ray.data.tokenize import PromptStyle, fit_episode
+from fspo_ray.logprobs import TOKEN_COLUMNS, CompletionScorer
 from fspo_ray.train.pipeline import load_tokenizer, read_pair_dataset
 
 
@@ -46,44 +47,10 @@ class ShotsVariants:
                     "episode_id": episode.episode_id,
                     "fits": fitted is not None,
                     "shots_used": k - fitted.shots_dropped if fitted else 0,
-                    **{name: fitted.tokens[name] if fitted else [] for name in _TOKEN_COLUMNS},
+                    **{name: fitted.tokens[name] if fitted else [] for name in TOKEN_COLUMNS},
                 }
                 for key, value in row.items():
                     out.setdefault(key, []).append(value)
-        return out
-
-
-_TOKEN_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
-
-
-class LogpScorer:
-    """A Ray Data actor: summed completion log-probs under the policy and the reference, per row."""
-
-    def __init__(self, policy_path: str, reference_path: str):
-        from fspo_ray.models import load_for_inference
-
-        self.policy, tokenizer, self.device = load_for_inference(policy_path)
-        self.reference = self.policy if reference_path == policy_path else load_for_inference(reference_path)[0]
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        import torch
-
-        from fspo_ray.train.step import collate, forward_logps
-
-        keep = [i for i, fits in enumerate(batch["fits"]) if fits]
-        rows = {key: [batch[key][i] for i in keep] for key in batch}
-        out = {key: rows[key] for key in ("k", "user_id", "episode_id", "shots_used")}
-        if not keep:
-            return {
-                **out,
-                **{name: [] for name in ("policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected")},
-            }
-        tensors = collate(rows, self.pad_id, self.device)
-        with torch.no_grad():
-            for name, model in (("policy", self.policy), ("reference", self.reference)):
-                chosen, rejected = forward_logps(model, tensors)
-                out[f"{name}_chosen"], out[f"{name}_rejected"] = chosen.float().tolist(), rejected.float().tolist()
         return out
 
 
@@ -115,14 +82,14 @@ def score_shots(
         ShotsVariants(tuple(shots_list), policy_path, max_length, max_prompt_length, style), batch_size=16
     ).materialize()
     skipped = variants.count() - variants.sum("fits") if variants.count() else 0
-    scored = variants.map_batches(
-        LogpScorer,
-        fn_constructor_kwargs={"policy_path": policy_path, "reference_path": reference_path},
+    scored = variants.filter(lambda row: row["fits"]).map_batches(
+        CompletionScorer,
+        fn_constructor_kwargs={"models": {"policy": policy_path, "reference": reference_path}},
         batch_size=batch_size,
         concurrency=concurrency,
         num_gpus=1 if use_gpu else 0,
     )
-    return scored.take_all(), int(skipped)
+    return scored.drop_columns(list(TOKEN_COLUMNS)).take_all(), int(skipped)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

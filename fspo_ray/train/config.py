@@ -99,6 +99,10 @@ class TrainConfig:
     sft_target: str = "chosen"  # chosen (the paper) | both (the released code)
     description_mode: str = "none"  # none | generated | teacher_forced
     preferred_only: bool = False
+    length_window: int = 64  # order episodes by length inside seeded windows of this many (less padding); 0: off
+    # --- ours: reference ---
+    precompute_reference: bool = True  # dpo/ipo: score the reference in one pass before training; else every step
+    reference_concurrency: int = 1  # reference-scoring replicas (one GPU each on a GPU cluster)
     # --- ours: cluster ---
     num_workers: int = 2
     use_gpu: bool | None = None  # default: when the cluster has GPUs
@@ -146,10 +150,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _one_of("description_mode", cfg.description_mode, ("none", "generated", "teacher_forced"))
     for name in ("policy_dtype", "reference_dtype"):
         _one_of(f"model.{name}", getattr(cfg.model, name), ("auto", "float32", "bfloat16", "float16"))
-    for name in ("num_workers", "gradient_accumulation_steps", "batch_size", "eval_batch_size", "eval_every",
+    for name in ("num_workers", "reference_concurrency", "gradient_accumulation_steps", "batch_size", "eval_batch_size", "eval_every",
                  "max_length", "max_prompt_length", "n_eval_examples"):  # fmt: skip
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.length_window < 0:
+        raise ConfigError(f"length_window={cfg.length_window} must be >= 0")
     if cfg.n_examples is not None and cfg.n_examples < 1:
         raise ConfigError(f"n_examples={cfg.n_examples} must be >= 1")
     if cfg.loss.beta <= 0:

@@ -1,4 +1,5 @@
-"""What every Ray Train worker runs: DeepSpeed over the policy, a frozen reference, its data shard.
+"""What every Ray Train worker runs: DeepSpeed over the policy, its data shard, and a frozen reference
+model only where the reference's scores were not precomputed (reference.py).
 
 Resume is exact because a rank's shard is the same, in the same order, on every run (pipeline.py): the
 checkpoint records the optimizer steps taken, and a resumed rank skips exactly that many steps of its
@@ -8,7 +9,6 @@ shard. Weights, optimizer and scheduler come back through DeepSpeed's checkpoint
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import os
 import tempfile
@@ -21,7 +21,7 @@ import torch
 from fspo_ray.train.config import TrainConfig
 from fspo_ray.train.export import export_hf_folder
 from fspo_ray.train.metrics import MetricsLog
-from fspo_ray.train.step import add_metrics, batch_loss, collate
+from fspo_ray.train.step import add_metrics, batch_loss, collate, needs_rejected
 
 CHECKPOINT_TAG = "deepspeed"
 
@@ -36,6 +36,7 @@ class LoopPlan:
     total_steps: int
     has_eval: bool
     summary: dict
+    reference_precomputed: bool = False  # the shards carry the reference's scores: no reference model here
 
 
 def _dtype(name: str, on_gpu: bool) -> torch.dtype:
@@ -64,13 +65,11 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict:
     }
 
 
-def _load_model(path: str, dtype: torch.dtype, device: torch.device):
+def _load_model(path: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    attention = "sdpa"
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        attention = "flash_attention_2"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention)
+    # SDPA takes the packed rows' 4-D mask (logprobs.py) on CPUs and GPUs alike; flash-attention cannot.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     for module in model.modules():  # the reference trains with dropout disabled
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -110,7 +109,7 @@ def train_loop(plan: LoopPlan) -> None:
     hf_ds = HfDeepSpeedConfig(ds_config) if cfg.stage == 3 else None  # noqa: F841 (ZeRO-3: load partitioned)
     tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    policy = _load_model(plan.start_model, policy_dtype, device)
+    policy = _load_model(plan.start_model, policy_dtype)
     if cfg.activation_checkpointing:
         policy.gradient_checkpointing_enable()
     optimizer = getattr(torch.optim, cfg.optimizer)(policy.parameters(), lr=cfg.lr)
@@ -119,9 +118,9 @@ def train_loop(plan: LoopPlan) -> None:
         model=policy, optimizer=optimizer, lr_scheduler=warmup, config=ds_config
     )
     reference = None
-    if cfg.loss.name != "sft":
+    if cfg.loss.name != "sft" and not plan.reference_precomputed:
         reference_dtype = _dtype(cfg.model.reference_dtype, on_gpu)
-        reference = _load_model(plan.start_model, reference_dtype, device).eval().requires_grad_(False)
+        reference = _load_model(plan.start_model, reference_dtype).eval().requires_grad_(False)
         if cfg.stage == 3:  # shard the frozen reference too
             ref_config = {k: ds_config[k] for k in ("train_micro_batch_size_per_gpu", "bf16", "fp16")}
             ref_config["zero_optimization"] = {"stage": 3}
@@ -141,6 +140,7 @@ def train_loop(plan: LoopPlan) -> None:
                 torch.set_rng_state(torch.load(rng, weights_only=True))
     log = MetricsLog(cfg, rank, resume_step=step)
 
+    with_rejected = needs_rejected(cfg.loss.name, cfg.sft_target)
     train_shard = ray.train.get_dataset_shard(f"train_{rank}")
     eval_shard = ray.train.get_dataset_shard(f"eval_{rank}") if plan.has_eval else None
 
@@ -149,9 +149,8 @@ def train_loop(plan: LoopPlan) -> None:
         totals: dict[str, list] = {}
         with torch.no_grad():
             for rows in eval_shard.iter_batches(batch_size=cfg.eval_batch_size // world, batch_format="numpy"):
-                _, metrics = batch_loss(
-                    engine, reference, collate(rows, pad_id, device), cfg.loss, cfg.sft_target, "eval"
-                )
+                batch = collate(rows, pad_id, device, with_rejected=with_rejected)
+                _, metrics = batch_loss(engine, reference, batch, cfg.loss, cfg.sft_target, "eval")
                 add_metrics(totals, metrics)
         engine.train()
         return _all_reduce(totals, device)
@@ -178,12 +177,12 @@ def train_loop(plan: LoopPlan) -> None:
             skip = (step % plan.steps_per_epoch) * cfg.gradient_accumulation_steps
             batches = _batches(train_shard, cfg.micro_batch_size, skip)
         started, totals, ids = time.perf_counter(), {}, []
-        tokens, boundary_norm = 0, float("nan")
+        tokens, padding, boundary_norm = 0, 0, float("nan")
         for _ in range(cfg.gradient_accumulation_steps):
             rows = next(batches)
             ids += [str(i) for i in rows["episode_id"]]
-            batch = collate(rows, pad_id, device)
-            tokens += int(batch["attention_mask"].sum())
+            batch = collate(rows, pad_id, device, with_rejected=with_rejected)
+            tokens, padding = tokens + batch.packed.tokens, padding + batch.packed.padding
             loss, metrics = batch_loss(engine, reference, batch, cfg.loss, cfg.sft_target, "train")
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary():
@@ -193,7 +192,7 @@ def train_loop(plan: LoopPlan) -> None:
         step += 1
         examples = step * cfg.batch_size
         # Every rank all-reduces every step: a collective must never depend on one rank's clock.
-        elapsed = torch.tensor([tokens, time.perf_counter() - started], dtype=torch.float64, device=device)
+        elapsed = torch.tensor([tokens, time.perf_counter() - started, padding], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(elapsed)
         grad_norm = engine.get_global_grad_norm()  # ZeRO-1..3 and bf16 record it; fp32 ZeRO-0 does not
         grad_norm = boundary_norm if grad_norm is None else grad_norm
@@ -205,6 +204,7 @@ def train_loop(plan: LoopPlan) -> None:
                 # summed over ranks: tokens of all ranks over the ranks' mean step time
                 "examples_per_second": cfg.batch_size / float(elapsed[1] / world),
                 "tokens_per_second": float(elapsed[0] / (elapsed[1] / world)),
+                "padding_fraction": float(elapsed[2] / (elapsed[0] + elapsed[2])),
                 "counters/examples": examples,
                 "counters/updates": step,
             }

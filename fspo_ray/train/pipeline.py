@@ -25,8 +25,8 @@ from fspo_ray.data.episodes import (
 )
 from fspo_ray.data.readers import read_pairs, resolve_format
 from fspo_ray.data.tokenize import PromptStyle, fit_episode
-
-TOKEN_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+from fspo_ray.logprobs import TOKEN_COLUMNS
+from fspo_ray.train.reference import ReferenceScoring, score_reference
 
 
 @functools.lru_cache(maxsize=4)
@@ -39,17 +39,24 @@ def load_tokenizer(path: str):
 @dataclass(frozen=True)
 class Tokenize:
     """A Ray Data batch UDF: fit and tokenize episodes; the ones that cannot fit are dropped (and counted
-    by the caller, as episodes built minus rows kept)."""
+    by the caller, as episodes built minus rows kept).
+
+    Each row gets its place in the shuffled order: a seeded hash (`order`) picks one of `windows` windows,
+    and inside a window rows go by length, so that consecutive rows, which share a micro-batch, are of
+    about the same length and little of a batch is padding. `fingerprint` identifies the row's tokens
+    (the key of the reference-score cache)."""
 
     tokenizer_path: str
     max_length: int
     max_prompt_length: int
     style: PromptStyle
     seed: int
+    windows: int
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         tokenizer = load_tokenizer(self.tokenizer_path)
-        out: dict[str, list] = {k: [] for k in ("episode_id", "order", "shots_dropped", *TOKEN_COLUMNS)}
+        columns = ("episode_id", "order", "window", "length", "fingerprint", "shots_dropped", *TOKEN_COLUMNS)
+        out: dict[str, list] = {k: [] for k in columns}
         for i in range(len(batch["episode_id"])):
             episode = Episode.from_row({k: batch[k][i] for k in batch})
             fitted = fit_episode(
@@ -62,12 +69,21 @@ class Tokenize:
             if fitted is None:
                 continue
             digest = hashlib.blake2b(f"{self.seed}/{episode.episode_id}".encode(), digest_size=8).digest()
+            order = int.from_bytes(digest, "big") >> 1  # a seeded shuffle key, fits an int64
             out["episode_id"].append(episode.episode_id)
-            out["order"].append(int.from_bytes(digest, "big") >> 1)  # a seeded shuffle key, fits an int64
+            out["order"].append(order)
+            out["window"].append(order % self.windows)
+            out["length"].append(sum(len(fitted.tokens[c]) for c in TOKEN_COLUMNS))
+            out["fingerprint"].append(token_fingerprint(*(fitted.tokens[c] for c in TOKEN_COLUMNS)))
             out["shots_dropped"].append(fitted.shots_dropped)
             for column in TOKEN_COLUMNS:
                 out[column].append(fitted.tokens[column])
         return out
+
+
+def token_fingerprint(*sequences: list[int]) -> int:
+    text = "|".join(",".join(map(str, seq)) for seq in sequences)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
 
 
 @dataclass
@@ -105,10 +121,15 @@ def prepare(
     num_workers: int,
     rows_per_step: int,
     limit: int | None = None,
+    length_window: int = 0,
+    reference: ReferenceScoring | None = None,
 ) -> PreparedData:
     """Episodes of `specs` as `num_workers` equal shards holding a multiple of `rows_per_step` rows in all.
 
-    `limit` caps the rows (n_eval_examples); rows beyond the last whole step are left out and counted.
+    `limit` caps the rows (n_examples, n_eval_examples): the first rows of the shuffled order are kept; rows
+    beyond it or past the last whole step are left out and counted.
+    `length_window` > 1 orders rows by length inside seeded windows of about that many rows (see Tokenize).
+    `reference` adds the reference's log-probs of every row (reference.py).
     """
     import ray.data
     from ray.data.context import ShuffleStrategy
@@ -118,6 +139,7 @@ def prepare(
     context = ray.data.DataContext.get_current()
     context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     context.enable_progress_bars = False  # they flood the job's log from every worker; we print summaries
+    context.execution_options.preserve_order = True  # a rank's shard must hold the same rows in the same order
     passes = passes if passes is not None else default_passes(shots, purpose)
     pairs = read_pair_dataset(specs, split).materialize()
     stats = episode_dataset_stats(pairs, shots, passes, seed)
@@ -125,8 +147,10 @@ def prepare(
         raise InputError(f"{', '.join(specs)}: no episodes ({stats.users} users, none with {shots + 1} pairs)")
     partitions = max(1, min(32, pairs.num_blocks() * 2))
     episodes = build_episode_dataset(pairs, shots, passes, seed, num_partitions=partitions)
-    tokenize = Tokenize(tokenizer_path, max_length, max_prompt_length, style, seed)
-    fitted = episodes.map_batches(tokenize, batch_size=64).sort("order").materialize()
+    windows = max(1, stats.episodes // length_window) if length_window > 1 else 1
+    tokenize = Tokenize(tokenizer_path, max_length, max_prompt_length, style, seed, windows)
+    fitted = episodes.map_batches(tokenize, batch_size=64)
+    fitted = fitted.sort(["window", "length", "order"] if windows > 1 else "order").materialize()
     kept = fitted.count()
     usable = min(kept, limit) if limit is not None else kept
     usable -= usable % rows_per_step
@@ -134,7 +158,12 @@ def prepare(
         raise InputError(
             f"{', '.join(specs)}: {kept} episodes fit the length limits, fewer than one step's {rows_per_step}"
         )
-    shards = fitted.limit(usable).split(num_workers, equal=True)
+    fitted = fitted.limit(usable)
+    scored = 0
+    if reference is not None:  # only the rows that will be used; the pass keeps their order
+        fitted, scored = score_reference(fitted.materialize(), reference)
+    fitted = fitted.materialize()
+    shards = fitted.split(num_workers, equal=True)
     return PreparedData(
         shards=shards,
         examples=usable,
@@ -144,9 +173,10 @@ def prepare(
             "pairs_in_no_episode": stats.pairs_in_no_episode,
             "episodes": stats.episodes,
             "episodes_skipped_for_length": stats.episodes - kept,
-            "shots_dropped_for_length": int(fitted.sum("shots_dropped") or 0) if kept else 0,
-            "episodes_left_out": kept - usable,  # past n_eval_examples, or short of a whole step
+            "shots_dropped_for_length": int(fitted.sum("shots_dropped") or 0),
+            "episodes_left_out": kept - usable,  # past the limit (n_examples, n_eval_examples), or short of a whole step
             "shots": shots,
             "passes": passes,
+            **({"reference_scored": scored} if reference else {}),  # 0: every score came from the cache
         },
     )

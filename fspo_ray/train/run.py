@@ -11,6 +11,7 @@ from fspo_ray.models import archive_to_folder, resolve_model
 from fspo_ray.train.config import TrainConfig
 from fspo_ray.train.loop import LoopPlan, train_loop
 from fspo_ray.train.pipeline import prepare
+from fspo_ray.train.reference import ReferenceScoring, weights_digest
 
 
 def _use_gpu(cfg: TrainConfig) -> bool:
@@ -31,6 +32,14 @@ def run_training(cfg: TrainConfig):
         start_model = archive_to_folder(cfg.model.archive, model_path, os.path.join(cfg.local_dir, "archive"))
 
     shots = cfg.shots if cfg.shots is not None else default_shots(cfg.datasets[0], cfg.data_split)
+    use_gpu = _use_gpu(cfg)
+    reference = None
+    if cfg.loss.name != "sft" and cfg.precompute_reference:
+        digest = weights_digest(start_model, cfg.model.reference_dtype)
+        reference = ReferenceScoring(
+            start_model, cfg.model.reference_dtype, f"{cfg.run_dir}/reference_logps/{digest}",
+            cfg.reference_concurrency, use_gpu,
+        )  # fmt: skip
     common = dict(
         shots=shots,
         tokenizer_path=tokenizer_path,
@@ -39,9 +48,11 @@ def run_training(cfg: TrainConfig):
         style=PromptStyle(cfg.preferred_only, cfg.description_mode),
         seed=cfg.seed,
         num_workers=cfg.num_workers,
+        reference=reference,
     )
     train = prepare(
-        cfg.datasets, split=cfg.data_split, passes=cfg.passes, purpose="train", rows_per_step=cfg.batch_size, **common
+        cfg.datasets, split=cfg.data_split, passes=cfg.passes, purpose="train", rows_per_step=cfg.batch_size,
+        limit=cfg.n_examples, length_window=cfg.length_window, **common
     )
     datasets = {f"train_{r}": shard for r, shard in enumerate(train.shards)}
     summary = {"train": train.stats, "train_examples_per_epoch": train.examples}
@@ -60,12 +71,12 @@ def run_training(cfg: TrainConfig):
     )
     print(f"[{cfg.exp_name}] data: {json.dumps(summary)}", flush=True)
 
-    use_gpu = _use_gpu(cfg)
     cpus = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else (1.0 if use_gpu else 0.5)
     resources = {"CPU": cpus, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
     plan = LoopPlan(
-        cfg, start_model, model_path, tokenizer_path, steps_per_epoch, total_steps, bool(cfg.eval_datasets), summary
-    )
+        cfg, start_model, model_path, tokenizer_path, steps_per_epoch, total_steps, bool(cfg.eval_datasets), summary,
+        reference_precomputed=reference is not None,
+    )  # fmt: skip
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=plan,

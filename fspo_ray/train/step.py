@@ -1,4 +1,5 @@
-"""One batch: collate token rows, run policy (and reference), compute the loss and its metrics.
+"""One batch: pack token rows, run the policy (and the reference, unless its scores were precomputed),
+compute the loss and its metrics.
 
 Metrics come back as per-batch sums with a count, so ranks and micro-batches combine exactly
 (sum of sums / sum of counts) into the DPO codebase's names (fspo-method.md §4).
@@ -6,63 +7,58 @@ Metrics come back as per-batch sums with a count, so ranks and micro-batches com
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fspo_ray.data.tokenize import IGNORE_INDEX
-from fspo_ray.losses import preference_loss, sequence_logps, sft_loss
+from fspo_ray.logprobs import PackedBatch, pack, packed_logps
+from fspo_ray.losses import preference_loss, sft_loss
+from fspo_ray.train.reference import COLUMNS as REFERENCE_COLUMNS
 
 
-def collate(rows: dict[str, Any], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad chosen and rejected sequences of a batch to one length, stacked chosen-first."""
-    sequences = list(rows["chosen_input_ids"]) + list(rows["rejected_input_ids"])
-    labels = list(rows["chosen_labels"]) + list(rows["rejected_labels"])
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    label_ids = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, (tokens, targets) in enumerate(zip(sequences, labels)):
-        input_ids[i, : len(tokens)] = torch.tensor(tokens)
-        label_ids[i, : len(targets)] = torch.tensor(targets)
-        attention_mask[i, : len(tokens)] = 1
-    return {
-        "input_ids": input_ids.to(device),
-        "labels": label_ids.to(device),
-        "attention_mask": attention_mask.to(device),
-    }
+@dataclass(frozen=True)
+class StepBatch:
+    packed: PackedBatch
+    reference_logps: torch.Tensor | None  # (2B,): chosen..., rejected..., when precomputed
 
 
-def model_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_logps(logits, batch["labels"])
+def collate(rows: dict[str, Any], pad_token_id: int, device: torch.device, *, with_rejected: bool) -> StepBatch:
+    """Episodes as packed rows (logprobs.py), with their precomputed reference scores if the rows carry them."""
+    packed = pack(
+        rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"] if with_rejected else None, pad_token_id, device
+    )
+    reference = None
+    if REFERENCE_COLUMNS[0] in rows:
+        scores = [float(x) for column in REFERENCE_COLUMNS for x in rows[column]]
+        reference = torch.tensor(scores, dtype=torch.float32, device=device)
+    return StepBatch(packed, reference)
 
 
-def forward_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs of (chosen, rejected), in one forward pass over both."""
-    logps = model_logps(model, batch)
-    half = logps.shape[0] // 2
-    return logps[:half], logps[half:]
+def needs_rejected(loss_name: str, sft_target: str) -> bool:
+    """SFT on the chosen completion alone never runs the rejected one through the model."""
+    return not (loss_name == "sft" and sft_target == "chosen")
 
 
-def batch_loss(policy, reference, batch, loss_cfg, sft_target: str, split: str) -> tuple[torch.Tensor, dict]:
-    """(mean loss, {metric: (sum, count)}) for one batch."""
+def batch_loss(policy, reference, batch: StepBatch, loss_cfg, sft_target: str, split: str) -> tuple[torch.Tensor, dict]:
+    """(mean loss, {metric: (sum, count)}) for one batch. `reference` may be None when the batch carries
+    precomputed reference scores (or for SFT)."""
+    logps = packed_logps(policy, batch.packed)
     if loss_cfg.name == "sft":
-        if sft_target == "chosen":  # no need to run the rejected half through the model
-            half = batch["input_ids"].shape[0] // 2
-            batch = {k: v[:half] for k, v in batch.items()}
-            chosen = targets = model_logps(policy, batch)
-        else:
-            chosen, rejected = forward_logps(policy, batch)
-            targets = torch.cat([chosen, rejected])
-        loss = sft_loss(targets)
-        n = chosen.shape[0]
+        n = len(batch.packed.input_ids)
+        chosen = logps[:n]
+        loss = sft_loss(logps if sft_target == "both" else chosen)
         metrics = {f"logps_{split}/chosen": (chosen.detach().sum(), n), f"loss/{split}": (loss.detach() * n, n)}
         return loss, metrics
 
-    policy_chosen, policy_rejected = forward_logps(policy, batch)
-    with torch.no_grad():
-        reference_chosen, reference_rejected = forward_logps(reference, batch)
+    reference_logps = batch.reference_logps
+    if reference_logps is None:
+        if reference is None:
+            raise ValueError(f"loss={loss_cfg.name} needs a reference model or precomputed reference scores")
+        with torch.no_grad():
+            reference_logps = packed_logps(reference, batch.packed)
+    policy_chosen, policy_rejected = logps.chunk(2)
+    reference_chosen, reference_rejected = reference_logps.chunk(2)
     losses, chosen_rewards, rejected_rewards = preference_loss(
         policy_chosen,
         policy_rejected,
