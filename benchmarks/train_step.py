@@ -44,8 +44,9 @@ def write_episodes(out_dir: str, model_path: str, shots: int, count: int, seed: 
     from fspo_ray.data.synthetic import write_synthetic
     from fspo_ray.data.tokenize import render_episode, tokenize_text
 
+    per_user = max(4, -(-count // 64))  # episodes a user needs so that 64 users give `count`
     users = write_synthetic(os.path.join(out_dir, "users"), n_train_users=64, n_test_users=2,
-                            pairs_per_user=4 * (shots + 1), seed=seed)  # fmt: skip
+                            pairs_per_user=per_user * (shots + 1), seed=seed)  # fmt: skip
     episodes, _ = build_episodes(read_pairs(users["train"]), shots=shots, passes=1, seed=seed)
     random.Random(seed).shuffle(episodes)
     if len(episodes) < count:
@@ -200,7 +201,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runs", type=int, default=128, help="N of the whole-run comparison (N vs 2N episodes); 0: skip")
+    p.add_argument("--runs", type=int, default=256, help="N of the whole-run comparison (N vs 2N episodes); 0: skip")
     p.add_argument("--run-repeats", type=int, default=2, help="repeats of the whole-run comparison")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--worker", choices=VARIANTS[:3], help=argparse.SUPPRESS)

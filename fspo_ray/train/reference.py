@@ -23,7 +23,7 @@ COLUMNS = ("reference_chosen", "reference_rejected")
 class ReferenceScoring:
     model_path: str
     dtype: str  # model.reference_dtype
-    cache_dir: str | None  # a local path or a URI; None: no cache
+    cache_dir: str | None  # an absolute local path or a URI; None: no cache
     concurrency: int = 1
     use_gpu: bool = False
 
@@ -43,7 +43,7 @@ def _read_cache(cache_dir: str) -> dict[int, tuple[float, float]]:
     import pyarrow.fs
     import pyarrow.parquet as pq
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(cache_dir) if "://" in cache_dir else (pyarrow.fs.LocalFileSystem(), cache_dir)
+    fs, root = pyarrow.fs.FileSystem.from_uri(cache_dir)  # an absolute path or a URI (run_dir is one)
     scores: dict[int, tuple[float, float]] = {}
     for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
         if info.path.endswith(".parquet"):
@@ -57,7 +57,7 @@ def _write_cache(cache_dir: str, scores: dict[int, tuple[float, float]]) -> None
     import pyarrow.fs
     import pyarrow.parquet as pq
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(cache_dir) if "://" in cache_dir else (pyarrow.fs.LocalFileSystem(), cache_dir)
+    fs, root = pyarrow.fs.FileSystem.from_uri(cache_dir)  # an absolute path or a URI (run_dir is one)
     fs.create_dir(root, recursive=True)
     fingerprints = list(scores)
     table = pa.table({"fingerprint": pa.array(fingerprints, pa.int64()),
@@ -77,7 +77,7 @@ def score_reference(rows, scoring: ReferenceScoring):
     and the number of rows that had to be scored (0 when the cache held them all)."""
     import ray
 
-    fingerprints = {int(r["fingerprint"]) for r in rows.select_columns(["fingerprint"]).iter_rows()}
+    fingerprints = {int(f) for f in rows.unique("fingerprint")}
     cached = _read_cache(scoring.cache_dir) if scoring.cache_dir else {}
     missing = fingerprints - cached.keys()
     if missing:
