@@ -41,7 +41,7 @@ $(TRL_VENV)/.installed: Makefile
 # two runs sharing 2 cores distort each other.
 bench: setup bench-setup-trl
 	$(PY) benchmarks/train_step.py --model tiny --batch-size 8 --out benchmarks/results-tiny.json
-	$(PY) benchmarks/train_step.py --model smollm2-135m --batch-size 4 --steps 1 --runs 0 \
+	$(PY) benchmarks/train_step.py --model smollm2-135m --batch-size 4 --steps 1 --repeats 2 --runs 0 \
 		--out benchmarks/results-smollm2-135m.json
 
 demo: setup
