@@ -37,12 +37,15 @@ $(TRL_VENV)/.installed: Makefile
 	$(TRL_VENV)/bin/python -m pip install -q trl==1.16.0 transformers==5.24.0
 	touch $@
 
-# Side-by-side training-step and whole-run timings against TRL (README, "Speed"). Needs an idle machine:
-# two runs sharing 2 cores distort each other.
+# Side-by-side training-step and whole-run timings against TRL (README, "Speed"), then the service
+# against hostile clients (README, "Serving"). Needs an idle machine: two runs sharing 2 cores distort
+# each other.
 bench: setup bench-setup-trl
 	$(PY) benchmarks/train_step.py --model tiny --batch-size 8 --out benchmarks/results-tiny.json
 	$(PY) benchmarks/train_step.py --model smollm2-135m --batch-size 4 --steps 1 --repeats 2 --runs 0 \
 		--out benchmarks/results-smollm2-135m.json
+	$(PY) benchmarks/serve_hostile.py --backend transformers
+	$(PY) benchmarks/serve_hostile.py --backend vllm
 
 demo: setup
 	$(PY) -m jobs.demo config=jobs/demo.yaml

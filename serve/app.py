@@ -7,46 +7,117 @@
 The prompt is built by the same code as training (fspo_ray.data), tokenized without a BOS, and the
 answer comes back without its "## Preferred Response" header. Request bodies (users' histories) are
 never logged or stored.
+
+A request is checked in the order that costs a bad client least of the replica: the API key (before
+the body is read), admission (a bounded number in flight, streams until they end), the body's size
+(before it is parsed), then its fields. Every error is a small JSON `{"detail": ...}`; a server fault
+is a 500 with an `error_id` that the replica's log has.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hmac
 import json
+import logging
 import os
 import time
+import uuid
 
-from fastapi import FastAPI, Header, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 
 from fspo_ray.data.prompts import Shot, answer_start, strip_completion_header
 from fspo_ray.data.tokenize import PromptStyle, fit_prompt
+from fspo_ray.engines import Generation, Sampling, TransformersEngine, make_engine
 from fspo_ray.models import resolve_model
-from fspo_ray.serve.api import PersonalizeRequest, PersonalizeResponse, Usage
-from fspo_ray.serve.engine import Generation, Sampling, TransformersEngine, make_engine
+from fspo_ray.serve.api import (
+    ErrorBody,
+    PersonalizeRequest,
+    PersonalizeResponse,
+    Usage,
+    ValidationErrorBody,
+    validation_error_body,
+)
 from fspo_ray.train.export import read_run_info
 
-api = FastAPI(
+logger = logging.getLogger("ray.serve")
+
+class PersonalizationAPI(FastAPI):
+    def openapi(self) -> dict:
+        """FastAPI documents the bodies it parses itself; /v1/personalize parses its own, after the key and
+        size checks, so its schema joins the document here."""
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            request = PersonalizeRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            schema["components"]["schemas"].update(request.pop("$defs", {}), PersonalizeRequest=request)
+        return self.openapi_schema
+
+
+api = PersonalizationAPI(
     title="fspo-ray personalization API",
     description="A user's labelled preferences plus a question in, an answer written for that user out.",
 )
+ERRORS = {
+    401: {"model": ErrorBody, "description": "Missing or wrong API key (`Authorization: Bearer <key>`)."},
+    413: {"model": ErrorBody, "description": "The body is over the size limit, or the query alone does not fit."},
+    422: {"model": ValidationErrorBody, "description": "A field is invalid; `loc` names it."},
+    500: {"model": ErrorBody, "description": "The server failed on this request alone; `error_id` is in the log."},
+    503: {"model": ErrorBody, "description": "Overloaded: retry after the `Retry-After` header's seconds."},
+}
+EVENT_STREAM = {  # the schema of one server-sent event
+    "description": "JSON, or with `\"stream\": true` server-sent events.",
+    "content": {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string",
+        "description": 'JSON: `{"token": ...}` for each piece of the answer, then the full response (as the JSON'
+                       ' answer) or `{"error": {"detail": ..., "error_id": ...}}`; the last event is `[DONE]`.',
+    }}}}},
+}  # fmt: skip
 
 
-@serve.deployment
+class AdmittedStream(StreamingResponse):
+    """Server-sent events that hold their admission slot until the last event is sent or the client leaves."""
+
+    def __init__(self, events, release):
+        super().__init__(events, media_type="text/event-stream")
+        self.release = release
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
+# Serve's own limits sit above the app's admission (max_requests_per_replica), so that overload is
+# answered by the app, in JSON; the proxy's 503s (plain text) are left for a replica that cannot take
+# even that. The health check probes the engine (see check_health).
+@serve.deployment(max_ongoing_requests=512, max_queued_requests=256, backpressure_config={"retry_after_s": 1},
+                  health_check_period_s=5, health_check_timeout_s=20)  # fmt: skip
 @serve.ingress(api)
 class Personalizer:
     def __init__(self, model: str, backend: str = "auto", api_key_env: str = "FSPO_API_KEY",
-                 max_requests_per_replica: int = 32):  # fmt: skip
+                 max_requests_per_replica: int = 32, max_body_bytes: int = 4 * 2**20,
+                 stall_timeout_s: float = 30.0, probe_timeout_s: float = 10.0):  # fmt: skip
         from ray.util import metrics
 
         path = resolve_model(model)
         self.preferred_only = bool(read_run_info(path).get("preferred_only", False))
         self.engine = make_engine(backend, path)
         self.model_name = os.path.basename(os.path.dirname(path)) if path.endswith("LATEST") else os.path.basename(path)
-        self.api_key = os.environ.get(api_key_env) or None
+        api_key = os.environ.get(api_key_env) or None
+        self.api_key = api_key.encode() if api_key else None
         self.max_requests, self.in_flight = max_requests_per_replica, 0
+        self.max_body_bytes = max_body_bytes
+        self.stall_timeout_s, self.probe_timeout_s = stall_timeout_s, probe_timeout_s
+        self.problem: str | None = None  # what the last health probe found wrong
+        self.replica = serve.get_replica_context().replica_id.unique_id
         tags = ("model", "backend")
         self.requests = metrics.Counter("fspo_requests", "Personalize requests by status.", ("status", *tags))
+        self.engine_errors = metrics.Counter("fspo_engine_errors", "Requests the engine failed on.", tags)
         self.latency = metrics.Histogram("fspo_request_latency_s", "Request latency.",
                                          [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30], tags)  # fmt: skip
         self.first_token = metrics.Histogram("fspo_time_to_first_token_s", "Time to the first streamed token.",
@@ -54,28 +125,84 @@ class Personalizer:
         self.tokens = metrics.Counter("fspo_tokens_generated", "Completion tokens generated.", tags)
         self.tags = {"model": self.model_name, "backend": self.engine.name}
 
-    @api.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok", "model": self.model_name, "backend": self.engine.name}
+    async def check_health(self) -> None:
+        """Serve calls this every few seconds and restarts the replica when it raises: a wedged engine
+        is replaced instead of answering nothing forever."""
+        self.problem = await self.engine.probe(self.probe_timeout_s, self.stall_timeout_s)
+        if self.problem:
+            raise RuntimeError(f"engine unhealthy: {self.problem}")
 
-    @api.post("/v1/personalize", response_model=PersonalizeResponse)
-    async def personalize(self, request: PersonalizeRequest, authorization: str | None = Header(default=None)):
+    @api.get("/healthz", responses={503: {"description": "The engine failed its last probe; `detail` says how."}})
+    async def healthz(self):
+        body = {"status": "unhealthy" if self.problem else "ok", "model": self.model_name, "replica": self.replica,
+                "backend": self.engine.name, "in_flight": self.in_flight,
+                "generating": self.engine.generating, "tokens_generated": self.engine.tokens_generated}  # fmt: skip
+        return JSONResponse({**body, "detail": self.problem}, status_code=503) if self.problem else body
+
+    @api.post("/v1/personalize", response_model=PersonalizeResponse, responses={200: EVENT_STREAM, **ERRORS},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/PersonalizeRequest"}}}}})  # fmt: skip
+    async def personalize(self, http: Request):
         started = time.perf_counter()
-        if self.api_key and authorization != f"Bearer {self.api_key}":
-            return self._error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+        if not self._authorized(http.headers.get("authorization")):
+            return self._error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                               {"WWW-Authenticate": "Bearer"})  # fmt: skip
         if self.in_flight >= self.max_requests:
             return self._error(503, "overloaded: too many requests in flight; retry shortly", {"Retry-After": "1"})
         self.in_flight += 1
+        response = None
         try:
-            return await self._personalize(request, started)
+            request = PersonalizeRequest.model_validate_json(await self._body(http))
+            response = await self._personalize(request, started)
+            return response
+        except ValidationError as e:
+            self.requests.inc(tags={"status": "422", **self.tags})
+            return JSONResponse(validation_error_body(e.errors(include_url=False, include_context=False,
+                                                               include_input=False)), status_code=422)  # fmt: skip
         except HTTPException as e:
             return self._error(e.status_code, e.detail)
+        except Exception as e:
+            return JSONResponse(self._fault(e), status_code=500)
         finally:
-            self.in_flight -= 1
+            if not isinstance(response, AdmittedStream):
+                self._release()
+
+    def _authorized(self, header: str | None) -> bool:
+        if self.api_key is None:
+            return True
+        scheme, _, token = (header or "").strip().partition(" ")
+        # The scheme is case-insensitive (RFC 9110 §11.1); the key is compared in constant time.
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key)
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+
+    async def _body(self, http: Request) -> bytes:
+        """The body, refused with 413 as soon as it is known to be over the limit: before it is read when
+        its declared length says so, else as soon as that many bytes have arrived."""
+        too_big = HTTPException(413, f"the body is over the limit of {self.max_body_bytes} bytes")
+        declared = http.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise too_big
+        body = bytearray()
+        async for chunk in http.stream():
+            body += chunk
+            if len(body) > self.max_body_bytes:
+                raise too_big
+        return bytes(body)
 
     def _error(self, status: int, detail: str, headers: dict | None = None) -> JSONResponse:
         self.requests.inc(tags={"status": str(status), **self.tags})
         return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+    def _fault(self, error: Exception) -> dict:
+        """The error body of a request the engine failed on: logged by id and type, never with the
+        user's text, and counted."""
+        error_id = uuid.uuid4().hex[:16]
+        logger.error("request %s failed: %s", error_id, type(error).__name__, exc_info=error)
+        self.engine_errors.inc(tags=self.tags)
+        self.requests.inc(tags={"status": "500", **self.tags})
+        return {"detail": f"the server failed on this request ({type(error).__name__})", "error_id": error_id}
 
     async def _personalize(self, request: PersonalizeRequest, started: float):
         if request.rationalize:
@@ -85,8 +212,9 @@ class Personalizer:
         style = PromptStyle(preferred_only=self.preferred_only and mode == "none", description_mode=mode)
         shots = tuple(Shot(s.question.strip(), s.preferred.strip(), s.dispreferred.strip()) for s in request.history)
         budget = self.engine.max_model_len - request.max_new_tokens
-        fitted = fit_prompt(shots, request.query.strip(), self.engine.tokenizer, budget, style=style,
-                            user_description=request.user_description)  # fmt: skip
+        # Off the event loop: a long history takes a while to tokenize, and health checks must not wait.
+        fitted = await asyncio.to_thread(fit_prompt, shots, request.query.strip(), self.engine.tokenizer, budget,
+                                         style=style, user_description=request.user_description)  # fmt: skip
         if fitted is None:
             raise HTTPException(413, f"the query alone does not fit the model's context of {self.engine.max_model_len}"
                                      f" tokens with max_new_tokens={request.max_new_tokens}")  # fmt: skip
@@ -94,8 +222,7 @@ class Personalizer:
         sampling = Sampling(request.max_new_tokens, request.temperature, request.top_p, request.seed)
         meta = {"prompt_tokens": len(prompt), "shots_used": len(shots) - dropped, "shots_dropped": dropped}
         if request.stream:
-            return StreamingResponse(self._events(prompt, sampling, request, style, meta, started),
-                                     media_type="text/event-stream")  # fmt: skip
+            return AdmittedStream(self._events(prompt, sampling, request, style, meta, started), self._release)
         generation = await self._generate(prompt, sampling)
         return self._response(generation.text, generation.completion_tokens, request, style, meta, started)
 
@@ -116,39 +243,41 @@ class Personalizer:
         )
 
     async def _generate(self, prompt: list[int], sampling: Sampling) -> Generation:
-        if isinstance(self.engine, TransformersEngine):
-            return await self._batched(prompt, sampling)
-        return await self.engine.generate(prompt, sampling)  # vLLM batches continuously itself
+        if not isinstance(self.engine, TransformersEngine):
+            return await self.engine.generate(prompt, sampling)  # vLLM batches continuously itself
+        result = await self._batched(prompt, sampling)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _batched(self, prompts: list[list[int]], samplings: list[Sampling]) -> list[Generation]:
-        """Concurrent requests with the same sampling settings share one generate call."""
-        import asyncio
-
-        results: dict[int, Generation] = {}
-        groups: dict[Sampling, list[int]] = {}
-        for i, sampling in enumerate(samplings):
-            groups.setdefault(sampling, []).append(i)
-        for sampling, members in groups.items():
-            outputs = await asyncio.to_thread(self.engine.generate_batch, [prompts[i] for i in members], sampling)
-            results.update(zip(members, outputs))
-        return [results[i] for i in range(len(prompts))]
+    async def _batched(self, prompts: list[list[int]], samplings: list[Sampling]) -> list[Generation | Exception]:
+        """Concurrent requests with the same sampling settings share one generate call; a failure is
+        returned to the request that caused it alone."""
+        return await asyncio.to_thread(self.engine.generate_many, prompts, samplings)
 
     async def _events(self, prompt, sampling, request, style, meta, started):
-        """Server-sent events: {"token": ...} for each piece of the answer, then the full response."""
+        """Server-sent events: {"token": ...} for each piece of the answer, then the full response; an
+        {"error": ...} event instead if the engine fails or stalls midway."""
         text, shown, first = "", 0, True
-        async for piece in self.engine.stream(prompt, sampling):
-            if first:
-                self.first_token.observe(time.perf_counter() - started, tags=self.tags)
-                first = False
-            text += piece
-            body_start = answer_start(text, preferred_only=style.preferred_only)
-            if body_start is None:
-                continue  # still inside the description or the header
-            shown = max(shown, body_start)
-            if len(text) > shown:
-                yield f"data: {json.dumps({'token': text[shown:]})}\n\n"
-                shown = len(text)
+        try:
+            async with contextlib.aclosing(self.engine.stream(prompt, sampling, self.stall_timeout_s)) as pieces:
+                async for piece in pieces:
+                    if first:
+                        self.first_token.observe(time.perf_counter() - started, tags=self.tags)
+                        first = False
+                    text += piece
+                    body_start = answer_start(text, preferred_only=style.preferred_only)
+                    if body_start is None:
+                        continue  # still inside the description or the header
+                    shown = max(shown, body_start)
+                    if len(text) > shown:
+                        yield f"data: {json.dumps({'token': text[shown:]})}\n\n"
+                        shown = len(text)
+        except Exception as e:
+            yield f"data: {json.dumps({'error': self._fault(e)})}\n\n"
+            yield "data: [DONE]\n\n"
+            return
         completion_tokens = len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"])
         final = self._response(text, completion_tokens, request, style, meta, started)
         yield f"data: {final.model_dump_json()}\n\n"

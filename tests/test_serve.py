@@ -1,11 +1,17 @@
 """The personalization service over real HTTP: Ray Serve on loopback, the tiny model, the transformers engine."""
 
 import asyncio
+import concurrent.futures
+import contextlib
 import json
+import os
 import socket
+import time
 
 import httpx
+import hypothesis
 import pytest
+import schemathesis
 
 from fspo_ray.data.episodes import Episode
 from fspo_ray.data.prompts import Shot, strip_completion_header
@@ -154,9 +160,119 @@ def test_overload_is_503_with_retry_after(service):
 
 
 def test_health_and_docs(service):
-    assert httpx.get(f"{service['url']}/healthz").json() == {"status": "ok", "model": "tiny", "backend": "transformers"}
-    assert "/v1/personalize" in httpx.get(f"{service['url']}/openapi.json").json()["paths"]
+    health = httpx.get(f"{service['url']}/healthz").json()
+    assert {k: health[k] for k in ("status", "model", "backend")} == {"status": "ok", "model": "tiny",
+                                                                      "backend": "transformers"}  # fmt: skip
+    post_doc = httpx.get(f"{service['url']}/openapi.json").json()["paths"]["/v1/personalize"]["post"]
+    assert {"200", "401", "413", "422", "503"} <= set(post_doc["responses"])
+    assert "text/event-stream" in post_doc["responses"]["200"]["content"]
+    assert post_doc["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/PersonalizeRequest")
     assert httpx.get(f"{service['url']}/docs").status_code == 200
+
+
+def post_raw(service, content, key=KEY, headers=None):
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return httpx.post(f"{service['url']}/v1/personalize", content=content, headers=headers, timeout=120)
+
+
+def small_json_error(response) -> dict:
+    assert response.headers["content-type"] == "application/json", response.text[:200]
+    assert len(response.content) <= 4096
+    return response.json()
+
+
+MANY_BAD_SHOTS = json.dumps({"query": QUERY, "history": [{"question": "", "preferred": ""}] * 64}).encode()
+
+
+HOSTILE_BODIES = [  # (body, the field its 422 must name)
+    (b'{"query": "x", "temperature": NaN}', "temperature"),
+    (b'{"query": "x", "temperature": Infinity}', "temperature"),
+    (b'{"query": "x", "top_p": 1e309}', "top_p"),
+    (b'{"query": "a\\ud800b"}', None),  # a lone surrogate: no tokenizer can take it
+    (b'{"query": "x", "stream": true, "temperature": 1e-38}', "temperature"),  # overflowed sampling, then hung
+    (b'{"query": "\xff\xfe"}', None),  # not UTF-8
+    (b"not json", None),
+    (b"[1]", None),
+    (b'{"query": "x", "' + b"k" * 200_000 + b'": 1}', "kkkk"),  # an unknown field's name is not echoed whole
+    (MANY_BAD_SHOTS, "history"),  # 192 errors: the first few are shown, the rest counted
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("content, field", HOSTILE_BODIES)
+def test_hostile_bodies_get_small_json_422s(service, content, field):
+    response = post_raw(service, content)
+    assert response.status_code == 422
+    body = small_json_error(response)
+    if field:
+        assert any(field in str(part) for error in body["detail"] for part in error["loc"]), body
+    assert all(set(error) == {"loc", "msg", "type"} for error in body["detail"])  # never the input
+    assert body["errors_not_shown"] == (192 - len(body["detail"]) if content is MANY_BAD_SHOTS else 0)
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_parsed(service):
+    """Not JSON at all, so a parser would have answered 422: the size is checked first, from the
+    declared length, and counted as it arrives when no length is declared."""
+    response = post_raw(service, b"x" * (4 * 2**20 + 1))
+    assert response.status_code == 413 and "4194304 bytes" in small_json_error(response)["detail"]
+    chunked = post_raw(service, (b"x" * 2**20 for _ in range(5)))
+    assert chunked.status_code == 413 and "limit" in small_json_error(chunked)["detail"]
+
+
+def test_the_key_is_checked_before_the_body_in_constant_form(service):
+    for key in (None, "wrong", KEY[:-1]):
+        response = post_raw(service, b"x" * 100_000, key=key)  # an invalid body: no 422 before the key
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        assert "Bearer" in small_json_error(response)["detail"]
+    for scheme in ("bearer", "BEARER"):  # the scheme is case-insensitive (RFC 9110)
+        body = json.dumps({"query": QUERY, "max_new_tokens": 2}).encode()
+        assert post_raw(service, body, key=None, headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
+
+
+def healthz(service) -> dict:
+    return httpx.get(f"{service['url']}/healthz", timeout=10).json()
+
+
+def wait_idle(service) -> dict:
+    deadline = time.monotonic() + 60
+    while (health := healthz(service))["in_flight"] or health["generating"]:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.05)
+    return health
+
+
+def test_streams_hold_admission_and_stop_when_their_client_leaves(service):
+    """Two 1,024-token streams fill this replica's 2 slots until their clients leave; then the replica
+    is idle again after a few tokens, not after the 2,048 it was asked for."""
+    before = wait_idle(service)["tokens_generated"]
+    request = {"query": QUERY, "max_new_tokens": 1024, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(timeout=120) as client, contextlib.ExitStack() as streams:
+        first = streams.enter_context(client.stream("POST", f"{service['url']}/v1/personalize", json=request,
+                                                    headers=headers))  # fmt: skip
+        first_lines = first.iter_lines()  # held: dropping the iterator would close the connection
+        assert next(first_lines).startswith("data: ")
+        second = streams.enter_context(client.stream("POST", f"{service['url']}/v1/personalize", json=request,
+                                                     headers=headers))  # fmt: skip
+        assert second.status_code == 200 and healthz(service)["in_flight"] == 2
+        refused = post(service, {"query": QUERY, "max_new_tokens": 2})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    after = wait_idle(service)["tokens_generated"]
+    assert after - before < 200, (before, after)
+    assert post(service, {"query": QUERY, "max_new_tokens": 2}).status_code == 200
+
+
+def test_a_history_of_64_long_shots_is_fitted_off_the_event_loop(service):
+    """64 shots of 3 x 8,000 characters: answered, with the shots that fit, while /healthz answers."""
+    shot = {"question": "why " * 2000, "preferred": "yes " * 2000, "dispreferred": "no! " * 2000}
+    recent = {"question": "How do I rest?", "preferred": "Sleep.", "dispreferred": "Do not."}
+    history = [shot] * 63 + [recent]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(post, service, {"history": history, "query": QUERY, "max_new_tokens": 8})
+        assert healthz(service)["status"] == "ok"
+        body = answer.result().json()
+    assert (body["shots_used"], body["shots_dropped"]) == (1, 63)  # the newest fits, a long one does not
 
 
 def test_the_readme_curl_request(service):
@@ -166,3 +282,35 @@ def test_the_readme_curl_request(service):
     response = post(service, body)
     assert response.status_code == 200
     assert response.json()["shots_used"] == len(body["history"]) == 1
+
+
+def fuzz(url: str, examples: int) -> list[int]:
+    """Schemathesis's valid and invalid requests for every operation in /openapi.json, `examples` per
+    operation and mode: no server error, every answer as documented, every error JSON of at most 4 KB.
+    Valid answers are capped at 8 tokens to keep it quick. (Its pytest plugin does not run under pytest 9,
+    so the strategies are driven directly.) The status of each answer, in order."""
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    statuses = []
+
+    def check(case) -> None:
+        tokens = case.body.get("max_new_tokens") if isinstance(case.body, dict) else None
+        if type(tokens) is int and 8 < tokens <= 1024:  # a valid length: shortened; an invalid one is kept
+            case.body["max_new_tokens"] = 8
+        response = case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+        if response.status_code >= 400:
+            assert response.headers["content-type"] == ["application/json"] and len(response.content) <= 4096
+        statuses.append(response.status_code)
+
+    settings = hypothesis.settings(max_examples=examples, deadline=None, database=None,
+                                   suppress_health_check=list(hypothesis.HealthCheck))  # fmt: skip
+    for operation in map(lambda result: result.ok(), schema.get_all_operations()):
+        post = operation.method.upper() == "POST"  # GET /healthz takes no input, so it has no invalid one
+        for mode in list(schemathesis.GenerationMode) if post else [schemathesis.GenerationMode.POSITIVE]:
+            settings(hypothesis.given(operation.as_strategy(generation_mode=mode))(check))()
+    print(f"{len(statuses)} fuzzed requests: " + ", ".join(f"{s}: {statuses.count(s)}" for s in sorted(set(statuses))))
+    return statuses
+
+
+def test_fuzzed_requests_get_no_5xx_and_small_json_errors(service):
+    statuses = fuzz(service["url"], int(os.environ.get("FSPO_FUZZ_EXAMPLES", "100")))
+    assert 200 in statuses and 422 in statuses and max(statuses) < 500

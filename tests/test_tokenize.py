@@ -57,3 +57,35 @@ def test_skipped_when_even_the_query_alone_does_not_fit(byte_tokenizer):
     bare = render_episode(EPISODE, shots_dropped=3)
     assert fit_episode(EPISODE, byte_tokenizer, max_length=10_000, max_prompt_length=len(bare.prompt) - 1) is None
     assert fit_episode(EPISODE, byte_tokenizer, max_length=len(bare.rejected), max_prompt_length=10_000) is None
+
+
+def test_fit_prompt_drops_exactly_what_the_plain_scan_drops():
+    """The linear fit (each shot tokenized once, newest first) against the definition: the fewest oldest
+    shots dropped so that the whole prompt, tokenized at once, fits. A BPE with merges, so tokens do
+    straddle the shots' edges; budgets from 0 to past the whole history, for both prompt styles."""
+    import random
+
+    from fspo_ray.data.prompts import build_prompt
+    from fspo_ray.data.tokenize import PromptStyle, fit_prompt
+    from fspo_ray.models import _tiny_corpus
+
+    bpe = build_tokenizer(_tiny_corpus(), vocab_size=1024)
+    rng = random.Random(0)
+    words = " ".join(_tiny_corpus()).split()
+
+    def text() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(1, 40)))
+
+    shots = tuple(Shot(text(), text(), text()) for _ in range(12))
+
+    def length(dropped: int, style: PromptStyle) -> int:
+        prompt = build_prompt(shots[dropped:], "How now?", preferred_only=style.preferred_only)
+        return len(bpe(prompt, add_special_tokens=False)["input_ids"])
+
+    for style in (PromptStyle(), PromptStyle(preferred_only=True)):
+        for budget in range(0, length(0, style) + 20, 7):
+            plain = next((d for d in range(len(shots) + 1) if length(d, style) <= budget), None)
+            fitted = fit_prompt(shots, "How now?", bpe, budget, style=style)
+            assert (fitted[1] if fitted else None) == plain, budget
+            if fitted:
+                assert len(fitted[0]) == length(plain, style) <= budget

@@ -37,7 +37,7 @@ class Shot:
     dispreferred: str
 
 
-def _example_block(index: int, shot: Shot, preferred_only: bool) -> str:
+def example_block(index: int, shot: Shot, preferred_only: bool) -> str:
     if preferred_only:
         body = f"{RESPONSE_HEADER}{shot.preferred}\n"
     else:
@@ -76,7 +76,7 @@ def build_prompt(
     only the answer; in "generated" mode the model writes the description itself (see `build_completion`).
     """
     _check_mode(preferred_only, description_mode)
-    examples = "".join(_example_block(i + 1, s, preferred_only) for i, s in enumerate(shots))
+    examples = "".join(example_block(i + 1, s, preferred_only) for i, s in enumerate(shots))
     task = _task_line(len(shots), preferred_only, description_mode)
     prompt = f"{examples}# Task\n{task}\n## Question \n{question}\n"
     if description_mode == "teacher_forced":

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fspo_ray.data.episodes import Episode
-from fspo_ray.data.prompts import DescriptionMode, build_completion, build_prompt
+from fspo_ray.data.prompts import DescriptionMode, build_completion, build_prompt, example_block
 from fspo_ray.data.readers import DataError
 
 @dataclass(frozen=True)
@@ -124,20 +124,33 @@ def fit_prompt(
     style: PromptStyle = PromptStyle(),
     user_description: str | None = None,
 ) -> tuple[list[int], int] | None:
-    """(prompt token ids, shots dropped) with the oldest shots dropped until it fits; None if even the
-    question alone does not. Serving uses this where training uses `fit_episode`: the same policy."""
-    for dropped in range(len(shots) + 1):
-        prompt = build_prompt(
-            shots[dropped:],
-            question,
-            preferred_only=style.preferred_only,
-            description_mode=style.description_mode,
-            user_description=user_description,
-        )
-        ids = _ids(tokenizer, prompt)
-        if len(ids) <= max_prompt_tokens:
-            return ids, dropped
-    return None
+    """(prompt token ids, shots dropped) with the fewest oldest shots dropped that make it fit; None if
+    even the question alone does not. Serving uses this where training uses `fit_episode`: the same policy.
+
+    Linear in the history: each shot is tokenized once, newest first, only until the budget is spent, and
+    the guess this gives is checked on the whole prompt (tokens can merge across a shot's edges).
+    """
+
+    def prompt_ids(dropped: int) -> list[int]:
+        return _ids(tokenizer, build_prompt(shots[dropped:], question, preferred_only=style.preferred_only,
+                                            description_mode=style.description_mode,
+                                            user_description=user_description))  # fmt: skip
+
+    left = max_prompt_tokens - len(prompt_ids(len(shots)))
+    dropped = len(shots)
+    while dropped > 0:
+        block = example_block(dropped, shots[dropped - 1], style.preferred_only)
+        left -= len(_ids(tokenizer, block))
+        if left < 0:
+            break
+        dropped -= 1
+    ids = prompt_ids(dropped)
+    while len(ids) > max_prompt_tokens and dropped < len(shots):
+        dropped += 1
+        ids = prompt_ids(dropped)
+    while dropped > 0 and len(longer := prompt_ids(dropped - 1)) <= max_prompt_tokens:
+        dropped, ids = dropped - 1, longer
+    return (ids, dropped) if len(ids) <= max_prompt_tokens else None
 
 
 def episode_record(episode: Episode, fitted: FittedEpisode | EpisodeText) -> dict[str, Any]:

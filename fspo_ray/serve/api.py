@@ -1,39 +1,65 @@
-"""The personalization API's request and response bodies, validated by pydantic.
+"""The personalization API's request, response and error bodies, validated by pydantic.
 
 Limits keep one request from holding a replica hostage: a body outside them is answered 422, naming
 the field. A history longer than the model's context is not an error: its oldest shots are dropped
-whole (reported in `shots_dropped`), exactly as training drops them.
+whole (reported in `shots_dropped`), exactly as training drops them. Error bodies never echo what was
+sent: a client's 50 MB mistake gets a few hundred bytes back.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import json
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 MAX_HISTORY = 64
 MAX_TEXT_CHARS = 8_000
 MAX_NEW_TOKENS = 1_024
+MIN_TEMPERATURE = 1e-3  # below it sampling overflows in fp32 (transformers) or is greedy anyway (vLLM)
+MAX_ERROR_BYTES = 4_096
+MAX_ERROR_TEXT = 160
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 4.0 as an integer; strict pydantic would not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_integral)]
 
 
 class PreferenceExample(BaseModel):
     """One labelled preference of the user: the question, the answer they preferred, the one they did not."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     question: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     preferred: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     dispreferred: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
 
 
 class PersonalizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: "0" is not a seed nor "true" a flag, as the schema says. NaN and ±Infinity are not numbers
+    # a client means; pydantic's JSON parser already refuses lone surrogates, so every string that gets
+    # through can be tokenized.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     history: list[PreferenceExample] = Field(default_factory=list, max_length=MAX_HISTORY)
     query: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     user_description: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
     rationalize: bool = False  # the model first writes a description of the user, then the answer
-    max_new_tokens: int = Field(default=256, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)  # 0: greedy
+    max_new_tokens: WholeNumber = Field(default=256, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description=f"0: greedy; else ≥ {MIN_TEMPERATURE:g}",
+                               json_schema_extra={"anyOf": [{"const": 0}, {"minimum": MIN_TEMPERATURE}]})
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(_integral)] | None = None
     stream: bool = False
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_samplable(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+        return value
 
 
 class Usage(BaseModel):
@@ -48,3 +74,36 @@ class PersonalizeResponse(BaseModel):
     usage: Usage
     shots_used: int
     shots_dropped: int
+
+
+class ErrorBody(BaseModel):
+    detail: str
+    error_id: str | None = Field(default=None, description="for a server error: find it in the replica's log")
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorBody(BaseModel):
+    detail: list[FieldError]
+    errors_not_shown: int = 0
+
+
+def _short(text: str, limit: int = MAX_ERROR_TEXT) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def validation_error_body(errors: list[dict[str, Any]]) -> dict:
+    """pydantic's errors as a 422 body of at most MAX_ERROR_BYTES: where and what, never the input (it
+    may be huge, or not encodable as JSON at all)."""
+    shown = [
+        {"loc": ["body", *(x if isinstance(x, int) else _short(str(x), 40) for x in e["loc"][:6])],
+         "msg": _short(e["msg"]), "type": _short(e["type"], 40)}
+        for e in errors[:10]
+    ]  # fmt: skip
+    while shown and len(json.dumps({"detail": shown, "errors_not_shown": 99}).encode()) > MAX_ERROR_BYTES:
+        shown.pop()
+    return {"detail": shown, "errors_not_shown": len(errors) - len(shown)}

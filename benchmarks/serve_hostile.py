@@ -1,0 +1,152 @@
+"""The personalization service against hostile clients, measured: the requests that once crashed,
+wedged or blocked it, a 300-request burst, and recovery after them. Loopback only, bounded.
+
+    python benchmarks/serve_hostile.py --backend transformers [--model RUN_OR_HF_FOLDER]
+    python benchmarks/serve_hostile.py --backend vllm
+
+Starts its own Ray and Serve app (the tiny model unless --model is given), prints one line per check
+and writes them to --out. The schema fuzzing runs in the test suite (`FSPO_FUZZ_EXAMPLES=1000 pytest
+tests/test_serve.py tests/test_serve_vllm.py -k fuzz` sends about 2,000 requests per engine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+
+import httpx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+KEY = "bench-key"
+SHOT = {"question": "How do I rest?", "preferred": "Certainly. Sleep. That is all.", "dispreferred": "Yo! Sleep!"}
+
+
+def check(results: list, name: str, ok: bool, **measured) -> None:
+    results.append({"check": name, "ok": ok, **measured})
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {json.dumps(measured)}", flush=True)
+
+
+def error_ok(response: httpx.Response) -> bool:
+    return response.headers.get("content-type") == "application/json" and len(response.content) <= 4096
+
+
+async def run(url: str, results: list) -> None:
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=400)) as client:
+        replica = (await client.get("/healthz")).json()["replica"]
+        def post(content, headers=auth):
+            return client.post("/v1/personalize", content=content, headers=headers)
+
+        quoted = [b'{"query":"x","temperature":NaN}', b'{"query":"x","temperature":Infinity}',
+                  b'{"query":"x","top_p":1e309}', b'{"query":"a\\ud800b"}', b'{"query":"x","temperature":1e-38}',
+                  b'{"query":"x","stream":true,"temperature":1e-38}']  # fmt: skip
+        responses = [await post(body) for body in quoted]
+        check(results, "quoted bad numbers and strings: 422 JSON <= 4 KB",
+              all(r.status_code == 422 and error_ok(r) for r in responses),
+              statuses=[r.status_code for r in responses],
+              max_bytes=max(len(r.content) for r in responses))  # fmt: skip
+
+        big = b'{"query": "' + b"x" * 50_000_000 + b'"}'
+        for name, headers in (("with the key", auth), ("without the key", {"Content-Type": "application/json"})):
+            started = time.perf_counter()
+            try:
+                r = await post(big, headers)
+                status, ok = r.status_code, r.status_code in (401, 413) and error_ok(r)
+            except httpx.HTTPError as e:  # the server may close the connection on a refused upload
+                status, ok = type(e).__name__, False
+            check(results, f"a 50 MB body {name}: refused, small JSON", ok, status=status,
+                  seconds=round(time.perf_counter() - started, 2))  # fmt: skip
+
+        lower_case = {**auth, "Authorization": f"bearer {KEY}"}
+        lower = await post(json.dumps({"query": "Hi?", "max_new_tokens": 2}), lower_case)
+        check(results, "'bearer KEY' accepted", lower.status_code == 200, status=lower.status_code)
+
+        crashers = [post(b'{"query":"x","stream":true,"temperature":1e-38}') for _ in range(10)]
+        crashers += [post(b'{"query":"x","temperature":1e-38}') for _ in range(10)]
+        innocents = [post(json.dumps({"query": f"How do I cook {i}?", "max_new_tokens": 16, "temperature": 0.5,
+                                      "seed": i})) for i in range(12)]  # fmt: skip
+        # 32 in all: the replica's admission limit, so none of them is refused for load
+        done = await asyncio.gather(*crashers, *innocents)
+        started = time.perf_counter()
+        after = await post(json.dumps({"history": [SHOT], "query": "How do I cook rice?", "max_new_tokens": 16}))
+        check(results, "20 crash/stall requests beside 12 innocent ones, then a normal request",
+              all(r.status_code == 422 for r in done[:20]) and all(r.status_code == 200 for r in done[20:])
+              and after.status_code == 200, statuses=sorted({r.status_code for r in done}),
+              innocent_ok=sum(r.status_code == 200 for r in done[20:]),
+              normal_after_s=round(time.perf_counter() - started, 3))  # fmt: skip
+
+        long_shot = {"question": "why " * 2000, "preferred": "yes " * 2000, "dispreferred": "no! " * 2000}
+        body = json.dumps({"history": [long_shot] * 64, "query": "How do I rest?", "max_new_tokens": 16})
+        health_s = []
+
+        async def poll_health(stop: asyncio.Event) -> None:
+            while not stop.is_set():
+                started = time.perf_counter()
+                await client.get("/healthz")
+                health_s.append(time.perf_counter() - started)
+                await asyncio.sleep(0.05)
+
+        stop = asyncio.Event()
+        poller = asyncio.create_task(poll_health(stop))
+        started = time.perf_counter()
+        r = await post(body)
+        seconds = time.perf_counter() - started
+        stop.set()
+        await poller
+        check(results, "64 shots x 8,000 characters: answered in <= 2 s, /healthz in <= 1 s meanwhile",
+              r.status_code in (200, 413) and seconds <= 2 and max(health_s) <= 1, status=r.status_code,
+              seconds=round(seconds, 3), healthz_max_s=round(max(health_s), 3))  # fmt: skip
+
+        burst = await asyncio.gather(*(post(json.dumps({"query": f"Question {i}?", "max_new_tokens": 16}))
+                                       for i in range(300)), return_exceptions=True)  # fmt: skip
+        statuses = [r.status_code if isinstance(r, httpx.Response) else type(r).__name__ for r in burst]
+        app_503 = [r for r in burst if isinstance(r, httpx.Response) and r.status_code == 503 and error_ok(r)]
+        other_503 = [r for r in burst if isinstance(r, httpx.Response) and r.status_code == 503 and not error_ok(r)]
+        after = await post(json.dumps({"query": "How do I cook rice?", "max_new_tokens": 16}))
+        check(results, "300-request burst: 503s are JSON with Retry-After, normal service right after",
+              all(r.headers.get("retry-after") for r in app_503) and not other_503 and after.status_code == 200
+              and set(statuses) <= {200, 503},
+              counts={str(s): statuses.count(s) for s in set(statuses)},
+              serve_proxy_503=len(other_503))  # fmt: skip
+        now = (await client.get("/healthz")).json()["replica"]
+        check(results, "no replica restarted", now == replica, replica_before=replica, replica_after=now)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
+    parser.add_argument("--model", default=None, help="a run or HF folder; default: the tiny model, built here")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--out", default=None, help="JSON results (default benchmarks/results-serve-<backend>.json)")
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from fspo_ray.models import build_tiny_model
+    from serve.app import Personalizer
+
+    model = args.model or build_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"FSPO_KEY": KEY}})
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    app = Personalizer.bind(model=model, backend=args.backend, api_key_env="FSPO_KEY")  # serve/config.yaml's limits
+    serve.run(app, name="fspo", route_prefix="/")
+    results: list = []
+    try:
+        asyncio.run(run(f"http://127.0.0.1:{args.port}", results))
+    finally:
+        serve.shutdown()
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), f"results-serve-{args.backend}.json")
+    with open(out, "w") as f:
+        json.dump({"backend": args.backend, "model": args.model or "tiny (random)", "checks": results}, f, indent=1)
+    print(f"{sum(r['ok'] for r in results)}/{len(results)} checks passed; written to {out}")
+
+
+if __name__ == "__main__":
+    main()

