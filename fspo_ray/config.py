@@ -4,16 +4,23 @@ Each job declares its config as a dataclass (the one place its defaults live); `
 applies `key=value`, `group.key=value` and `list=[a,b]` overrides with OmegaConf, which type-checks
 them and suggests close matches for unknown keys. A `config=FILE.yaml` override loads a file first,
 so a user can keep a run's settings in one copyable file and still override single keys.
+
+A field's documentation is the comment on its line, written once; `--help` lists every key with its
+default and that comment.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import io
 import sys
+import tokenize
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 T = TypeVar("T")
 
@@ -30,9 +37,46 @@ def _first_line(error: Exception) -> str:
     return str(error).splitlines()[0]
 
 
+def _field_comments(schema: type) -> dict[str, str]:
+    """{field name: the comment on the line that declares it} from the dataclass's source."""
+    comments, names = {}, {f.name for f in dataclasses.fields(schema)}
+    source = inspect.getsource(schema)
+    line_names = {}
+    for number, line in enumerate(source.splitlines(), 1):
+        name = line.strip().split(":", 1)[0]
+        if name in names and name not in line_names.values():
+            line_names[number] = name
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT and token.start[0] in line_names:
+            comments[line_names[token.start[0]]] = token.string.lstrip("# ").strip()
+    return comments
+
+
+def config_help(schema: type, prefix: str = "") -> list[str]:
+    """One line per key: `key=default  meaning`, nested configs as `group.key`."""
+    lines, comments = [], _field_comments(schema)
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) or (
+            f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
+        ):
+            lines += config_help(f.default_factory, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        shown = "(required)" if default is MISSING else ("null" if default is None else default)
+        key = f"{prefix}{f.name}={shown}"
+        lines.append(f"  {key:<38} {comments.get(f.name, '')}".rstrip())
+    return lines
+
+
 def parse_overrides(schema: type[T], argv: Sequence[str], groups: dict[str, str] | None = None) -> T:
     """`groups` maps a Hydra-style group choice to the key it sets: {"loss": "name"} reads `loss=ipo`
-    as `loss.name=ipo`. Hydra's `+key=` and `++key=` prefixes are accepted and mean `key=`."""
+    as `loss.name=ipo`. Hydra's `+key=` and `++key=` prefixes are accepted and mean `key=`.
+    `--help` (or `-h`) prints every key and exits."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        groups_note = "".join(f"\n  {g}=X means {g}.{k}=X" for g, k in (groups or {}).items())
+        print(f"usage: key=value ... (OmegaConf overrides; config=FILE.yaml loads a file first){groups_note}\n")
+        print("\n".join(config_help(schema)))
+        raise SystemExit(0)
     merged = OmegaConf.structured(schema)
     overrides = []
     for arg in argv:
@@ -57,7 +101,13 @@ def parse_overrides(schema: type[T], argv: Sequence[str], groups: dict[str, str]
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([arg]))
         except OmegaConfBaseException as e:
             raise ConfigError(f"bad override {arg!r}: {_first_line(e)}") from None
-    return OmegaConf.to_object(merged)
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"missing required key(s): {', '.join(missing)} (see --help)")
+    try:
+        return OmegaConf.to_object(merged)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"missing required key: {_first_line(e)} (see --help)") from None
 
 
 def run_job(main: Callable[[list[str]], object]) -> None:

@@ -28,12 +28,12 @@ class BuildEpisodesConfig:
     split: str | None = None  # a split of a save_to_disk DatasetDict; "train" (or none) means R = 2(N+1) passes
     users: list[str] | None = None  # keep only these users
     passes: int | None = None  # default: 2(N+1) for training data, 1 for any other split
-    seed: int = 0
-    preferred_only: bool = False
+    seed: int = 0  # seeds which pairs form each episode
+    preferred_only: bool = False  # shots show the preferred answer only
     description_mode: str = "none"  # none | generated | teacher_forced
     tokenizer: str | None = None  # a local Hugging Face tokenizer folder: turns on the length policy
-    max_length: int = 2048
-    max_prompt_length: int = 2048
+    max_length: int = 2048  # with tokenizer: prompt + completion tokens
+    max_prompt_length: int = 2048  # with tokenizer: prompt tokens
 
 
 def main(argv: list[str]) -> dict[str, int]:

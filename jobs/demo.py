@@ -16,28 +16,28 @@ from fspo_ray.config import parse_overrides, run_job
 
 @dataclass
 class DemoConfig:
-    out: str = "runs/demo"
-    model: str = "tiny"
-    n_train_users: int = 256
-    n_test_users: int = 64
-    pairs_per_user: int = 16
+    out: str = "runs/demo"  # everything the demo writes: data, runs, evaluation
+    model: str = "tiny"  # the model to personalize: a preset or a local HF folder
+    n_train_users: int = 256  # synthetic users to train on
+    n_test_users: int = 64  # held-out synthetic users for evaluation and serving
+    pairs_per_user: int = 16  # labelled preference pairs per user
     dims_per_user: int = 1  # properties each user cares about (synthetic.py)
-    shots: int = 3
+    shots: int = 3  # preference pairs in each prompt
     passes: int = 3  # training episodes per user = passes * pairs_per_user / (shots + 1)
     preferred_only: bool = True  # shots show the preferred answer only (the reference's preferred-only prompt)
-    batch_size: int = 8
-    max_length: int = 512
-    max_prompt_length: int = 384
-    sft_examples: int = 1000
-    sft_lr: float = 3e-3
-    ipo_examples: int = 1600
-    ipo_lr: float = 6e-4
-    ipo_beta: float = 0.1
-    eval_episodes: int = 256
-    eval_queries: int = 32
+    batch_size: int = 8  # episodes per optimizer step
+    max_length: int = 512  # prompt + completion tokens
+    max_prompt_length: int = 384  # prompt tokens
+    sft_examples: int = 1000  # episodes of few-shot SFT
+    sft_lr: float = 3e-3  # SFT learning rate
+    ipo_examples: int = 1600  # episodes of few-shot IPO
+    ipo_lr: float = 6e-4  # IPO learning rate
+    ipo_beta: float = 0.1  # IPO beta
+    eval_episodes: int = 256  # held-out episodes scored at every number of shots
+    eval_queries: int = 32  # held-out queries for the win rate
     backend: str = "transformers"  # the service's engine; auto picks vLLM where it runs (slower to start)
-    port: int = 8000
-    seed: int = 0
+    port: int = 8000  # the service's loopback port
+    seed: int = 0  # seeds data, training and evaluation
 
 
 def _step(title: str) -> None:

@@ -15,13 +15,13 @@ from fspo_ray.data.synthetic import write_synthetic
 
 @dataclass
 class SyntheticUsersConfig:
-    out: str = MISSING
-    n_train_users: int = 256
-    n_test_users: int = 64
-    pairs_per_user: int = 40
-    dims_per_user: int = 2
-    label_noise: float = 0.0
-    seed: int = 0
+    out: str = MISSING  # output folder: train.jsonl, test.jsonl, users.json
+    n_train_users: int = 256  # users in train.jsonl
+    n_test_users: int = 64  # held-out users in test.jsonl
+    pairs_per_user: int = 40  # labelled preference pairs per user
+    dims_per_user: int = 2  # properties each user cares about
+    label_noise: float = 0.0  # fraction of pairs whose labels are flipped
+    seed: int = 0  # seeds users and pairs
 
 
 def main(argv: list[str]) -> dict[str, str]:

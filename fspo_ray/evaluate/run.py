@@ -36,32 +36,32 @@ SYSTEMS = ("fspo", "few_shot_base", "pref_ft", "oracle_prompt")
 class EvaluateConfig:
     model: str = MISSING  # the personalized model: a run folder or an HF folder
     datasets: list[str] = MISSING  # held-out users' data, [format:]path
-    out: str = "eval"
+    out: str = "eval"  # output folder: report.json, per_user.csv, accuracy_vs_shots.png
     reference: str | None = None  # default: the run's reference (its fspo_run.json), else `base_model`
     base_model: str | None = None  # default: the run's `model=`; the opponent in every win rate
     pref_ft: str | None = None  # the SFT checkpoint, for the pref_ft baseline
-    split: str | None = None
-    users: list[str] | None = None
+    split: str | None = None  # split of save_to_disk DatasetDicts in `datasets`
+    users: list[str] | None = None  # evaluate only these users
     users_file: str | None = None  # users.json of synthetic users: their true preferences, for judge=oracle
     shots: list[int] | None = None  # default: 0, 1, 2, 4, ... up to max_shots
     max_shots: int | None = None  # default: the format's
     beta: float | None = None  # default: the run's; accuracy does not depend on it, margins do
-    seed: int = 0
+    seed: int = 0  # seeds the held-out sample and sampling
     n_episodes: int = 256  # held-out episodes for accuracy (each scored at every k)
     judge: str = "oracle"  # oracle | llm | none
     judge_model: str | None = None  # judge=llm: a local HF folder (or preset), or an OpenAI-compatible base URL
-    judge_model_name: str = "judge"
-    judge_api_key_env: str = "OPENAI_API_KEY"
+    judge_model_name: str = "judge"  # judge=llm with an endpoint: the model name it serves
+    judge_api_key_env: str = "OPENAI_API_KEY"  # judge=llm with an endpoint: the variable holding its API key
     baselines: list[str] = field(default_factory=list)  # few_shot_base, pref_ft, oracle_prompt
     n_queries: int = 64  # held-out queries for win rates
-    max_new_tokens: int = 64
-    max_length: int = 1024
-    max_prompt_length: int = 896
+    max_new_tokens: int = 64  # tokens generated per answer for win rates
+    max_length: int = 1024  # prompt + completion tokens; longer episodes drop their oldest shots
+    max_prompt_length: int = 896  # prompt tokens; longer prompts drop their oldest shots
     description_mode: str | None = None  # default: the run's prompt style (its fspo_run.json), else "none"
     preferred_only: bool | None = None  # default: the run's, else false
-    batch_size: int = 8
+    batch_size: int = 8  # rows per batch-inference call
     concurrency: int = 1  # model replicas for batch inference
-    use_gpu: bool | None = None
+    use_gpu: bool | None = None  # default: when the cluster has GPUs
 
 
 def _shots_list(cfg: EvaluateConfig, max_shots: int) -> list[int]:

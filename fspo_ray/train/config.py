@@ -38,7 +38,7 @@ class ModelConfig:
     tokenizer_name_or_path: str | None = None  # default: the model's own
     archive: str | None = None  # start from (and reference to) these weights: run folder, HF folder, policy.pt
     policy_dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
-    reference_dtype: str = "auto"
+    reference_dtype: str = "auto"  # auto: like policy_dtype
     block_name: str | None = None  # seed key, no effect
     fsdp_policy_mp: str | None = None  # seed key, no effect
 
@@ -46,43 +46,43 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     name: str = "sft"  # sft | dpo | ipo
-    beta: float = 0.1
+    beta: float = 0.1  # dpo/ipo strength of the pull toward the reference
     label_smoothing: float = 0.0  # dpo only: conservative DPO
-    reference_free: bool = False
+    reference_free: bool = False  # dpo only: no reference model (margins against 0)
 
 
 @dataclass
 class WandbConfig:
     enabled: bool = False  # also needs WANDB_API_KEY; never required
-    entity: str | None = None
-    project: str = "fspo-ray"
+    entity: str | None = None  # wandb entity (team or user)
+    project: str = "fspo-ray"  # wandb project
 
 
 @dataclass
 class TrainConfig:
     # --- the DPO codebase's keys ---
-    seed: int = 0
-    exp_name: str = "fspo"
+    seed: int = 0  # seeds data order, shuffles and initialization
+    exp_name: str = "fspo"  # the run's folder under storage_path; re-running it resumes (see resume)
     datasets: list[str] = field(default_factory=list)  # [format:]path, see fspo_ray/data/readers.py
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    trainer: str = "BasicTrainer"
-    lr: float = 5e-7
-    n_epochs: int | None = 1
+    trainer: str = "BasicTrainer"  # BasicTrainer (ZeRO-0) | FSDPTrainer | TensorParallelTrainer (ZeRO-3)
+    lr: float = 5e-7  # peak learning rate (linear warmup, then constant)
+    n_epochs: int | None = 1  # passes over the training episodes (ignored when n_examples is set)
     n_examples: int | None = None  # if set, train on this many examples instead of n_epochs
     batch_size: int = 4  # examples per optimizer step, across all workers
     eval_batch_size: int = 16  # examples per evaluation forward, across all workers
-    gradient_accumulation_steps: int = 1
-    max_length: int = 512
-    max_prompt_length: int = 256
-    warmup_steps: int = 150
-    max_grad_norm: float = 10.0
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_length: int = 512  # prompt + completion tokens; longer episodes drop their oldest shots
+    max_prompt_length: int = 256  # prompt tokens; longer prompts drop their oldest shots
+    warmup_steps: int = 150  # optimizer steps of linear learning-rate warmup
+    max_grad_norm: float = 10.0  # gradient clipping norm
     optimizer: str = "RMSprop"  # RMSprop | AdamW | Adam | SGD (torch.optim, PyTorch defaults)
     eval_every: int = 20_000  # examples between evaluations and checkpoints
-    n_eval_examples: int = 256
-    do_first_eval: bool = True
-    minimum_log_interval_secs: float = 1.0
-    activation_checkpointing: bool = False
+    n_eval_examples: int = 256  # held-out episodes per evaluation
+    do_first_eval: bool = True  # evaluate before the first step
+    minimum_log_interval_secs: float = 1.0  # least time between two console metric lines
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     debug: bool = False  # no checkpoints, no exports
     wandb: WandbConfig = field(default_factory=WandbConfig)
     sample_during_eval: bool = False  # seed key, no effect
@@ -93,27 +93,27 @@ class TrainConfig:
     # --- ours: data ---
     eval_datasets: list[str] = field(default_factory=list)  # held-out users' data; none: no evaluation
     data_split: str | None = None  # split of save_to_disk DatasetDicts in `datasets`
-    eval_split: str | None = None
+    eval_split: str | None = None  # split of save_to_disk DatasetDicts in `eval_datasets`
     shots: int | None = None  # default: the first data set's format's
     passes: int | None = None  # default: 2(N+1) (1 for 0 shots); evaluation always 1
     sft_target: str = "chosen"  # chosen (the paper) | both (the released code)
     description_mode: str = "none"  # none | generated | teacher_forced
-    preferred_only: bool = False
+    preferred_only: bool = False  # shots show the preferred answer only (the reference's preferred-only prompt)
     length_window: int = 64  # order episodes by length inside seeded windows of this many (less padding); 0: off
     # --- ours: reference ---
     precompute_reference: bool = True  # dpo/ipo: score the reference in one pass before training; else every step
     reference_concurrency: int = 1  # reference-scoring replicas (one GPU each on a GPU cluster)
     # --- ours: cluster ---
-    num_workers: int = 2
+    num_workers: int = 2  # Ray Train workers (one DeepSpeed rank each)
     use_gpu: bool | None = None  # default: when the cluster has GPUs
     cpus_per_worker: float | None = None  # default: 1 with GPUs, 0.5 on CPUs (leaves CPUs to Ray Data)
-    gpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # on a GPU cluster
     zero_stage: int | None = None  # default: from trainer
-    offload_optimizer: bool = False
+    offload_optimizer: bool = False  # ZeRO offload of optimizer state to CPU memory
     offload_params: bool = False  # ZeRO-3 only
     storage_path: str = "runs"  # local path (made absolute) or URI (s3://, gs://) for checkpoints
-    max_failures: int = 0
-    num_checkpoints_to_keep: int = 2
+    max_failures: int = 0  # worker or node failures Ray Train recovers from (from the last checkpoint)
+    num_checkpoints_to_keep: int = 2  # older checkpoints are deleted
     log_example_ids: bool = False  # write which episodes each step trained on, per rank
 
     @property
