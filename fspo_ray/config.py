@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import io
+import os
 import sys
 import tokenize
 from collections.abc import Callable, Sequence
@@ -31,6 +32,14 @@ class InputError(ValueError):
 
 class ConfigError(InputError):
     """A bad override or config file; the message names the key and the value."""
+
+
+def refuse_overwrite(path: str, overwrite: bool) -> None:
+    """Jobs that write `out=` never replace earlier results unasked."""
+    holds = os.path.isfile(path) and os.path.getsize(path) > 0 or os.path.isdir(path) and bool(os.listdir(path))
+    if holds and not overwrite:
+        raise ConfigError(f"out={path} already holds results: pass overwrite=true to replace them, "
+                          "or choose another out")
 
 
 def _first_line(error: Exception) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from omegaconf import MISSING
 
-from fspo_ray.config import ConfigError, parse_overrides, run_job
+from fspo_ray.config import ConfigError, parse_overrides, refuse_overwrite, run_job
 from fspo_ray.data.episodes import build_episodes, default_passes
 from fspo_ray.data.readers import default_shots, read_pairs
 from fspo_ray.data.tokenize import PromptStyle, episode_record, fit_episode, render_episode
@@ -24,6 +24,7 @@ from fspo_ray.data.tokenize import PromptStyle, episode_record, fit_episode, ren
 class BuildEpisodesConfig:
     data: str = MISSING  # [format:]path, see fspo_ray/data/readers.py
     out: str = MISSING  # output JSONL
+    overwrite: bool = False  # replace `out` if it already holds episodes
     shots: int | None = None  # default: the format's (roleplay 8, elix 4, review_Nshot N, dpo_json 0, canonical 4)
     split: str | None = None  # a split of a save_to_disk DatasetDict; "train" (or none) means R = 2(N+1) passes
     users: list[str] | None = None  # keep only these users
@@ -38,6 +39,7 @@ class BuildEpisodesConfig:
 
 def main(argv: list[str]) -> dict[str, int]:
     cfg = parse_overrides(BuildEpisodesConfig, argv)
+    refuse_overwrite(cfg.out, cfg.overwrite)
     shots = cfg.shots if cfg.shots is not None else default_shots(cfg.data, cfg.split)
     passes = cfg.passes if cfg.passes is not None else default_passes(shots, cfg.split or "train")
     if passes < 1:

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from fspo_ray.config import ConfigError
 from fspo_ray.models import build_tokenizer
 from jobs import build_episodes
 
@@ -201,3 +202,11 @@ def test_a_misspelled_key_fails_with_a_suggestion_and_no_traceback(tmp_path, dat
     assert "Did you mean" in result.stderr and "shots" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_an_earlier_output_is_not_replaced_unless_asked(tmp_path, data):
+    run_job(tmp_path, "shots=2", "passes=1")
+    with pytest.raises(ConfigError, match=r"already holds results: pass overwrite=true"):
+        run_job(tmp_path, "shots=2", "passes=2")
+    _, rows = run_job(tmp_path, "shots=2", "passes=2", "overwrite=true")
+    assert len(rows) > 0

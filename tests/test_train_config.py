@@ -1,5 +1,6 @@
 """The training job's command line: the seed's (DPO codebase's) overrides parse onto TrainConfig."""
 
+import json
 import os
 import re
 
@@ -177,3 +178,44 @@ def test_non_positive_workers_or_accumulation_is_config_error(arg):
 def test_loss_and_schedule_values_checked_before_any_work(args, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse(*args)
+
+
+def test_a_run_folder_records_its_config_and_refuses_to_resume_another(tmp_path):
+    """The seed's flow without a new exp_name: SFT, then IPO from it under the same name. Ray Train would
+    resume the SFT run's last step and train nothing; here the second run stops, naming what differs."""
+    from fspo_ray.train.run import claim_run_dir
+
+    common = ["datasets=[data/train.jsonl]", f"storage_path={tmp_path}"]
+    sft = parse_train_config([*common, "loss=sft", "lr=1e-5"])
+    assert claim_run_dir(sft) is False
+    recorded = json.loads((tmp_path / "fspo" / "fspo_config.json").read_text())
+    assert recorded["loss"]["name"] == "sft" and recorded["lr"] == 1e-5
+    assert claim_run_dir(sft) is True  # the same config: resume
+    assert claim_run_dir(parse_train_config([*common, "loss=sft", "lr=1e-5", "max_failures=3"])) is True
+    ipo = parse_train_config([*common, "loss=ipo", "lr=1e-5", f"model.archive={tmp_path}/fspo"])
+    with pytest.raises(ConfigError, match=r"loss\.name: 'sft' -> 'ipo'; model\.archive: None -> '.*fspo'"):
+        claim_run_dir(ipo)
+    with pytest.raises(ConfigError, match="exists and resume=never"):
+        claim_run_dir(parse_train_config([*common, "loss=sft", "lr=1e-5", "resume=never"]))
+    with pytest.raises(ConfigError, match="resume=must, but .* holds no run"):
+        claim_run_dir(parse_train_config([*common, "exp_name=new", "resume=must"]))
+    (tmp_path / "unrecorded").mkdir()
+    with pytest.raises(ConfigError, match="records no config"):
+        claim_run_dir(parse_train_config([*common, "exp_name=unrecorded"]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("shots=-1", "shots=-1 must be >= 0"),
+    ("passes=0", "passes=0 must be >= 1"),
+    ("description_mode=generated", "preferred_only=true has no description_mode=generated prompt"),
+    ("resume=sometimes", "resume"),
+])  # fmt: skip
+def test_bad_values_are_refused_up_front(override, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_train_config(["datasets=[x.jsonl]", "preferred_only=true", override])
+
+
+def test_reference_free_is_refused_where_the_reference_ignores_it():
+    with pytest.raises(ConfigError, match="reference_free applies to loss=dpo only"):
+        parse_train_config(["datasets=[x.jsonl]", "loss=ipo", "loss.reference_free=true"])
+    assert parse_train_config(["datasets=[x.jsonl]", "loss=dpo", "loss.reference_free=true"]).loss.reference_free

@@ -112,6 +112,7 @@ class TrainConfig:
     offload_optimizer: bool = False  # ZeRO offload of optimizer state to CPU memory
     offload_params: bool = False  # ZeRO-3 only
     storage_path: str = "runs"  # local path (made absolute) or URI (s3://, gs://) for checkpoints
+    resume: str = "auto"  # auto: resume exp_name only if its recorded config is the same | never | must
     max_failures: int = 0  # worker or node failures Ray Train recovers from (from the last checkpoint)
     num_checkpoints_to_keep: int = 2  # older checkpoints are deleted
     log_example_ids: bool = False  # write which episodes each step trained on, per rank
@@ -150,8 +151,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _one_of("description_mode", cfg.description_mode, ("none", "generated", "teacher_forced"))
     for name in ("policy_dtype", "reference_dtype"):
         _one_of(f"model.{name}", getattr(cfg.model, name), ("auto", "float32", "bfloat16", "float16"))
-    for name in ("num_workers", "reference_concurrency", "gradient_accumulation_steps", "batch_size", "eval_batch_size", "eval_every",
-                 "max_length", "max_prompt_length", "n_eval_examples"):  # fmt: skip
+    _one_of("resume", cfg.resume, ("auto", "never", "must"))
+    if cfg.preferred_only and cfg.description_mode != "none":
+        raise ConfigError(f"preferred_only=true has no description_mode={cfg.description_mode} prompt "
+                          "(fspo-method.md §1.4)")
+    for name in ("shots", "passes"):
+        value = getattr(cfg, name)
+        if value is not None and value < (0 if name == "shots" else 1):
+            raise ConfigError(f"{name}={value} must be >= {0 if name == 'shots' else 1}")
+    for name in ("num_workers", "reference_concurrency", "gradient_accumulation_steps", "batch_size",
+                 "eval_batch_size", "eval_every", "max_length", "max_prompt_length", "n_eval_examples"):  # fmt: skip
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 1")
     if cfg.length_window < 0:
@@ -164,6 +173,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"loss.label_smoothing={cfg.loss.label_smoothing} must be in [0, 0.5)")
     if cfg.loss.label_smoothing and cfg.loss.name != "dpo":
         raise ConfigError("loss.label_smoothing applies to loss=dpo only")
+    if cfg.loss.reference_free and cfg.loss.name != "dpo":  # the reference ignores it for IPO; we say so
+        raise ConfigError("loss.reference_free applies to loss=dpo only")
     per_step = cfg.gradient_accumulation_steps * cfg.num_workers
     if cfg.batch_size % per_step or cfg.batch_size < per_step:
         raise ConfigError(
@@ -181,6 +192,26 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if "://" not in cfg.storage_path:
         cfg.storage_path = os.path.abspath(cfg.storage_path)  # Ray Train needs an absolute path
     return cfg
+
+
+# Keys a resumed run may change: they do not alter what is trained or how.
+RESUME_SAFE_KEYS = frozenset({"resume", "max_failures", "num_checkpoints_to_keep", "minimum_log_interval_secs",
+                              "reference_concurrency", "log_example_ids", "wandb.enabled", "wandb.entity",
+                              "wandb.project"})  # fmt: skip
+
+
+def differing_keys(recorded: dict, current: dict) -> dict[str, tuple]:
+    """{dotted key: (recorded value, current value)} for keys that differ, resume-safe keys left out."""
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    old, new = flat(recorded), flat(current)
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+            if k not in RESUME_SAFE_KEYS and old.get(k) != new.get(k)}  # fmt: skip
 
 
 def parse_train_config(argv: list[str]) -> TrainConfig:

@@ -174,7 +174,7 @@ def prepare(
             "episodes": stats.episodes,
             "episodes_skipped_for_length": stats.episodes - kept,
             "shots_dropped_for_length": int(fitted.sum("shots_dropped") or 0),
-            "episodes_left_out": kept - usable,  # past the limit (n_examples, n_eval_examples), or short of a whole step
+            "episodes_left_out": kept - usable,  # past n_examples / n_eval_examples, or short of a whole step
             "shots": shots,
             "passes": passes,
             **({"reference_scored": scored} if reference else {}),  # 0: every score came from the cache

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 
+from fspo_ray.config import ConfigError
 from fspo_ray.data.readers import default_shots
 from fspo_ray.data.tokenize import PromptStyle
 from fspo_ray.models import archive_to_folder, resolve_model
-from fspo_ray.train.config import TrainConfig
+from fspo_ray.train.config import TrainConfig, differing_keys
 from fspo_ray.train.loop import LoopPlan, train_loop
 from fspo_ray.train.pipeline import prepare
 from fspo_ray.train.reference import ReferenceScoring, weights_digest
@@ -20,10 +21,54 @@ def _use_gpu(cfg: TrainConfig) -> bool:
     return cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
 
 
+RUN_CONFIG = "fspo_config.json"  # in the run folder: the config it was started with
+
+
+def claim_run_dir(cfg: TrainConfig) -> bool:
+    """Record the config in the run folder, or check it against the recorded one; True if resuming.
+
+    Ray Train resumes whatever earlier run has the same exp_name and storage_path; resuming one started
+    with another config would silently train (or skip training) on the wrong plan, so it is refused
+    with the differing keys named."""
+    import pyarrow.fs
+    from omegaconf import OmegaConf
+
+    current = OmegaConf.to_container(OmegaConf.structured(cfg))
+    fs, folder = pyarrow.fs.FileSystem.from_uri(cfg.run_dir)
+    path = f"{folder}/{RUN_CONFIG}"
+    started = fs.get_file_info(folder).type != pyarrow.fs.FileType.NotFound
+    recorded = None
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
+        with fs.open_input_stream(path) as f:
+            recorded = json.loads(f.read())
+    if cfg.resume == "never" and started:
+        raise ConfigError(f"{cfg.run_dir} exists and resume=never: choose a new exp_name, or remove it")
+    if cfg.resume == "must" and recorded is None:
+        raise ConfigError(f"resume=must, but {cfg.run_dir} holds no run to resume")
+    if started and recorded is None:
+        raise ConfigError(f"{cfg.run_dir} exists but records no config ({RUN_CONFIG}), so resuming it cannot be "
+                          "checked: choose a new exp_name, or remove it")  # fmt: skip
+    if recorded is not None:
+        changed = differing_keys(recorded, current)
+        if changed:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ConfigError(f"exp_name={cfg.exp_name} at {cfg.run_dir} was started with another config ({listed}); "
+                              "resuming it would train on the wrong plan: choose a new exp_name")  # fmt: skip
+        return True
+    fs.create_dir(folder)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(current, indent=1).encode())
+    return False
+
+
 def run_training(cfg: TrainConfig):
-    """Train; return Ray Train's Result. Re-running the same exp_name and storage_path resumes."""
+    """Train; return Ray Train's Result. Re-running the same exp_name and storage_path with the same
+    config resumes; with another config it stops, naming what differs (see claim_run_dir)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    if claim_run_dir(cfg):
+        print(f"[{cfg.exp_name}] resuming {cfg.run_dir}: its recorded config is this one", flush=True)
 
     model_path = resolve_model(cfg.model.name_or_path)
     tokenizer_path = cfg.model.tokenizer_name_or_path or model_path
