@@ -88,6 +88,7 @@ def main(argv: list[str]) -> dict:
     report = evaluate(EvaluateConfig(
         model=ipo.run_dir, datasets=[data["test"]], users_file=data["users"], out=os.path.join(out, "eval"),
         max_shots=cfg.shots, n_episodes=cfg.eval_episodes, n_queries=cfg.eval_queries, seed=cfg.seed,
+        overwrite=True,  # the demo's own folder: a re-run evaluates again
     ))  # fmt: skip
     print(summary(report))
 

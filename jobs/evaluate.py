@@ -14,11 +14,12 @@ from fspo_ray.evaluate.run import EvaluateConfig, evaluate
 
 
 def summary(report: dict) -> str:
-    lines = ["shots  n     accuracy [95% CI]       margin"]
+    lines = ["shots  n     accuracy [95% CI]       margin    shots used (mean; episodes that lost some)"]
     for row in report["accuracy_by_shots"]:
         low, high = row["accuracy_ci"]
         lines.append(
-            f"{row['k']:<6} {row['n']:<5} {row['accuracy']:.3f} [{low:.3f}, {high:.3f}]   {row['margin']:+.4f}"
+            f"{row['k']:<6} {row['n']:<5} {row['accuracy']:.3f} [{low:.3f}, {high:.3f}]   {row['margin']:+.4f}   "
+            f"{row['shots_used_mean']:.2f}; {row['episodes_that_lost_shots']}"
         )
     rows = report["accuracy_by_shots"]
     if len(rows) > 1 and rows[0]["k"] == 0:

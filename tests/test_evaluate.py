@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 
@@ -31,10 +32,15 @@ def test_accuracy_by_shots_from_log_probs():
         {"k": 0, "policy_chosen": -1.0, "reference_chosen": -2.0, "policy_rejected": -3.0, "reference_rejected": -3.0},
         {"k": 0, "policy_chosen": -5.0, "reference_chosen": -2.0, "policy_rejected": -3.0, "reference_rejected": -3.0},
         {"k": 2, "policy_chosen": -1.0, "reference_chosen": -1.0, "policy_rejected": -4.0, "reference_rejected": -2.0},
+        {"k": 2, "policy_chosen": -1.0, "reference_chosen": -1.0, "policy_rejected": -1.0, "reference_rejected": -2.0},
     ]
+    for row, used in zip(rows, (0, 0, 2, 1)):
+        row["shots_used"] = used  # the last episode lost a shot to the length limit
     table = accuracy_by_shots(rows, beta=0.5)
-    assert [(r["k"], r["n"], r["accuracy"]) for r in table] == [(0, 2, 0.5), (2, 1, 1.0)]
-    assert table[0]["margin"] == pytest.approx((0.5 * 1 + 0.5 * -3) / 2) and table[1]["margin"] == pytest.approx(1.0)
+    assert [(r["k"], r["n"], r["accuracy"]) for r in table] == [(0, 2, 0.5), (2, 2, 0.5)]
+    assert [(r["shots_used_mean"], r["episodes_that_lost_shots"]) for r in table] == [(0.0, 0), (1.5, 1)]
+    assert table[0]["margin"] == pytest.approx((0.5 * 1 + 0.5 * -3) / 2)
+    assert table[1]["margin"] == pytest.approx((0.5 * 2 + 0.5 * -1) / 2)
 
 
 def test_a_judge_stuck_on_one_position_gives_no_consistent_verdict():
@@ -71,12 +77,15 @@ def test_evaluate_job_report_matches_a_direct_computation(local_ray, tmp_path):
     out = tmp_path / "eval"
     report = main([f"model={policy}", f"reference={reference}", f"base_model={reference}", f"out={out}",
                    f"datasets=[{users['test']}]", f"users_file={users['users']}", "max_shots=3", "shots=[0,1,3]",
-                   "n_episodes=8", "n_queries=4", "max_new_tokens=8", "beta=0.5",
+                   "n_episodes=8", "n_queries=3", "max_new_tokens=8", "beta=0.5",
                    "baselines=[few_shot_base,oracle_prompt]"])  # fmt: skip
 
-    # The same episodes, scored here with plain transformers.
+    # The same episodes, scored here with plain transformers: the first 8 in the seeded random order
+    # (sha256 of "seed:episode_id"), which samples across users where sorting by id would not.
     episodes, _ = build_episodes(read_pairs(users["test"]), shots=3, passes=1, seed=0)
-    episodes = sorted(episodes, key=lambda e: e.episode_id)[:8]
+    by_id = sorted(episodes, key=lambda e: e.episode_id)[:8]
+    episodes = sorted(episodes, key=lambda e: hashlib.sha256(f"0:{e.episode_id}".encode()).hexdigest())[:8]
+    assert len({e.user_id for e in episodes}) > len({e.user_id for e in by_id})
     tokenizer = AutoTokenizer.from_pretrained(policy)
     models = [AutoModelForCausalLM.from_pretrained(p).eval() for p in (policy, reference)]
 
@@ -93,14 +102,19 @@ def test_evaluate_job_report_matches_a_direct_computation(local_ray, tmp_path):
             pc, rc = (logp(m, tokens["prompt_ids"], tokens["chosen_ids"]) for m in models)
             pr, rr = (logp(m, tokens["prompt_ids"], tokens["rejected_ids"]) for m in models)
             margins.append(0.5 * ((pc - rc) - (pr - rr)))
-        assert row["n"] == 8
+        assert row["n"] == 8 and (row["shots_used_mean"], row["episodes_that_lost_shots"]) == (row["k"], 0)
         assert row["accuracy"] == sum(m > 0 for m in margins) / 8
         assert row["margin"] == pytest.approx(sum(margins) / 8, abs=1e-3)
     assert [r["k"] for r in report["accuracy_by_shots"]] == [0, 1, 3]
 
-    wins = report["win_rate_vs_base"]
+    # The tallies against the oracle's verdicts on the answers themselves (all 3 queries are in `examples`).
+    wins, preferences = report["win_rate_vs_base"], json.loads(open(users["users"]).read())
+    assert len(wins["examples"]) == 3
     for name in ("fspo", "few_shot_base", "oracle_prompt"):
-        assert wins[name]["wins"] + wins[name]["losses"] + wins[name]["dropped_inconsistent"] == 4
+        verdicts = [judge_both_orders(oracle_judge, x["question"], x[name], x["base"], "",
+                                      preferences[x["user_id"]]["preferences"]) for x in wins["examples"]]  # fmt: skip
+        tally = (verdicts.count("win"), verdicts.count("loss"), verdicts.count(None))
+        assert (wins[name]["wins"], wins[name]["losses"], wins[name]["dropped_inconsistent"]) == tally, name
     assert json.loads((out / "report.json").read_text())["accuracy_by_shots"] == report["accuracy_by_shots"]
     with open(out / "per_user.csv") as f:
         per_user = list(csv.DictReader(f))
@@ -148,3 +162,13 @@ def test_endpoint_judge_speaks_the_openai_chat_protocol():
     path, auth, prompt = seen[0]
     assert path == "/v1/chat/completions" and auth == "Bearer k"
     assert "User description: Likes formal." in prompt and "Question: Q?" in prompt
+
+
+def test_an_earlier_report_is_not_replaced_unless_asked(tmp_path):
+    from fspo_ray.config import ConfigError
+    from fspo_ray.evaluate.run import EvaluateConfig, evaluate
+
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "report.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already holds results: pass overwrite=true"):
+        evaluate(EvaluateConfig(model="tiny", datasets=["x.jsonl"], out=str(tmp_path / "eval")))

@@ -10,6 +10,7 @@ ranks the preferred answer first or not (`rewards_eval/accuracies`), and r_w −
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -54,13 +55,22 @@ class ShotsVariants:
         return out
 
 
+def draw_order(seed: int, episode_id: str) -> str:
+    """An episode's place in the seeded random order of held-out episodes (taking the first n of it
+    samples across users, where sorting by id would take the alphabetically first ones)."""
+    return hashlib.sha256(f"{seed}:{episode_id}".encode()).hexdigest()
+
+
 def held_out_episodes(specs: list[str], *, split: str | None, users: list[str] | None, shots: int, seed: int):
-    """Held-out episodes with `shots` shots (one pass), in a fixed order: the same for every measure."""
+    """Held-out episodes with `shots` shots (one pass), in the seeded random order of `draw_order`: the
+    same for every measure."""
     pairs = read_pair_dataset(specs, split)
     if users is not None:
         keep = set(users)
         pairs = pairs.filter(lambda row: row["user_id"] in keep)
-    return build_episode_dataset(pairs, shots, passes=1, seed=seed, num_partitions=4).sort("episode_id").materialize()
+    episodes = build_episode_dataset(pairs, shots, passes=1, seed=seed, num_partitions=4)
+    drawn = episodes.map(lambda row: {**row, "draw": draw_order(seed, row["episode_id"])})
+    return drawn.sort("draw").drop_columns(["draw"]).materialize()
 
 
 def score_shots(
@@ -103,13 +113,16 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def accuracy_by_shots(rows: list[dict], beta: float) -> list[dict]:
-    """Per k: accuracy (share of r_w > r_l) with its Wilson interval, and mean margin with a normal one."""
+    """Per k: accuracy (share of r_w > r_l) with its Wilson interval, mean margin with a normal one, and
+    the shots actually in the prompts (a long episode may lose shots to the length limit)."""
     by_k: dict[int, list[float]] = {}
+    used: dict[int, list[int]] = {}
     for row in rows:
         margin = beta * (
             (row["policy_chosen"] - row["reference_chosen"]) - (row["policy_rejected"] - row["reference_rejected"])
         )
         by_k.setdefault(int(row["k"]), []).append(margin)
+        used.setdefault(int(row["k"]), []).append(int(row["shots_used"]))
     table = []
     for k in sorted(by_k):
         margins = by_k[k]
@@ -118,5 +131,7 @@ def accuracy_by_shots(rows: list[dict], beta: float) -> list[dict]:
         sd = math.sqrt(sum((m - mean) ** 2 for m in margins) / (n - 1)) if n > 1 else 0.0
         low, high = wilson_interval(wins, n)
         table.append({"k": k, "n": n, "accuracy": wins / n, "accuracy_ci": [low, high], "margin": mean,
-                      "margin_ci": [mean - 1.96 * sd / math.sqrt(n), mean + 1.96 * sd / math.sqrt(n)]})  # fmt: skip
+                      "margin_ci": [mean - 1.96 * sd / math.sqrt(n), mean + 1.96 * sd / math.sqrt(n)],
+                      "shots_used_mean": sum(used[k]) / n,
+                      "episodes_that_lost_shots": sum(u < k for u in used[k])})  # fmt: skip
     return table

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field
 
 from omegaconf import MISSING
 
-from fspo_ray.config import ConfigError
+from fspo_ray.config import ConfigError, refuse_overwrite
 from fspo_ray.data.episodes import Episode
 from fspo_ray.data.readers import default_shots
-from fspo_ray.data.tokenize import PromptStyle, render_episode
+from fspo_ray.data.tokenize import PromptStyle, fit_episode
 from fspo_ray.evaluate.accuracy import accuracy_by_shots, held_out_episodes, score_shots, wilson_interval
 from fspo_ray.evaluate.winrate import (
     Comparison,
@@ -37,6 +37,7 @@ class EvaluateConfig:
     model: str = MISSING  # the personalized model: a run folder or an HF folder
     datasets: list[str] = MISSING  # held-out users' data, [format:]path
     out: str = "eval"  # output folder: report.json, per_user.csv, accuracy_vs_shots.png
+    overwrite: bool = False  # replace what `out` already holds
     reference: str | None = None  # default: the run's reference (its fspo_run.json), else `base_model`
     base_model: str | None = None  # default: the run's `model=`; the opponent in every win rate
     pref_ft: str | None = None  # the SFT checkpoint, for the pref_ft baseline
@@ -55,8 +56,8 @@ class EvaluateConfig:
     baselines: list[str] = field(default_factory=list)  # few_shot_base, pref_ft, oracle_prompt
     n_queries: int = 64  # held-out queries for win rates
     max_new_tokens: int = 64  # tokens generated per answer for win rates
-    max_length: int = 1024  # prompt + completion tokens; longer episodes drop their oldest shots
-    max_prompt_length: int = 896  # prompt tokens; longer prompts drop their oldest shots
+    max_length: int | None = None  # default: the run's (training's limits), else 1024
+    max_prompt_length: int | None = None  # default: the run's, else 896
     description_mode: str | None = None  # default: the run's prompt style (its fspo_run.json), else "none"
     preferred_only: bool | None = None  # default: the run's, else false
     batch_size: int = 8  # rows per batch-inference call
@@ -98,6 +99,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     unknown = set(cfg.baselines) - set(SYSTEMS[1:])
     if unknown:
         raise ConfigError(f"baselines={sorted(unknown)}: known baselines are {', '.join(SYSTEMS[1:])}")
+    refuse_overwrite(cfg.out, cfg.overwrite)
     policy = resolve_model(cfg.model)
     info = read_run_info(policy)
     base = resolve_model(cfg.base_model or info.get("base_model") or policy)
@@ -106,12 +108,17 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if "pref_ft" in cfg.baselines and not pref_ft:
         raise ConfigError("baselines=[pref_ft] needs pref_ft=<the SFT run or HF folder>")
     beta = cfg.beta if cfg.beta is not None else info.get("beta", 0.1)
+    lengths = {"max_length": cfg.max_length if cfg.max_length is not None else info.get("max_length", 1024),
+               "max_prompt_length": cfg.max_prompt_length if cfg.max_prompt_length is not None
+               else info.get("max_prompt_length", 896)}  # fmt: skip
     max_shots = cfg.max_shots if cfg.max_shots is not None else default_shots(cfg.datasets[0], cfg.split)
     shots_list = _shots_list(cfg, max_shots)
     style = PromptStyle(
         info.get("preferred_only", False) if cfg.preferred_only is None else cfg.preferred_only,
         cfg.description_mode or info.get("description_mode", "none"),
     )
+    pref_ft_info = read_run_info(pref_ft) if pref_ft else {}
+    pref_ft_style = PromptStyle(pref_ft_info.get("preferred_only", False), pref_ft_info.get("description_mode", "none"))
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     preferences = {}
     if cfg.judge == "oracle":
@@ -122,7 +129,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     episodes = held_out_episodes(cfg.datasets, split=cfg.split, users=cfg.users, shots=max_shots, seed=cfg.seed)
     rows, skipped = score_shots(
         episodes.limit(cfg.n_episodes), shots_list=shots_list, policy_path=policy, reference_path=reference,
-        max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, style=style,
+        **lengths, style=style,
         batch_size=cfg.batch_size, concurrency=cfg.concurrency, use_gpu=use_gpu,
     )  # fmt: skip
     report = {
@@ -131,13 +138,16 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "beta": beta,
         "accuracy_by_shots": accuracy_by_shots(rows, beta),
         "episode_variants_skipped_for_length": skipped,
+        "lengths": lengths,
     }
     per_user = _per_user_accuracy(rows, beta)
 
     if cfg.judge != "none":
         models = {"base": base, "policy": policy, "pref_ft": pref_ft}
         queries = [Episode.from_row(r) for r in episodes.limit(cfg.n_queries).take_all()]
-        report["win_rate_vs_base"], per_user_wins = _win_rates(cfg, models, queries, style, preferences, use_gpu)
+        styles = {"policy": style, "pref_ft": pref_ft_style}
+        report["win_rate_vs_base"], per_user_wins = _win_rates(cfg, models, queries, styles, lengths, preferences,
+                                                               use_gpu)  # fmt: skip
         per_user += per_user_wins
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
@@ -158,23 +168,37 @@ def _per_user_accuracy(rows: list[dict], beta: float) -> list[dict]:
     return out
 
 
-def _win_rates(cfg, models, chosen, style, preferences, use_gpu) -> tuple[dict, list[dict]]:
+def _win_rates(cfg, models, chosen, styles, lengths, preferences, use_gpu) -> tuple[dict, list[dict]]:
+    """Each system's answers to the same queries, its prompt in the style it was trained with and fitted
+    to the length limits (with room for the answer) as training fits them; a query that does not fit
+    every system's prompt is left out of all, and counted."""
+    from fspo_ray.train.pipeline import load_tokenizer
+
     base, policy = models["base"], models["policy"]
     plain, oracle = PromptStyle(), PromptStyle(description_mode="teacher_forced")
-    systems = {  # system -> (model, prompt of an episode)
-        "base": (base, lambda e: render_episode(Episode(e.user_id, (), e.query), plain).prompt),
-        "fspo": (policy, lambda e: render_episode(e, style).prompt),
-        "few_shot_base": (base, lambda e: render_episode(e, plain).prompt),
-        "pref_ft": (models["pref_ft"], lambda e: render_episode(e, plain).prompt),
-        "oracle_prompt": (base, lambda e: render_episode(Episode(e.user_id, (), e.query, e.user_description),
-                                                         oracle).prompt),
+    systems = {  # system -> (model, its episode for a query, prompt style)
+        "base": (base, lambda e: Episode(e.user_id, (), e.query), plain),
+        "fspo": (policy, lambda e: e, styles["policy"]),
+        "few_shot_base": (base, lambda e: e, plain),
+        "pref_ft": (models["pref_ft"], lambda e: e, styles["pref_ft"]),
+        "oracle_prompt": (base, lambda e: Episode(e.user_id, (), e.query, e.user_description), oracle),
     }  # fmt: skip
     wanted = ["base", "fspo", *cfg.baselines]
+    tokenizer = load_tokenizer(policy)
+    limits = {"max_length": lengths["max_length"] - cfg.max_new_tokens,
+              "max_prompt_length": min(lengths["max_prompt_length"], lengths["max_length"] - cfg.max_new_tokens)}
+    prompts: dict[str, dict[str, str]] = {name: {} for name in wanted}
+    for e in chosen:
+        fitted = {n: fit_episode(systems[n][1](e), tokenizer, style=systems[n][2], **limits) for n in wanted}
+        if all(fitted.values()):
+            for name, f in fitted.items():
+                prompts[name][e.episode_id] = f.text.prompt
+    skipped = len(chosen) - len(prompts["base"])
+    chosen = [e for e in chosen if e.episode_id in prompts["base"]]
     answers: dict[str, dict[str, str]] = {}
     for name in wanted:
-        model, prompt_of = systems[name]
-        items = [{"episode_id": e.episode_id, "prompt": prompt_of(e)} for e in chosen]
-        answers[name] = {r["episode_id"]: r["answer"] for r in _generate(model, items, cfg, use_gpu)}
+        items = [{"episode_id": i, "prompt": p} for i, p in prompts[name].items()]
+        answers[name] = {r["episode_id"]: r["answer"] for r in _generate(systems[name][0], items, cfg, use_gpu)}
     judge = oracle_judge
     if cfg.judge == "llm":
         if not cfg.judge_model:
@@ -199,11 +223,13 @@ def _win_rates(cfg, models, chosen, style, preferences, use_gpu) -> tuple[dict, 
                     tally.dropped += 1
         low, high = wilson_interval(total.wins, total.wins + total.losses)
         results[name] = {"win_rate": total.win_rate, "ci": [low, high], "wins": total.wins, "losses": total.losses,
-                         "dropped_inconsistent": total.dropped, "queries": len(chosen)}  # fmt: skip
-        per_user += [{"user_id": u, "measure": f"win_rate_{name}", "k": len(chosen[0].shots), "n": c.wins + c.losses,
+                         "dropped_inconsistent": total.dropped, "queries": len(chosen),
+                         "queries_skipped_for_length": skipped}  # fmt: skip
+        per_user += [{"user_id": u, "measure": f"win_rate_{name}", "k": len(chosen[0].shots) if chosen else 0,
+                      "n": c.wins + c.losses,
                       "value": c.win_rate} for u, c in sorted(by_user.items())]  # fmt: skip
-    results["examples"] = [{"question": e.query.question, **{n: answers[n][e.episode_id] for n in wanted}}
-                           for e in chosen[:3]]  # fmt: skip
+    results["examples"] = [{"user_id": e.user_id, "question": e.query.question,
+                            **{n: answers[n][e.episode_id] for n in wanted}} for e in chosen[:3]]  # fmt: skip
     return results, per_user
 
 

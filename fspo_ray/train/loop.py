@@ -219,7 +219,8 @@ def train_loop(plan: LoopPlan) -> None:
     if not cfg.debug:
         run_info = {"reference": plan.start_model, "base_model": plan.base_model, "loss": cfg.loss.name,
                     "beta": cfg.loss.beta, "shots": plan.summary["train"]["shots"],
-                    "description_mode": cfg.description_mode, "preferred_only": cfg.preferred_only}  # fmt: skip
+                    "description_mode": cfg.description_mode, "preferred_only": cfg.preferred_only,
+                    "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}  # fmt: skip
         export_hf_folder(engine, tokenizer, cfg, rank, run_info)
     log.close()
 
