@@ -105,7 +105,8 @@ class Personalizer:
         from ray.util import metrics
 
         path = resolve_model(model)
-        self.preferred_only = bool(read_run_info(path).get("preferred_only", False))
+        info = read_run_info(path)  # the prompt style the model was trained on; a plain HF folder: the default
+        self.style = PromptStyle(bool(info.get("preferred_only", False)), info.get("description_mode", "none"))
         self.engine = make_engine(backend, path)
         self.model_name = os.path.basename(os.path.dirname(path)) if path.endswith("LATEST") else os.path.basename(path)
         api_key = os.environ.get(api_key_env) or None
@@ -205,11 +206,8 @@ class Personalizer:
         return {"detail": f"the server failed on this request ({type(error).__name__})", "error_id": error_id}
 
     async def _personalize(self, request: PersonalizeRequest, started: float):
-        if request.rationalize:
-            mode = "generated"
-        else:
-            mode = "teacher_forced" if request.user_description else "none"
-        style = PromptStyle(preferred_only=self.preferred_only and mode == "none", description_mode=mode)
+        style = self.style
+        self._check_style(request)
         shots = tuple(Shot(s.question.strip(), s.preferred.strip(), s.dispreferred.strip()) for s in request.history)
         budget = self.engine.max_model_len - request.max_new_tokens
         # Off the event loop: a long history takes a while to tokenize, and health checks must not wait.
@@ -226,6 +224,21 @@ class Personalizer:
         generation = await self._generate(prompt, sampling)
         return self._response(generation.text, generation.completion_tokens, request, style, meta, started)
 
+    def _check_style(self, request: PersonalizeRequest) -> None:
+        """The prompt is always the one the model was trained on: a request that asks for another is a 422
+        naming the field, not a prompt the model never saw."""
+        mode, wrong = self.style.description_mode, None
+        if mode == "teacher_forced" and not request.user_description:
+            wrong = ("user_description", "required: this model was trained with the user's description given")
+        elif mode != "teacher_forced" and request.user_description:
+            wrong = ("user_description", f"this model was trained with description_mode={mode}: it takes none")
+        elif request.rationalize and mode != "generated":
+            wrong = ("rationalize", f"this model was trained with description_mode={mode}: it writes no description")
+        if wrong:
+            raise ValidationError.from_exception_data(
+                "PersonalizeRequest", [{"type": "value_error", "loc": (wrong[0],), "input": None,
+                                        "ctx": {"error": ValueError(wrong[1])}}])  # fmt: skip
+
     def _response(self, text: str, completion_tokens: int, request: PersonalizeRequest, style: PromptStyle,
                   meta: dict, started: float) -> PersonalizeResponse:  # fmt: skip
         """The finished answer, streamed or not: its header stripped, its request counted."""
@@ -235,7 +248,7 @@ class Personalizer:
         description, answer = strip_completion_header(text, preferred_only=style.preferred_only)
         return PersonalizeResponse(
             response=answer,
-            user_description=description if request.rationalize else request.user_description,
+            user_description=description if style.description_mode == "generated" else request.user_description,
             model=self.model_name,
             usage=Usage(prompt_tokens=meta["prompt_tokens"], completion_tokens=completion_tokens),
             shots_used=meta["shots_used"],

@@ -8,3 +8,44 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory) -> str:
+    """The tiny model after ~15 s of SFT on synthetic users' 1-shot episodes (plain PyTorch, no Ray):
+    its greedy answers are non-empty and depend on the prompt, so "served answer == direct answer"
+    compares real text (the random tiny model writes only newlines, and "" == "" proves nothing)."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fspo_ray.data.episodes import build_episodes
+    from fspo_ray.data.readers import read_pairs
+    from fspo_ray.data.synthetic import write_synthetic
+    from fspo_ray.data.tokenize import render_episode, tokenize_text
+    from fspo_ray.models import build_tiny_model
+
+    root = tmp_path_factory.mktemp("trained_tiny")
+    path = build_tiny_model(str(root / "random"))
+    data = write_synthetic(str(root / "data"), n_train_users=16, n_test_users=0, pairs_per_user=8)
+    episodes, _ = build_episodes(read_pairs(data["train"]), shots=1, passes=1, seed=0)
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    rows = []
+    for episode in episodes:
+        tokens = tokenize_text(tokenizer, render_episode(episode))
+        prompt, answer = tokens["prompt_ids"], tokens["chosen_ids"]
+        rows.append((prompt + answer, [-100] * len(prompt) + answer))  # the loss on the answer only
+    torch.manual_seed(0)
+    optimizer, rng = torch.optim.AdamW(model.parameters(), lr=3e-3), random.Random(0)
+    for _ in range(150):
+        batch = rng.sample(rows, 8)
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([ids + [tokenizer.eos_token_id] * (width - len(ids)) for ids, _ in batch])
+        labels = torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in batch])
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(root / "trained")
+    tokenizer.save_pretrained(root / "trained")
+    return str(root / "trained")

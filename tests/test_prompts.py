@@ -61,6 +61,15 @@ def test_teacher_forced_description_variant():
     assert build_completion("y", description_mode="teacher_forced") == "## Preferred Response \ny\n"
 
 
+def test_zero_shots_in_a_description_mode_use_the_zero_shot_task_line():
+    """The reference checks for 0 shots before the description modes: there is nothing to describe from."""
+    zero_shot = "# Task\nGenerate a response to the following question.\n## Question \nWhat now?\n"
+    assert build_prompt([], "What now?", description_mode="generated") == zero_shot
+    assert build_prompt([], "What now?", description_mode="teacher_forced", user_description="Likes cats.") == (
+        zero_shot + "## User Description\nLikes cats.\n"
+    )
+
+
 def test_invalid_combinations_are_refused():
     with pytest.raises(ValueError, match="preferred_only"):
         build_prompt(SHOTS, "q", preferred_only=True, description_mode="generated")

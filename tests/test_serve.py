@@ -5,6 +5,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import shutil
 import socket
 import time
 
@@ -29,7 +30,7 @@ QUERY = "How do I bake bread?"
 
 
 @pytest.fixture(scope="module")
-def service(local_ray, tmp_path_factory):
+def service(local_ray, tmp_path_factory, trained_tiny):
     from ray import serve
 
     from fspo_ray.models import build_tiny_model
@@ -40,11 +41,19 @@ def service(local_ray, tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = Personalizer.options(ray_actor_options={"runtime_env": {"env_vars": {"FSPO_TEST_KEY": KEY}}}).bind(
+    keyed = {"num_cpus": 0.25, "runtime_env": {"env_vars": {"FSPO_TEST_KEY": KEY}}}
+    app = Personalizer.options(ray_actor_options=keyed).bind(
         model=model, backend="transformers", api_key_env="FSPO_TEST_KEY", max_requests_per_replica=2
     )
     serve.run(app, name="fspo", route_prefix="/")
-    yield {"url": f"http://127.0.0.1:{port}", "model": model}
+    small = Personalizer.options(ray_actor_options={"num_cpus": 0.25})  # 4 apps on this 2-CPU Ray
+    for mode in ("generated", "teacher_forced"):  # the same weights, recorded as trained in another prompt style
+        folder = tmp_path_factory.mktemp(mode) / "LATEST"
+        shutil.copytree(model, folder)
+        (folder / "fspo_run.json").write_text(json.dumps({"description_mode": mode, "preferred_only": False}))
+        serve.run(small.bind(model=str(folder), backend="transformers"), name=mode, route_prefix=f"/{mode}")
+    serve.run(small.bind(model=trained_tiny, backend="transformers"), name="trained", route_prefix="/trained")
+    yield {"url": f"http://127.0.0.1:{port}", "model": model, "trained": trained_tiny}
     serve.shutdown()
 
 
@@ -76,15 +85,23 @@ def training_prompt(history, query, description=None, **style) -> str:
     return render_episode(episode, PromptStyle(**style)).prompt
 
 
+def post_trained(service, body):
+    return httpx.post(f"{service['url']}/trained/v1/personalize", json=body, timeout=120)
+
+
 def test_answer_uses_the_training_prompt_exactly(service):
-    response = post(service, {"history": HISTORY, "query": QUERY, "max_new_tokens": 24})
-    assert response.status_code == 200, response.text
-    body = response.json()
-    prompt_tokens, answer = direct_greedy(service["model"], training_prompt(HISTORY, QUERY), 24)
-    assert body["usage"]["prompt_tokens"] == prompt_tokens
-    assert body["response"] == answer  # same prompt, same greedy continuation, header stripped
-    assert (body["shots_used"], body["shots_dropped"], body["model"]) == (2, 0, "tiny")
-    assert not body["response"].startswith("## Preferred Response")
+    """On the briefly trained tiny model, whose greedy answers are real text that depends on the prompt."""
+    answers = {}
+    for query in (QUERY, "Can you explain how to learn to juggle?"):
+        response = post_trained(service, {"history": HISTORY, "query": query, "max_new_tokens": 24})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        prompt_tokens, answer = direct_greedy(service["trained"], training_prompt(HISTORY, query), 24)
+        assert body["usage"]["prompt_tokens"] == prompt_tokens
+        assert body["response"] == answer  # same prompt, same greedy continuation, header stripped
+        assert (body["shots_used"], body["shots_dropped"], body["model"]) == (2, 0, "trained")
+        answers[query] = answer
+    assert all(answers.values()) and len(set(answers.values())) == 2  # non-empty, and the prompt matters
 
 
 def test_empty_history_is_a_zero_shot_prompt(service):
@@ -93,27 +110,36 @@ def test_empty_history_is_a_zero_shot_prompt(service):
     assert body["shots_used"] == 0
 
 
-def test_rationalize_and_given_description_use_their_prompts(service):
-    body = post(service, {"history": HISTORY, "query": QUERY, "rationalize": True, "max_new_tokens": 8}).json()
+def test_prompts_follow_the_style_the_model_was_trained_on(service):
+    """The served prompt is the trained one: a description mode the model was not trained with is a 422
+    naming the field, not a prompt it never saw (the model's fspo_run.json records its style)."""
+    for field, extra in (("rationalize", {"rationalize": True}), ("user_description", {"user_description": "Hi."})):
+        refused = post(service, {"history": HISTORY, "query": QUERY, **extra})
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", field], refused.text
+    url = service["url"]
+    request = {"history": HISTORY, "query": QUERY, "max_new_tokens": 8}
+    generated = httpx.post(f"{url}/generated/v1/personalize", json=request, timeout=120).json()
     expected = training_prompt(HISTORY, QUERY, description_mode="generated")
-    assert body["usage"]["prompt_tokens"] == direct_greedy(service["model"], expected, 1)[0]
-    given = post(service, {"history": HISTORY, "query": QUERY, "user_description": "Likes formal.",
-                           "max_new_tokens": 8}).json()  # fmt: skip
+    assert generated["usage"]["prompt_tokens"] == direct_greedy(service["model"], expected, 1)[0]
+    given = httpx.post(f"{url}/teacher_forced/v1/personalize", json={"history": HISTORY, "query": QUERY,
+                       "user_description": "Likes formal.", "max_new_tokens": 8}, timeout=120).json()  # fmt: skip
     expected = training_prompt(HISTORY, QUERY, description_mode="teacher_forced", description="Likes formal.")
     assert given["usage"]["prompt_tokens"] == direct_greedy(service["model"], expected, 1)[0]
     assert given["user_description"] == "Likes formal."
+    missing = httpx.post(f"{url}/teacher_forced/v1/personalize", json={"query": QUERY}, timeout=120)
+    assert missing.status_code == 422 and missing.json()["detail"][0]["loc"] == ["body", "user_description"]
 
 
 def test_streaming_sends_the_same_answer_as_events(service):
     request = {"history": HISTORY, "query": QUERY, "max_new_tokens": 24, "stream": True}
-    with httpx.stream("POST", f"{service['url']}/v1/personalize", json=request,
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as response:  # fmt: skip
+    with httpx.stream("POST", f"{service['url']}/trained/v1/personalize", json=request, timeout=120) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     final = json.loads(events[-2])
     tokens = "".join(json.loads(e)["token"] for e in events[:-2])
-    assert tokens.strip() == final["response"] == post(service, {**request, "stream": False}).json()["response"]
+    plain = post_trained(service, {**request, "stream": False}).json()["response"]
+    assert plain and tokens.strip() == final["response"] == plain
 
 
 def test_long_history_drops_oldest_shots_and_an_oversized_query_is_413(service):
@@ -287,15 +313,21 @@ def test_the_readme_curl_request(service):
 def fuzz(url: str, examples: int) -> list[int]:
     """Schemathesis's valid and invalid requests for every operation in /openapi.json, `examples` per
     operation and mode: no server error, every answer as documented, every error JSON of at most 4 KB.
-    Valid answers are capped at 8 tokens to keep it quick. (Its pytest plugin does not run under pytest 9,
-    so the strategies are driven directly.) The status of each answer, in order."""
+    Answers are capped at 8 tokens to keep it quick, and valid requests keep to the served model's prompt
+    style (no description asked of a model trained without one: that 422 is tested on its own). (Its
+    pytest plugin does not run under pytest 9, so the strategies are driven directly.) The status of each
+    answer, in order."""
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     statuses = []
 
     def check(case) -> None:
-        tokens = case.body.get("max_new_tokens") if isinstance(case.body, dict) else None
-        if type(tokens) is int and 8 < tokens <= 1024:  # a valid length: shortened; an invalid one is kept
-            case.body["max_new_tokens"] = 8
+        if isinstance(case.body, dict):  # a valid or absent length becomes 8; an invalid one is kept
+            tokens = case.body.get("max_new_tokens", 256)
+            if type(tokens) in (int, float) and 8 < tokens <= 1024 and tokens == int(tokens):
+                case.body["max_new_tokens"] = 8
+            if case.meta.generation.mode == schemathesis.GenerationMode.POSITIVE:
+                case.body.pop("rationalize", None)
+                case.body.pop("user_description", None)
         response = case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
         if response.status_code >= 400:
             assert response.headers["content-type"] == ["application/json"] and len(response.content) <= 4096

@@ -2,6 +2,7 @@
 the same answers to hostile clients, streams that stop when their client leaves."""
 
 import importlib.util
+import json
 import os
 import socket
 import time
@@ -17,7 +18,9 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def vllm_service(local_ray, tmp_path_factory):
+def vllm_service(local_ray, tmp_path_factory, trained_tiny):
+    """Two vLLM apps: the random tiny model, which never stops writing (for streams cut short), and the
+    briefly trained one, whose answers are real text (for the greedy comparison)."""
     from ray import serve
 
     from fspo_ray.models import build_tiny_model
@@ -28,26 +31,33 @@ def vllm_service(local_ray, tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = Personalizer.options(ray_actor_options={"runtime_env": {"env_vars": {"FSPO_TEST_KEY": KEY}}}).bind(
+    keyed = {"num_cpus": 0.5, "runtime_env": {"env_vars": {"FSPO_TEST_KEY": KEY}}}
+    app = Personalizer.options(ray_actor_options=keyed).bind(
         model=model, backend="vllm", api_key_env="FSPO_TEST_KEY"
     )
     serve.run(app, name="fspo-vllm", route_prefix="/")
-    yield {"url": f"http://127.0.0.1:{port}", "model": model, "auth": {"Authorization": f"Bearer {KEY}"}}
+    trained = Personalizer.options(ray_actor_options={"num_cpus": 0.5})  # two apps on this 2-CPU Ray
+    serve.run(trained.bind(model=trained_tiny, backend="vllm"), name="trained-vllm", route_prefix="/trained")
+    yield {"url": f"http://127.0.0.1:{port}", "model": model, "trained": trained_tiny,
+           "auth": {"Authorization": f"Bearer {KEY}"}}  # fmt: skip
     serve.shutdown()
 
 
 def test_vllm_and_transformers_agree_on_a_greedy_answer(vllm_service):
-    url, model, auth = vllm_service["url"], vllm_service["model"], vllm_service["auth"]
+    url = f"{vllm_service['url']}/trained"
     assert httpx.get(f"{url}/healthz").json()["backend"] == "vllm"
-    request = {"history": HISTORY, "query": QUERY, "max_new_tokens": 24}
-    body = httpx.post(f"{url}/v1/personalize", json=request, headers=auth, timeout=300).json()
-    prompt_tokens, answer = direct_greedy(model, training_prompt(HISTORY, QUERY), 24)
-    assert body["usage"]["prompt_tokens"] == prompt_tokens
-    assert body["response"] == answer
-    with httpx.stream("POST", f"{url}/v1/personalize", json={**request, "stream": True}, headers=auth,
-                      timeout=300) as r:  # fmt: skip
-        events = [line for line in r.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "data: [DONE]" and answer in events[-2]
+    answers = set()
+    for query in (QUERY, "Can you explain how to learn to juggle?"):
+        request = {"history": HISTORY, "query": query, "max_new_tokens": 24}
+        body = httpx.post(f"{url}/v1/personalize", json=request, timeout=300).json()
+        prompt_tokens, answer = direct_greedy(vllm_service["trained"], training_prompt(HISTORY, query), 24)
+        assert body["usage"]["prompt_tokens"] == prompt_tokens
+        assert body["response"] == answer
+        with httpx.stream("POST", f"{url}/v1/personalize", json={**request, "stream": True}, timeout=300) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and json.loads(events[-2][len("data: "):])["response"] == answer
+        answers.add(answer)
+    assert "" not in answers and len(answers) == 2  # real text, and the prompt matters
 
 
 def test_hostile_bodies_and_fuzzing_get_no_5xx(vllm_service):

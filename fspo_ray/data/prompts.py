@@ -46,10 +46,10 @@ def example_block(index: int, shot: Shot, preferred_only: bool) -> str:
 
 
 def _task_line(n_shots: int, preferred_only: bool, description_mode: DescriptionMode) -> str:
+    if n_shots == 0:  # before the description modes, as the reference checks it: no examples to describe
+        return TASK_WITHOUT_SHOTS
     if description_mode != "none":
         return TASK_WITH_DESCRIPTION
-    if n_shots == 0:
-        return TASK_WITHOUT_SHOTS
     return TASK_PREFERRED_ONLY if preferred_only else TASK_WITH_SHOTS
 
 
@@ -57,8 +57,8 @@ def _check_mode(preferred_only: bool, description_mode: str) -> None:
     if description_mode not in DESCRIPTION_MODES:
         raise ValueError(f"description_mode must be one of {DESCRIPTION_MODES}, got {description_mode!r}")
     if preferred_only and description_mode != "none":
-        # The reference defines no task line for this combination; inventing one would train on
-        # text no paper result speaks for.
+        # The reference code has a task line for this combination, but the method (fspo-method.md)
+        # does not give its text and no paper result uses it: refused rather than guessed.
         raise ValueError("preferred_only prompts have no user-description variant (fspo-method.md §1.4)")
 
 

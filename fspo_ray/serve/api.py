@@ -46,7 +46,9 @@ class PersonalizeRequest(BaseModel):
     history: list[PreferenceExample] = Field(default_factory=list, max_length=MAX_HISTORY)
     query: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     user_description: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
-    rationalize: bool = False  # the model first writes a description of the user, then the answer
+    # Models trained with description_mode=generated write a description of the user, then the answer
+    # (always; `rationalize` may say so); teacher_forced ones need `user_description`; others take neither.
+    rationalize: bool = False
     max_new_tokens: WholeNumber = Field(default=256, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description=f"0: greedy; else ≥ {MIN_TEMPERATURE:g}",
                                json_schema_extra={"anyOf": [{"const": 0}, {"minimum": MIN_TEMPERATURE}]})
