@@ -65,9 +65,7 @@ def config_help(schema: type, prefix: str = "") -> list[str]:
     """One line per key: `key=default  meaning`, nested configs as `group.key`."""
     lines, comments = [], _field_comments(schema)
     for f in dataclasses.fields(schema):
-        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) or (
-            f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
-        ):
+        if dataclasses.is_dataclass(f.default_factory):  # a nested config: its keys as group.key
             lines += config_help(f.default_factory, f"{prefix}{f.name}.")
             continue
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()

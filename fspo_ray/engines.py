@@ -118,10 +118,10 @@ class TransformersEngine:
 
     def generate_batch(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]:
         """Prompts of one sampling setting, left-padded into one generate call."""
-        width = max(len(p) for p in prompts)
-        output = self._generate(*self._left_padded(prompts), sampling)
+        ids, mask = self._left_padded(prompts)
+        output = self._generate(ids, mask, sampling)
         results = []
-        for row in output[:, width:].tolist():
+        for row in output[:, ids.shape[1] :].tolist():
             tokens = row[: row.index(self.eos)] if self.eos in row else row
             n = len(tokens) + (1 if self.eos in row else 0)
             results.append(Generation(self.tokenizer.decode(tokens, skip_special_tokens=True), n))

@@ -42,7 +42,7 @@ from fspo_ray.serve.api import (
     ValidationErrorBody,
     validation_error_body,
 )
-from fspo_ray.train.export import read_run_info
+from fspo_ray.train.export import read_run_info, run_prompt_style
 
 logger = logging.getLogger("ray.serve")
 
@@ -105,8 +105,7 @@ class Personalizer:
         from ray.util import metrics
 
         path = resolve_model(model)
-        info = read_run_info(path)  # the prompt style the model was trained on; a plain HF folder: the default
-        self.style = PromptStyle(bool(info.get("preferred_only", False)), info.get("description_mode", "none"))
+        self.style = run_prompt_style(read_run_info(path))  # the prompt the model was trained on
         self.engine = make_engine(backend, path)
         self.model_name = os.path.basename(os.path.dirname(path)) if path.endswith("LATEST") else os.path.basename(path)
         api_key = os.environ.get(api_key_env) or None

@@ -27,7 +27,7 @@ from fspo_ray.evaluate.winrate import (
     oracle_judge,
 )
 from fspo_ray.models import resolve_model
-from fspo_ray.train.export import read_run_info
+from fspo_ray.train.export import read_run_info, run_prompt_style
 
 SYSTEMS = ("fspo", "few_shot_base", "pref_ft", "oracle_prompt")
 
@@ -113,12 +113,12 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                else info.get("max_prompt_length", 896)}  # fmt: skip
     max_shots = cfg.max_shots if cfg.max_shots is not None else default_shots(cfg.datasets[0], cfg.split)
     shots_list = _shots_list(cfg, max_shots)
+    trained = run_prompt_style(info)
     style = PromptStyle(
-        info.get("preferred_only", False) if cfg.preferred_only is None else cfg.preferred_only,
-        cfg.description_mode or info.get("description_mode", "none"),
+        trained.preferred_only if cfg.preferred_only is None else cfg.preferred_only,
+        cfg.description_mode or trained.description_mode,
     )
-    pref_ft_info = read_run_info(pref_ft) if pref_ft else {}
-    pref_ft_style = PromptStyle(pref_ft_info.get("preferred_only", False), pref_ft_info.get("description_mode", "none"))
+    pref_ft_style = run_prompt_style(read_run_info(pref_ft) if pref_ft else {})
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     preferences = {}
     if cfg.judge == "oracle":

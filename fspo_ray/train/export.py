@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 
+from fspo_ray.data.tokenize import PromptStyle
 from fspo_ray.train.config import TrainConfig
 
 
@@ -33,6 +34,11 @@ def read_run_info(model_dir: str) -> dict:
         return {}
     with open(path) as f:
         return json.load(f)
+
+
+def run_prompt_style(info: dict) -> PromptStyle:
+    """The prompt style a run was trained with, from its fspo_run.json (the default for a plain folder)."""
+    return PromptStyle(bool(info.get("preferred_only", False)), info.get("description_mode", "none"))
 
 
 def export_hf_folder(engine, tokenizer, cfg: TrainConfig, rank: int, run_info: dict) -> None:
