@@ -14,24 +14,30 @@ from fspo_ray.evaluate.run import EvaluateConfig, evaluate
 
 
 def summary(report: dict) -> str:
-    lines = ["shots  n     accuracy [95% CI]       margin    shots used (mean; episodes that lost some)"]
+    ceiling = {row["k"]: row["accuracy"] for row in report.get("bayes_optimal_by_shots", [])}
+    lines = ["shots  n     accuracy [95% CI]       " + ("bayes_optimal  " if ceiling else "") +
+             "margin    shots used (mean; episodes that lost some)"]  # fmt: skip
     for row in report["accuracy_by_shots"]:
         low, high = row["accuracy_ci"]
+        best = f"{ceiling[row['k']]:.3f}          " if ceiling else ""
         lines.append(
-            f"{row['k']:<6} {row['n']:<5} {row['accuracy']:.3f} [{low:.3f}, {high:.3f}]   {row['margin']:+.4f}   "
+            f"{row['k']:<6} {row['n']:<5} {row['accuracy']:.3f} [{low:.3f}, {high:.3f}]   {best}{row['margin']:+.4f}   "
             f"{row['shots_used_mean']:.2f}; {row['episodes_that_lost_shots']}"
         )
-    rows = report["accuracy_by_shots"]
-    if len(rows) > 1 and rows[0]["k"] == 0:
-        gain = 100 * (rows[-1]["accuracy"] - rows[0]["accuracy"])
-        lines.append(f"learning from shots: {gain:+.1f} points of accuracy at {rows[-1]['k']} shots over 0 shots")
+    gain = report.get("gain_over_zero_shots")
+    if gain:
+        low, high = gain["ci"]
+        lines.append(f"learning from shots: {gain['points']:+.1f} points of accuracy at {gain['k']} shots over 0 shots "
+                     f"[95% CI {low:+.1f}, {high:+.1f}] on the same {gain['n']} episodes")  # fmt: skip
     for name, result in report.get("win_rate_vs_base", {}).items():
         if name != "examples":
             low, high = result["ci"]
             lines.append(
                 f"win rate vs base, {name}: {result['win_rate']:.3f} [{low:.3f}, {high:.3f}] "
                 f"({result['wins']} wins, {result['losses']} losses, {result['dropped_inconsistent']} dropped)"
-            )
+                + (f"; on task: {result['on_task']:.0%} vs base {result['base_on_task']:.0%}" if "on_task" in result
+                   else "")
+            )  # fmt: skip
     return "\n".join(lines)
 
 

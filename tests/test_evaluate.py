@@ -11,7 +11,7 @@ import torch
 
 from fspo_ray.data.episodes import build_episodes
 from fspo_ray.data.readers import read_pairs
-from fspo_ray.data.synthetic import render_answer, write_synthetic
+from fspo_ray.data.synthetic import on_task, render_answer, write_synthetic
 from fspo_ray.data.tokenize import fit_episode
 from fspo_ray.evaluate.accuracy import accuracy_by_shots, wilson_interval
 from fspo_ray.evaluate.winrate import judge_both_orders, oracle_judge, parse_verdict
@@ -115,6 +115,10 @@ def test_evaluate_job_report_matches_a_direct_computation(local_ray, tmp_path):
                                       preferences[x["user_id"]]["preferences"]) for x in wins["examples"]]  # fmt: skip
         tally = (verdicts.count("win"), verdicts.count("loss"), verdicts.count(None))
         assert (wins[name]["wins"], wins[name]["losses"], wins[name]["dropped_inconsistent"]) == tally, name
+        # The on-task rates are of these same answers (on_task itself is tested in test_synthetic.py).
+        for system in (name, "base"):
+            expected = sum(on_task(x[system], x["question"]) for x in wins["examples"]) / 3
+            assert wins[name]["on_task" if system == name else "base_on_task"] == expected, system
     assert json.loads((out / "report.json").read_text())["accuracy_by_shots"] == report["accuracy_by_shots"]
     with open(out / "per_user.csv") as f:
         per_user = list(csv.DictReader(f))

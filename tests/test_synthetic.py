@@ -12,7 +12,21 @@ from collections import Counter
 import pytest
 
 from fspo_ray.data.readers import read_pairs, resolve_format
-from fspo_ray.data.synthetic import _TASKS, DIMENSIONS, detect_properties, render_answer, score_answer, write_synthetic
+from fspo_ray.data.episodes import build_episodes
+from fspo_ray.data.synthetic import (
+    _QUESTIONS,
+    _TASKS,
+    DIMENSIONS,
+    bayes_optimal_choice,
+    detect_properties,
+    make_users,
+    SyntheticUser,
+    on_task,
+    render_answer,
+    score_answer,
+    user_pairs,
+    write_synthetic,
+)
 from jobs import synthetic_users
 
 SMALL = dict(n_train_users=20, n_test_users=6, pairs_per_user=10)
@@ -180,3 +194,121 @@ def test_label_noise_flips_about_that_share_of_pairs(tmp_path):
 def test_a_first_word_that_is_no_opener_shows_no_tone():
     for text in ("I would mix flour and water.", "In short, knead it.", "He says: bake it.", "Of all ways, this."):
         assert detect_properties(text)["tone"] is None, text
+
+
+# --- content: is an answer on the asked task? -----------------------------------------------------
+
+
+@pytest.mark.parametrize("task_index", range(len(_TASKS)))
+def test_every_rendered_answer_is_on_its_task_and_off_every_other(task_index):
+    task, steps = _TASKS[task_index]
+    other_task = _TASKS[(task_index + 1) % len(_TASKS)][0]
+    for poles, opener, closer in itertools.product(itertools.product(*DIMENSIONS.values()), range(3), range(3)):
+        answer = render_answer(task, steps, dict(zip(DIMENSIONS, poles)), opener, closer)
+        for template in _QUESTIONS:
+            assert on_task(answer, template.format(task=task)), answer
+            assert not on_task(answer, template.format(task=other_task)), answer
+
+
+def test_answers_with_wrong_missing_or_reordered_steps_are_off_task():
+    question = "Can you explain how to learn to juggle?"
+    # The issue's word salad: the opener and closer of a style, steps of other tasks.
+    salad = ("Of course. To learn to stay. Next, pick a budget. Then follow your breath. Finally, pick a budget. "
+             "Finally, pick them when red. Enjoy every minute!")  # fmt: skip
+    for text in (salad, "", "Certainly. That is all.", "Hey! Toss it at eye level. Proceed with care.",
+                 "Indeed. To learn to juggle, start with one ball. Next, add a second ball. Then toss it at eye level. "
+                 "Finally, stay relaxed. That is all.",
+                 "Yo! To learn to juggle, start with one ball. Next, toss it at eye level. Then add a second ball. "
+                 "Enjoy every minute!"):  # fmt: skip
+        assert not on_task(text, question), text
+    assert on_task("Hey! Start with one ball. Proceed with care.", question)
+    assert not on_task("Hey! Start with one ball. Proceed with care.", "How do I knit a scarf?")  # not a task we made
+
+
+def test_an_off_task_answer_loses_to_any_on_task_one():
+    task, steps = _TASKS[0]
+    question = f"How do I {task}?"
+    user = {"tone": "formal", "length": "brief"}
+    worst = render_answer(task, steps, {"tone": "casual", "length": "detailed", "format": "prose", "mood": "reserved"})
+    best_style_wrong_task = render_answer(*_TASKS[1], {"tone": "formal", "length": "brief", "format": "prose",
+                                                       "mood": "reserved"})  # fmt: skip
+    assert score_answer(worst, user, question) == -1.0
+    assert score_answer(best_style_wrong_task, user) == 1.0  # style alone would rank it first ...
+    assert score_answer(best_style_wrong_task, user, question) < score_answer(worst, user, question)  # ... content does not
+    assert score_answer("", user, question) < score_answer(worst, user, question)
+
+
+# --- the ideal reader ------------------------------------------------------------------------------
+
+
+def answer(poles: str, task: int = 0) -> str:
+    """An answer showing `poles` ("formal brief prose enthusiastic") for task `task`."""
+    return render_answer(*_TASKS[task], dict(zip(DIMENSIONS, poles.split())))
+
+
+def test_one_shot_reveals_a_one_property_user_to_an_ideal_reader():
+    formal, casual = answer("formal brief prose enthusiastic"), answer("casual brief prose enthusiastic")
+    shot = (answer("formal detailed bullets reserved", 3), answer("casual detailed bullets reserved", 3))
+    assert bayes_optimal_choice([], (formal, casual), 1) == 0.5  # no shots: every pole equally likely
+    assert bayes_optimal_choice([shot], (formal, casual), 1) == 1.0
+    assert bayes_optimal_choice([shot], (casual, formal), 1) == 0.0  # the query's label against the shot's
+    # Seeing only the preferred answer is enough: a query differing on tone means the user cares about tone.
+    assert bayes_optimal_choice([shot], (formal, casual), 1, preferred_only=True) == 1.0
+
+
+def test_label_noise_makes_contradicting_shots_a_tie_and_a_majority_win():
+    formal, casual = answer("formal brief prose enthusiastic"), answer("casual brief prose enthusiastic")
+    for_formal, for_casual = (formal, casual), (casual, formal)
+    assert bayes_optimal_choice([for_formal, for_casual], for_formal, 1, label_noise=0.2) == 0.5
+    assert bayes_optimal_choice([for_formal, for_casual, for_formal], for_formal, 1, label_noise=0.2) == 1.0
+    assert bayes_optimal_choice([for_casual], for_formal, 1, label_noise=0.2) == 0.0
+
+
+def episodes_of(dims_per_user, shots, n_users=24, pairs=12, label_noise=0.0):
+    pairs_ = [p for u in make_users(0, n_users, dims_per_user) for p in user_pairs(u, pairs, seed=3, label_noise=label_noise)]
+    episodes, _ = build_episodes(pairs_, shots=shots, passes=1, seed=0)
+    return episodes
+
+
+@pytest.mark.parametrize("preferred_only", [False, True])
+def test_the_ideal_reader_is_exact_on_one_property_users_from_one_shot(preferred_only):
+    # fspo-method.md's synthetic users with one cared property: the query pair differs on that property
+    # only and every shot shows the user's pole on it, so any shot settles it; no shot leaves a coin flip.
+    episodes = episodes_of(1, 3)
+    assert len(episodes) >= 60
+    for k, expected in ((0, 0.5), (1, 1.0), (2, 1.0), (3, 1.0)):
+        for e in episodes:
+            shots = [(s.preferred, s.dispreferred) for s in e.shots[3 - k :]]
+            choice = bayes_optimal_choice(shots, (e.query.preferred, e.query.dispreferred), 1,
+                                          preferred_only=preferred_only)  # fmt: skip
+            assert choice == expected, (k, e.episode_id)
+
+
+@pytest.mark.parametrize("preferred_only", [False, True])
+def test_the_ideal_reader_of_two_property_users_does_at_least_as_well_as_counting_shots(preferred_only):
+    """With two cared properties a shot's other poles are noise; the ideal reader must do at least as well
+    as counting, on the query's differing properties, the poles the shots' preferred answers show (and,
+    seeing whole pairs, only where a shot's answers differ). Users are drawn as the reader assumes: every
+    profile equally often."""
+    profiles = [u.preferences for u in make_users(0, 48, 2)]
+    profiles = [dict(p) for p in {tuple(sorted(p.items())) for p in profiles}]
+    users = [SyntheticUser(f"u{i}", profiles[i % len(profiles)], "test", False) for i in range(10 * len(profiles))]
+    pairs = [p for u in users for p in user_pairs(u, 16, seed=5)]
+    episodes, _ = build_episodes(pairs, shots=3, passes=1, seed=0)
+
+    def count(e, only_differing_shots):
+        won, lost = detect_properties(e.query.preferred), detect_properties(e.query.dispreferred)
+        score = 0
+        for s in e.shots:
+            w, l = detect_properties(s.preferred), detect_properties(s.dispreferred)
+            for d in (d for d in DIMENSIONS if won[d] != lost[d] and (w[d] != l[d] or not only_differing_shots)):
+                score += (w[d] == won[d]) - (w[d] == lost[d])
+        return 1.0 if score > 0 else 0.0 if score < 0 else 0.5
+
+    ideal = sum(bayes_optimal_choice([(s.preferred, s.dispreferred) for s in e.shots],
+                                     (e.query.preferred, e.query.dispreferred), 2, preferred_only=preferred_only)
+                for e in episodes) / len(episodes)  # fmt: skip
+    counted = [sum(count(e, False) for e in episodes) / len(episodes)]
+    if not preferred_only:
+        counted.append(sum(count(e, True) for e in episodes) / len(episodes))
+    assert len(episodes) >= 900 and 0.5 < max(counted) <= ideal

@@ -24,7 +24,9 @@ import itertools
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 from fspo_ray.data.readers import PreferencePair
 
@@ -43,6 +45,9 @@ _CLOSERS = {
     "enthusiastic": ["You are going to love it!", "This will be great fun!", "Enjoy every minute!"],
     "reserved": ["That is all.", "Proceed with care.", "Results may vary."],
 }
+_ALL_OPENERS = sorted((o for openers in _OPENERS.values() for o in openers), key=len, reverse=True)
+_ALL_CLOSERS = sorted((c for closers in _CLOSERS.values() for c in closers), key=len, reverse=True)
+OFF_TASK = -2.0  # the score of an answer that does not answer the question: below any on-task answer
 _DETAILED_MIN_WORDS = 17  # brief answers run 6-12 words, detailed ones 22 or more
 
 _TASKS = [
@@ -101,13 +106,108 @@ def detect_properties(text: str) -> dict[str, str | None]:
     }
 
 
-def score_answer(text: str, preferences: dict[str, str]) -> float:
+def task_of(question: str) -> tuple[str, list[str]] | None:
+    """The synthetic task a question asks about, with its steps; None for any other question."""
+    for task, steps in _TASKS:
+        if any(question == template.format(task=task) for template in _QUESTIONS):
+            return task, steps
+    return None
+
+
+def answer_steps(text: str, task: str) -> list[str]:
+    """The steps an answer gives, in order, with its opener, closer, bullets and connectives removed."""
+    body = text.strip()
+    body = next((body[len(o) :] for o in _ALL_OPENERS if body.startswith(o)), body)
+    body = next((body[: -len(c)] for c in _ALL_CLOSERS if body.endswith(c)), body)
+    sentences = [s.strip().removeprefix("- ").strip() for s in re.split(r"\.(?:\s|$)", body)]
+    connectives = (f"to {task}, ", "next, ", "then ", "finally, ")
+    steps = []
+    for sentence in filter(None, sentences):
+        sentence = sentence.lower()
+        steps.append(next((sentence[len(c) :] for c in connectives if sentence.startswith(c)), sentence))
+    return steps
+
+
+def on_task(text: str, question: str) -> bool:
+    """Whether an answer gives the asked task's steps: its first (brief) or all four in order (detailed)."""
+    asked = task_of(question)
+    if asked is None:
+        return False
+    task, steps = asked
+    return answer_steps(text, task) in (steps[:1], steps)
+
+
+def score_answer(text: str, preferences: dict[str, str], question: str | None = None) -> float:
     """How well an answer fits a user, in [-1, 1]: per cared property +1 if it shows the user's pole,
-    -1 if it shows the other, 0 if neither; averaged. The oracle judge compares these scores."""
+    -1 if it shows the other, 0 if neither; averaged. Given the question, an answer that is not on the
+    asked task scores OFF_TASK, below every on-task answer. The oracle judge compares these scores."""
+    if question is not None and not on_task(text, question):
+        return OFF_TASK
     shown = detect_properties(text)
     return sum(0 if shown[d] is None else (1 if shown[d] == pole else -1) for d, pole in preferences.items()) / len(
         preferences
     )
+
+
+def _chance_of_differing(dims: set[str], cared: tuple[str, ...]) -> Fraction:
+    """P(a pair differs on exactly `dims` | the user cares about `cared`), as `user_pairs` draws it."""
+    if not dims or not dims <= set(cared):
+        return Fraction(0)
+    each = Fraction(1, 2 ** len(cared))  # each cared property differs with probability 1/2 ...
+    return each + (each / len(cared) if len(dims) == 1 else 0)  # ... and one is drawn if none did
+
+
+def _likelihood(shown: dict, other: dict | None, preferences: dict, noise: Fraction) -> Fraction:
+    """P(a pair's preferred answer shows `shown`'s poles, its dispreferred `other`'s, | the user), up to
+    the same factor for every user; other=None: only the preferred answer is seen."""
+    cared = tuple(preferences)
+    if other is not None:
+        candidates = [{d for d in DIMENSIONS if shown[d] != other[d]}]
+    else:
+        candidates = [set(c) for r in range(1, len(cared) + 1) for c in itertools.combinations(cared, r)]
+    total = Fraction(0)
+    for differing in candidates:
+        chance = _chance_of_differing(differing, cared)
+        if not chance:
+            continue
+        holds = all(shown[d] == preferences[d] for d in differing)
+        flipped = all(shown[d] != preferences[d] for d in differing)  # a label-noise swap
+        # The properties outside `differing` show the pair's shared poles, each drawn with probability 1/2.
+        shared = Fraction(1, 2 ** (len(DIMENSIONS) - len(differing)))
+        total += chance * shared * ((1 - noise) * holds + noise * flipped)
+    return total
+
+
+def bayes_optimal_choice(
+    shots: list[tuple[str, str]], query: tuple[str, str], dims_per_user: int, *, label_noise: float = 0.0,
+    preferred_only: bool = False,
+) -> float:
+    """What an ideal reader of `shots` (preferred, dispreferred) gets right on `query` (preferred,
+    dispreferred) knowing how synthetic users are made, but not which user this is: 1 if it ranks the
+    query's preferred answer first, 0 if second, 0.5 on a tie. It weighs every possible user by how
+    likely they make the shots (seeing only the preferred answers when `preferred_only`)."""
+    noise = Fraction(str(label_noise))
+    poles = []
+    for text in [t for pair in [*shots, query] for t in pair]:
+        shown = detect_properties(text)
+        if None in shown.values():
+            raise ValueError(f"not a synthetic answer (it shows no pole of some property): {text!r}")
+        poles.append(shown)
+    *shot_poles, won, lost = poles
+    for_won = for_lost = Fraction(0)
+    for profile in _all_profiles(dims_per_user):
+        weight = Fraction(1)
+        for shown, other in zip(shot_poles[::2], shot_poles[1::2]):
+            weight *= _likelihood(shown, None if preferred_only else other, profile, noise)
+        for_won += weight * _likelihood(won, lost, profile, noise)
+        for_lost += weight * _likelihood(lost, won, profile, noise)
+    return 1.0 if for_won > for_lost else 0.0 if for_won < for_lost else 0.5
+
+
+def _all_profiles(dims_per_user: int) -> list[dict[str, str]]:
+    """Every user `dims_per_user` allows, equally likely a priori."""
+    trained, held_out_only = _profiles(dims_per_user)
+    return trained + held_out_only
 
 
 def describe(preferences: dict[str, str]) -> str:
@@ -212,7 +312,7 @@ def write_synthetic(
     with open(paths["users"], "w", encoding="utf-8") as f:
         json.dump(
             {u.user_id: {"split": u.split, "preferences": u.preferences, "description": u.description,
-                         "novel_combination": u.novel_combination} for u in users},
+                         "novel_combination": u.novel_combination, "label_noise": label_noise} for u in users},
             f, indent=1,
         )  # fmt: skip
     return paths

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fspo_ray.data.episodes import Episode, build_episode_dataset
+from fspo_ray.data.synthetic import bayes_optimal_choice
 from fspo_ray.data.tokenize import PromptStyle, fit_episode
 from fspo_ray.logprobs import TOKEN_COLUMNS, CompletionScorer
 from fspo_ray.train.pipeline import load_tokenizer, read_pair_dataset
@@ -135,3 +136,39 @@ def accuracy_by_shots(rows: list[dict], beta: float) -> list[dict]:
                       "shots_used_mean": sum(used[k]) / n,
                       "episodes_that_lost_shots": sum(u < k for u in used[k])})  # fmt: skip
     return table
+
+
+def bayes_optimal_by_shots(episodes: list[Episode], shots_list: list[int], users: dict, preferred_only: bool) -> list[dict]:
+    """Per k: the accuracy of an ideal reader of the same k newest shots (seeing what the model's prompt
+    shows) on the same query pairs: the ceiling a model of synthetic users can reach. `users` is
+    users.json: each user's number of cared properties and label noise."""
+    table = []
+    for k in shots_list:
+        right = 0.0
+        for e in episodes:
+            user = users[e.user_id]
+            right += bayes_optimal_choice(
+                [(s.preferred, s.dispreferred) for s in e.shots[len(e.shots) - k :]],
+                (e.query.preferred, e.query.dispreferred), len(user["preferences"]),
+                label_noise=user.get("label_noise", 0.0), preferred_only=preferred_only,
+            )  # fmt: skip
+        table.append({"k": k, "n": len(episodes), "accuracy": right / len(episodes) if episodes else float("nan")})
+    return table
+
+
+def gain_over_zero_shots(rows: list[dict], beta: float) -> dict | None:
+    """Accuracy at the largest k minus accuracy at k = 0 on the same episodes, in points, with a 95%
+    interval of the paired difference (each episode is its own control); None without both ends."""
+    ks = sorted({int(row["k"]) for row in rows})
+    if len(ks) < 2 or ks[0] != 0:
+        return None
+    right: dict[tuple[str, int], bool] = {}
+    for row in rows:
+        margin = (row["policy_chosen"] - row["reference_chosen"]) - (row["policy_rejected"] - row["reference_rejected"])
+        right[row["episode_id"], int(row["k"])] = beta * margin > 0
+    both = [e for e, k in right if k == ks[-1] and (e, 0) in right]
+    differences = [100.0 * (right[e, ks[-1]] - right[e, 0]) for e in both]
+    n = len(differences)
+    mean = sum(differences) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1)) if n > 1 else 0.0
+    return {"k": ks[-1], "n": n, "points": mean, "ci": [mean - 1.96 * sd / math.sqrt(n), mean + 1.96 * sd / math.sqrt(n)]}

@@ -16,8 +16,16 @@ from omegaconf import MISSING
 from fspo_ray.config import ConfigError, refuse_overwrite
 from fspo_ray.data.episodes import Episode
 from fspo_ray.data.readers import default_shots
+from fspo_ray.data.synthetic import on_task
 from fspo_ray.data.tokenize import PromptStyle, fit_episode
-from fspo_ray.evaluate.accuracy import accuracy_by_shots, held_out_episodes, score_shots, wilson_interval
+from fspo_ray.evaluate.accuracy import (
+    accuracy_by_shots,
+    bayes_optimal_by_shots,
+    gain_over_zero_shots,
+    held_out_episodes,
+    score_shots,
+    wilson_interval,
+)
 from fspo_ray.evaluate.winrate import (
     Comparison,
     Generator,
@@ -29,7 +37,8 @@ from fspo_ray.evaluate.winrate import (
 from fspo_ray.models import resolve_model
 from fspo_ray.train.export import read_run_info, run_prompt_style
 
-SYSTEMS = ("fspo", "few_shot_base", "pref_ft", "oracle_prompt")
+SYSTEMS = ("fspo", "few_shot_base", "pref_ft", "oracle_prompt")  # answer generators, in win rates
+BASELINES = (*SYSTEMS[1:], "bayes_optimal")  # bayes_optimal: the ideal reader's accuracy, synthetic users only
 
 
 @dataclass
@@ -43,7 +52,7 @@ class EvaluateConfig:
     pref_ft: str | None = None  # the SFT checkpoint, for the pref_ft baseline
     split: str | None = None  # split of save_to_disk DatasetDicts in `datasets`
     users: list[str] | None = None  # evaluate only these users
-    users_file: str | None = None  # users.json of synthetic users: their true preferences, for judge=oracle
+    users_file: str | None = None  # users.json of synthetic users: their true preferences (judge=oracle, bayes_optimal)
     shots: list[int] | None = None  # default: 0, 1, 2, 4, ... up to max_shots
     max_shots: int | None = None  # default: the format's
     beta: float | None = None  # default: the run's; accuracy does not depend on it, margins do
@@ -53,7 +62,7 @@ class EvaluateConfig:
     judge_model: str | None = None  # judge=llm: a local HF folder (or preset), or an OpenAI-compatible base URL
     judge_model_name: str = "judge"  # judge=llm with an endpoint: the model name it serves
     judge_api_key_env: str = "OPENAI_API_KEY"  # judge=llm with an endpoint: the variable holding its API key
-    baselines: list[str] = field(default_factory=list)  # few_shot_base, pref_ft, oracle_prompt
+    baselines: list[str] = field(default_factory=list)  # few_shot_base, pref_ft, oracle_prompt, bayes_optimal
     n_queries: int = 64  # held-out queries for win rates
     max_new_tokens: int = 64  # tokens generated per answer for win rates
     max_length: int | None = None  # default: the run's (training's limits), else 1024
@@ -96,9 +105,12 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     if cfg.judge not in ("oracle", "llm", "none"):
         raise ConfigError(f"judge={cfg.judge} is not one of oracle, llm, none")
-    unknown = set(cfg.baselines) - set(SYSTEMS[1:])
+    unknown = set(cfg.baselines) - set(BASELINES)
     if unknown:
-        raise ConfigError(f"baselines={sorted(unknown)}: known baselines are {', '.join(SYSTEMS[1:])}")
+        raise ConfigError(f"baselines={sorted(unknown)}: known baselines are {', '.join(BASELINES)}")
+    needs_users = {"judge=oracle": cfg.judge == "oracle", "baselines=[bayes_optimal]": "bayes_optimal" in cfg.baselines}
+    for what in (w for w, needed in needs_users.items() if needed and not cfg.users_file):
+        raise ConfigError(f"{what} needs users_file=users.json (the synthetic users' true preferences)")
     refuse_overwrite(cfg.out, cfg.overwrite)
     policy = resolve_model(cfg.model)
     info = read_run_info(policy)
@@ -120,11 +132,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     )
     pref_ft_style = run_prompt_style(read_run_info(pref_ft) if pref_ft else {})
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    preferences = {}
-    if cfg.judge == "oracle":
-        if not cfg.users_file:
-            raise ConfigError("judge=oracle needs users_file=users.json (the synthetic users' true preferences)")
-        preferences = {u: v["preferences"] for u, v in json.load(open(cfg.users_file)).items()}
+    users = json.load(open(cfg.users_file)) if cfg.users_file else {}
+    preferences = {u: v["preferences"] for u, v in users.items()}
 
     episodes = held_out_episodes(cfg.datasets, split=cfg.split, users=cfg.users, shots=max_shots, seed=cfg.seed)
     rows, skipped = score_shots(
@@ -137,9 +146,13 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "models": {"policy": policy, "reference": reference, "base": base, "pref_ft": pref_ft},
         "beta": beta,
         "accuracy_by_shots": accuracy_by_shots(rows, beta),
+        "gain_over_zero_shots": gain_over_zero_shots(rows, beta),
         "episode_variants_skipped_for_length": skipped,
         "lengths": lengths,
     }
+    if "bayes_optimal" in cfg.baselines:
+        sample = [Episode.from_row(r) for r in episodes.limit(cfg.n_episodes).take_all()]
+        report["bayes_optimal_by_shots"] = bayes_optimal_by_shots(sample, shots_list, users, style.preferred_only)
     per_user = _per_user_accuracy(rows, beta)
 
     if cfg.judge != "none":
@@ -153,7 +166,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     _write_csv(os.path.join(cfg.out, "per_user.csv"), per_user)
-    _plot(report["accuracy_by_shots"], os.path.join(cfg.out, "accuracy_vs_shots.png"))
+    _plot(report["accuracy_by_shots"], report.get("bayes_optimal_by_shots"), os.path.join(cfg.out, "accuracy_vs_shots.png"))
     return report
 
 
@@ -183,7 +196,7 @@ def _win_rates(cfg, models, chosen, styles, lengths, preferences, use_gpu) -> tu
         "pref_ft": (models["pref_ft"], lambda e: e, styles["pref_ft"]),
         "oracle_prompt": (base, lambda e: Episode(e.user_id, (), e.query, e.user_description), oracle),
     }  # fmt: skip
-    wanted = ["base", "fspo", *cfg.baselines]
+    wanted = ["base", "fspo", *(b for b in cfg.baselines if b in SYSTEMS)]
     tokenizer = load_tokenizer(policy)
     limits = {"max_length": lengths["max_length"] - cfg.max_new_tokens,
               "max_prompt_length": min(lengths["max_prompt_length"], lengths["max_length"] - cfg.max_new_tokens)}
@@ -207,6 +220,11 @@ def _win_rates(cfg, models, chosen, styles, lengths, preferences, use_gpu) -> tu
             judge = endpoint_judge(cfg.judge_model, cfg.judge_model_name, os.environ.get(cfg.judge_api_key_env))
         else:
             judge = local_judge(resolve_model(cfg.judge_model))
+
+    def on_task_rate(name: str) -> float:
+        answers_on_task = [on_task(answers[name][e.episode_id], e.query.question) for e in chosen]
+        return sum(answers_on_task) / len(chosen) if chosen else float("nan")
+
     results, per_user = {}, []
     for name in wanted[1:]:
         total, by_user = Comparison(), {}
@@ -225,6 +243,8 @@ def _win_rates(cfg, models, chosen, styles, lengths, preferences, use_gpu) -> tu
         results[name] = {"win_rate": total.win_rate, "ci": [low, high], "wins": total.wins, "losses": total.losses,
                          "dropped_inconsistent": total.dropped, "queries": len(chosen),
                          "queries_skipped_for_length": skipped}  # fmt: skip
+        if cfg.judge == "oracle":
+            results[name] |= {"on_task": on_task_rate(name), "base_on_task": on_task_rate("base")}
         per_user += [{"user_id": u, "measure": f"win_rate_{name}", "k": len(chosen[0].shots) if chosen else 0,
                       "n": c.wins + c.losses,
                       "value": c.win_rate} for u, c in sorted(by_user.items())]  # fmt: skip
@@ -240,7 +260,7 @@ def _write_csv(path: str, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _plot(table: list[dict], path: str) -> None:
+def _plot(table: list[dict], ceiling: list[dict] | None, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -251,7 +271,10 @@ def _plot(table: list[dict], path: str) -> None:
     errors = [[a - row["accuracy_ci"][0] for a, row in zip(accuracy, table)],
               [row["accuracy_ci"][1] - a for a, row in zip(accuracy, table)]]  # fmt: skip
     figure, axes = plt.subplots(figsize=(5, 3.5))
-    axes.errorbar(ks, accuracy, yerr=errors, marker="o", capsize=3)
+    axes.errorbar(ks, accuracy, yerr=errors, marker="o", capsize=3, label="model")
+    if ceiling:
+        axes.plot([row["k"] for row in ceiling], [row["accuracy"] for row in ceiling], "k--", marker="x",
+                  label="bayes_optimal (ideal reader)")  # fmt: skip
     axes.axhline(0.5, color="grey", linestyle=":", label="chance")
     axes.set(xlabel="shots in context (k)", ylabel="preference accuracy (held-out users)", ylim=(0, 1), xticks=ks)
     axes.legend()

@@ -4,7 +4,8 @@ A judge sees the question, two answers labelled "m" (first) and "M" (second) and
 description, and says m or M (fspo-method.md §5). Every pair is judged twice with the order swapped;
 a verdict counts only when both orders name the same answer, so a judge's position bias cannot win a
 comparison. Judges: `oracle` (the synthetic users' scoring function; exact, no model) and `llm` (a local
-Hugging Face model or an OpenAI-compatible endpoint).
+Hugging Face model or an OpenAI-compatible endpoint). With the oracle each system's on-task rate (answers
+that give the asked task's steps) is reported beside its win rate.
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ class Generator:
 
 
 def oracle_judge(question: str, first: str, second: str, description: str, preferences: dict) -> str:
-    """The synthetic user's own scoring; on a tie it falls back to "m", which the order swap then drops."""
-    return "M" if score_answer(second, preferences) > score_answer(first, preferences) else "m"
+    """The synthetic user's own scoring, content first (an answer off the asked task loses to any on-task
+    one); on a tie it falls back to "m", which the order swap then drops."""
+    return "M" if score_answer(second, preferences, question) > score_answer(first, preferences, question) else "m"
 
 
 def parse_verdict(text: str) -> str | None:
