@@ -51,6 +51,17 @@ class LossConfig:
     reference_free: bool = False  # dpo only: no reference model (margins against 0)
 
 
+LLAMA_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0  # adapter rank; 0: no LoRA, every weight trains
+    alpha: float = 16.0  # adapters add (alpha / r) · B·A to each targeted weight
+    dropout: float = 0.0  # dropout on the adapters' input while training
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEAR_LAYERS))  # layers that get adapters
+
+
 @dataclass
 class WandbConfig:
     enabled: bool = False  # also needs WANDB_API_KEY; never required
@@ -66,6 +77,7 @@ class TrainConfig:
     datasets: list[str] = field(default_factory=list)  # [format:]path, see fspo_ray/data/readers.py
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     trainer: str = "BasicTrainer"  # BasicTrainer (ZeRO-0) | FSDPTrainer | TensorParallelTrainer (ZeRO-3)
     lr: float = 5e-7  # peak learning rate (linear warmup, then constant)
     n_epochs: int | None = 1  # passes over the training episodes (ignored when n_examples is set)
@@ -167,6 +179,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"length_window={cfg.length_window} must be >= 0")
     if cfg.n_examples is not None and cfg.n_examples < 1:
         raise ConfigError(f"n_examples={cfg.n_examples} must be >= 1")
+    if cfg.lora.r < 0 or cfg.lora.alpha <= 0 or not 0 <= cfg.lora.dropout < 1:
+        raise ConfigError(f"lora.r={cfg.lora.r} must be >= 0 (0: off), lora.alpha={cfg.lora.alpha} > 0, "
+                          f"lora.dropout={cfg.lora.dropout} in [0, 1)")
+    if cfg.lora.r and cfg.stage == 3:  # measured: steps ~100x slower, then the export hangs (issue #11)
+        raise ConfigError("lora.r > 0 runs under zero_stage 0, 1 or 2; ZeRO-3 with LoRA is not supported yet")
+    if cfg.lora.r and not cfg.lora.target_modules:
+        raise ConfigError("lora.target_modules=[] names no layer to adapt")
     if cfg.loss.beta <= 0:
         raise ConfigError(f"loss.beta={cfg.loss.beta} must be > 0")
     if not 0 <= cfg.loss.label_smoothing < 0.5:

@@ -7,8 +7,11 @@ import os
 import shutil
 import tempfile
 
+import torch
+
 from fspo_ray.data.tokenize import PromptStyle
 from fspo_ray.train.config import TrainConfig
+from fspo_ray.train.lora import save_merged
 
 
 def publish(local_dir: str, destination: str) -> None:
@@ -41,8 +44,10 @@ def run_prompt_style(info: dict) -> PromptStyle:
     return PromptStyle(bool(info.get("preferred_only", False)), info.get("description_mode", "none"))
 
 
-def export_hf_folder(engine, tokenizer, cfg: TrainConfig, rank: int, run_info: dict) -> None:
-    """Every rank must call this: under ZeRO-3 the weights are gathered from all of them."""
+def export_hf_folder(engine, tokenizer, cfg: TrainConfig, rank: int, run_info: dict, start_model: str,
+                     dtype: torch.dtype) -> None:
+    """Every rank must call this: under ZeRO-3 the weights are gathered from all of them. A LoRA run
+    exports the start model with its adapters merged in, and the adapters in `adapter/` (lora.py)."""
     if cfg.stage == 3:
         # The same consolidation accelerate and the HF Trainer use; rank 0 receives the full weights.
         state = engine._zero3_consolidated_16bit_state_dict()
@@ -51,7 +56,10 @@ def export_hf_folder(engine, tokenizer, cfg: TrainConfig, rank: int, run_info: d
     if rank != 0:
         return
     with tempfile.TemporaryDirectory() as directory:
-        engine.module.save_pretrained(directory, state_dict=state)
+        if cfg.lora.r:
+            save_merged(engine.module, state, start_model, dtype, directory)
+        else:
+            engine.module.save_pretrained(directory, state_dict=state)
         tokenizer.save_pretrained(directory)
         with open(os.path.join(directory, RUN_INFO), "w") as f:
             json.dump(run_info, f, indent=1)
