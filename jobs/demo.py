@@ -28,16 +28,19 @@ class DemoConfig:
     batch_size: int = 8  # episodes per optimizer step
     max_length: int = 512  # prompt + completion tokens
     max_prompt_length: int = 384  # prompt tokens
-    sft_examples: int = 1000  # episodes of few-shot SFT
+    sft_examples: int = 8000  # episodes of few-shot SFT
     sft_lr: float = 3e-3  # SFT learning rate
-    ipo_examples: int = 1600  # episodes of few-shot IPO
+    ipo_examples: int = 3200  # episodes of few-shot IPO
     ipo_lr: float = 6e-4  # IPO learning rate
     ipo_beta: float = 0.1  # IPO beta
+    lora_r: int = 0  # LoRA adapter rank for both stages (0: train every weight); the export is merged
+    lora_alpha: float = 16.0  # LoRA scale: adapters add (lora_alpha / lora_r) · B·A
     eval_episodes: int = 256  # held-out episodes scored at every number of shots
     eval_queries: int = 32  # held-out queries for the win rate
     backend: str = "transformers"  # the service's engine; auto picks vLLM where it runs (slower to start)
     port: int = 8000  # the service's loopback port
     seed: int = 0  # seeds data, training and evaluation
+    verbose: bool = False  # show Ray's and the libraries' output on the console (else: out/demo.log only)
 
 
 def _step(title: str) -> None:
@@ -45,8 +48,18 @@ def _step(title: str) -> None:
 
 
 def main(argv: list[str]) -> dict:
+    from fspo_ray.console import job_console
+
+    cfg = parse_overrides(DemoConfig, argv)
+    out = os.path.abspath(cfg.out)
+    log = os.path.join(out, "demo.log")
+    print(f"fspo-ray demo: everything lands in {out}; Ray's and the libraries' output in {log}", flush=True)
+    with job_console(log, cfg.verbose):  # a caller's Ray (tests, a notebook) is joined and left running
+        return _demo(cfg, out, log)
+
+
+def _demo(cfg: DemoConfig, out: str, log: str) -> dict:
     import httpx
-    import ray
     from ray import serve
 
     from fspo_ray.data.readers import read_pairs
@@ -57,11 +70,7 @@ def main(argv: list[str]) -> dict:
     from jobs.evaluate import summary
     from serve.app import Personalizer
 
-    cfg = parse_overrides(DemoConfig, argv)
-    out = os.path.abspath(cfg.out)
     started = time.perf_counter()
-    owns_ray = not ray.is_initialized()  # a caller's Ray (tests, a notebook) is left running
-    ray.init(ignore_reinit_error=True)
 
     _step("1/5 synthetic users: preferences known exactly, held-out users unseen in training")
     data = write_synthetic(
@@ -73,7 +82,7 @@ def main(argv: list[str]) -> dict:
               f"batch_size={cfg.batch_size}", f"max_length={cfg.max_length}",
               f"max_prompt_length={cfg.max_prompt_length}", f"storage_path={out}/runs", "zero_stage=2",
               "optimizer=AdamW", "warmup_steps=5", "n_eval_examples=64", "eval_batch_size=32",
-              f"seed={cfg.seed}"]  # fmt: skip
+              f"lora.r={cfg.lora_r}", f"lora.alpha={cfg.lora_alpha}", f"seed={cfg.seed}"]  # fmt: skip
     _step("2/5 few-shot SFT on the preferred answers (2 Ray Train workers, DeepSpeed ZeRO-2)")
     sft = parse_train_config([*common, "loss=sft", f"lr={cfg.sft_lr}", f"n_examples={cfg.sft_examples}",
                               "exp_name=sft", "do_first_eval=false"])  # fmt: skip
@@ -88,6 +97,7 @@ def main(argv: list[str]) -> dict:
     report = evaluate(EvaluateConfig(
         model=ipo.run_dir, datasets=[data["test"]], users_file=data["users"], out=os.path.join(out, "eval"),
         max_shots=cfg.shots, n_episodes=cfg.eval_episodes, n_queries=cfg.eval_queries, seed=cfg.seed,
+        baselines=["bayes_optimal"],
         overwrite=True,  # the demo's own folder: a re-run evaluates again
     ))  # fmt: skip
     print(summary(report))
@@ -109,13 +119,12 @@ def main(argv: list[str]) -> dict:
     print(f"user {user}: {users[user]['description']} (the model only saw {len(history)} of their choices)")
     print(f"question: {request['query']}\n--- personalized model:\n{personalized['response']}\n"
           f"--- base model:\n{base['response'] or '(an empty answer: it stopped at once)'}")  # fmt: skip
-    serve.shutdown()
+    for app in ("fspo", "base"):  # not serve.shutdown(): killing the controller mid-shutdown prints retry errors
+        serve.delete(app)
 
     print(f"\nreport: {out}/eval/report.json  plot: {out}/eval/accuracy_vs_shots.png  "
           f"per user: {out}/eval/per_user.csv\nmodel: {ipo.run_dir}/LATEST  "
-          f"training curves: {ipo.run_dir}/metrics.jsonl\ndone in {time.perf_counter() - started:.0f} s")  # fmt: skip
-    if owns_ray:
-        ray.shutdown()
+          f"training curves: {ipo.run_dir}/metrics.jsonl  log: {log}\ndone in {time.perf_counter() - started:.0f} s")  # fmt: skip
     return {"report": report, "personalized": personalized, "base": base}
 
 

@@ -43,20 +43,25 @@ def test_demo_at_reduced_size(tmp_path, monkeypatch, capsys):
     try:
         watcher = threading.Thread(target=watch_metrics, args=(ray.nodes()[0]["MetricsExportPort"], seen, stop))
         watcher.start()
-        result = main([f"out={tmp_path}", "n_train_users=32", "n_test_users=8", "sft_examples=64", "ipo_examples=96",
-                       "eval_episodes=32", "eval_queries=4", f"port={port}"])  # fmt: skip
+        result = main([f"out={tmp_path}", "n_train_users=32", "n_test_users=16", "sft_examples=64", "ipo_examples=96",
+                       "eval_episodes=64", "eval_queries=4", f"port={port}"])  # fmt: skip
     finally:
         stop.set()
         watcher.join()
         ray.shutdown()
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
 
-    # Evaluation: 8 held-out users x 16 pairs / (3 shots + 1) = 32 episodes, each scored at every k.
+    # Evaluation: 16 held-out users x 16 pairs / (3 shots + 1) = 64 episodes, each scored at every k.
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     rows = report["accuracy_by_shots"]
-    assert [(r["k"], r["n"]) for r in rows] == [(0, 32), (1, 32), (2, 32), (3, 32)]
-    gain = 100 * (rows[-1]["accuracy"] - rows[0]["accuracy"])
-    assert f"learning from shots: {gain:+.1f} points of accuracy at 3 shots over 0 shots" in printed
+    assert [(r["k"], r["n"]) for r in rows] == [(0, 64), (1, 64), (2, 64), (3, 64)]
+    # The gain over 0 shots is measured on the same episodes (its interval is of the paired difference).
+    gain = report["gain_over_zero_shots"]
+    assert gain["points"] == pytest.approx(100 * (rows[-1]["accuracy"] - rows[0]["accuracy"]))
+    assert f"learning from shots: {gain['points']:+.1f} points of accuracy at 3 shots over 0 shots" in printed
+    # The ideal reader of the same shots: every held-out user is settled by one shot (one cared property).
+    assert [r["accuracy"] for r in report["bayes_optimal_by_shots"]] == [0.5, 1.0, 1.0, 1.0]
     assert (tmp_path / "eval" / "accuracy_vs_shots.png").read_bytes().startswith(b"\x89PNG")
     assert (tmp_path / "eval" / "per_user.csv").read_text().startswith("user_id,")
 
@@ -73,7 +78,17 @@ def test_demo_at_reduced_size(tmp_path, monkeypatch, capsys):
     assert personalized["shots_used"] == 3 and personalized["model"].endswith("ipo")
     assert base["shots_used"] == 0
     assert f"--- personalized model:\n{personalized['response']}\n" in printed
-    assert "done in" in printed
+
+    # The console holds our stage lines, bars and results only, and ends with where everything is; Ray's
+    # INFO lines, warnings and the workers' output went to the demo's log.
+    console = captured.out + captured.err
+    for noise in (" INFO ", "Warning", "WARNING", "RayTrainWorker", "(raylet)", "core_worker"):
+        assert noise not in console, noise
+    assert len(console.split("\n")) < 60  # one screen (a bar redraws its own line with \r)
+    assert printed.rstrip().splitlines()[-3:][0].startswith(f"report: {tmp_path}/eval/report.json  plot: ")
+    assert f"model: {tmp_path}/runs/ipo/LATEST" in printed and "done in" in printed.splitlines()[-1]
+    log = (tmp_path / "demo.log").read_text()
+    assert "RayTrainWorker" in log and "[ipo] epoch 0 step" in log and "INFO" in log
 
     # The dashboard saw both runs live: every training gauge, and values that the run logged.
     for run in ("sft", "ipo"):

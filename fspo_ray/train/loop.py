@@ -1,5 +1,6 @@
-"""What every Ray Train worker runs: DeepSpeed over the policy, its data shard, and a frozen reference
-model only where the reference's scores were not precomputed (reference.py).
+"""What every Ray Train worker runs: DeepSpeed over the policy (with LoRA adapters when lora.r > 0),
+its data shard, and a frozen reference model only where the reference's scores were not precomputed
+(reference.py) and no adapters can be switched off (lora.py).
 
 Resume is exact because a rank's shard is the same, in the same order, on every run (pipeline.py): the
 checkpoint records the optimizer steps taken, and a resumed rank skips exactly that many steps of its
@@ -20,6 +21,7 @@ import torch
 
 from fspo_ray.train.config import TrainConfig
 from fspo_ray.train.export import export_hf_folder
+from fspo_ray.train.lora import AdaptersDisabled, add_adapters
 from fspo_ray.train.metrics import MetricsLog
 from fspo_ray.train.step import add_metrics, batch_loss, collate, needs_rejected
 
@@ -37,6 +39,7 @@ class LoopPlan:
     has_eval: bool
     summary: dict
     reference_precomputed: bool = False  # the shards carry the reference's scores: no reference model here
+    progress: Any = None  # the driver's progress bar queue (console.progress_bar)
 
 
 def _dtype(name: str, on_gpu: bool) -> torch.dtype:
@@ -112,13 +115,18 @@ def train_loop(plan: LoopPlan) -> None:
     policy = _load_model(plan.start_model, policy_dtype)
     if cfg.activation_checkpointing:
         policy.gradient_checkpointing_enable()
-    optimizer = getattr(torch.optim, cfg.optimizer)(policy.parameters(), lr=cfg.lr)
+    if cfg.lora.r:
+        policy = add_adapters(policy, cfg.lora)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = getattr(torch.optim, cfg.optimizer)(trainable, lr=cfg.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     engine, _, _, scheduler = deepspeed.initialize(
         model=policy, optimizer=optimizer, lr_scheduler=warmup, config=ds_config
     )
     reference = None
-    if cfg.loss.name != "sft" and not plan.reference_precomputed:
+    if cfg.loss.name != "sft" and not plan.reference_precomputed and cfg.lora.r:
+        reference = AdaptersDisabled(engine.module)
+    elif cfg.loss.name != "sft" and not plan.reference_precomputed:
         reference_dtype = _dtype(cfg.model.reference_dtype, on_gpu)
         reference = _load_model(plan.start_model, reference_dtype).eval().requires_grad_(False)
         if cfg.stage == 3:  # shard the frozen reference too
@@ -132,13 +140,14 @@ def train_loop(plan: LoopPlan) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+            # A LoRA checkpoint holds the adapters only: the frozen weights are the start model's.
+            engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_module_strict=not cfg.lora.r)
             with open(os.path.join(directory, "trainer_state.json")) as f:
                 step = json.load(f)["step"]
             rng = os.path.join(directory, f"rng_rank{rank}.pt")
             if os.path.exists(rng):
                 torch.set_rng_state(torch.load(rng, weights_only=True))
-    log = MetricsLog(cfg, rank, resume_step=step)
+    log = MetricsLog(cfg, rank, resume_step=step, progress=plan.progress)
 
     with_rejected = needs_rejected(cfg.loss.name, cfg.sft_target)
     train_shard = ray.train.get_dataset_shard(f"train_{rank}")
@@ -157,7 +166,7 @@ def train_loop(plan: LoopPlan) -> None:
 
     def save(metrics: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory() as directory:
-            engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)
+            engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, exclude_frozen_parameters=bool(cfg.lora.r))
             torch.save(torch.get_rng_state(), os.path.join(directory, f"rng_rank{rank}.pt"))
             with open(os.path.join(directory, "trainer_state.json"), "w") as f:
                 json.dump({"step": step, "examples": step * cfg.batch_size, "summary": plan.summary}, f)
@@ -221,7 +230,7 @@ def train_loop(plan: LoopPlan) -> None:
                     "beta": cfg.loss.beta, "shots": plan.summary["train"]["shots"],
                     "description_mode": cfg.description_mode, "preferred_only": cfg.preferred_only,
                     "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}  # fmt: skip
-        export_hf_folder(engine, tokenizer, cfg, rank, run_info)
+        export_hf_folder(engine, tokenizer, cfg, rank, run_info, plan.start_model, policy_dtype)
     log.close()
 
 

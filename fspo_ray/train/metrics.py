@@ -1,5 +1,5 @@
 """Rank 0's record of a run: metrics.jsonl and TensorBoard in the run folder, Ray metrics for the dashboard,
-W&B when asked, a console line.
+W&B when asked, a log line and the driver's progress bar.
 
 On resume, entries past the checkpoint are dropped so the curves hold each step once.
 """
@@ -42,8 +42,8 @@ RAY_GAUGES = {
 
 
 class MetricsLog:
-    def __init__(self, cfg: TrainConfig, rank: int, resume_step: int):
-        self.cfg, self.rank = cfg, rank
+    def __init__(self, cfg: TrainConfig, rank: int, resume_step: int, progress=None):
+        self.cfg, self.rank, self.progress = cfg, rank, progress  # progress: the driver's bar (console.py)
         self.log_dir = cfg.local_dir  # a URI storage_path holds checkpoints; logs stay local
         os.makedirs(self.log_dir, exist_ok=True)
         self.ids_path = os.path.join(self.log_dir, "example_ids", f"rank{rank}.jsonl")
@@ -96,6 +96,8 @@ class MetricsLog:
             rates = f"{metrics['examples_per_second']:.1f} ex/s" if "examples_per_second" in metrics else ""
             text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
             logger.info(f"[{self.cfg.exp_name}] {progress or f'eval at step {step}'} {text} {rates}".rstrip())
+            if self.progress is not None:
+                self.progress.put_nowait({"step": step, "text": f"{text} {rates}".strip()})
 
     def example_ids(self, step: int, ids: list[str]) -> None:
         if self.cfg.log_example_ids:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from fspo_ray.config import ConfigError
+from fspo_ray.console import progress_bar
 from fspo_ray.data.readers import default_shots
 from fspo_ray.data.tokenize import PromptStyle
 from fspo_ray.models import archive_to_folder, resolve_model
@@ -13,6 +15,8 @@ from fspo_ray.train.config import TrainConfig, differing_keys
 from fspo_ray.train.loop import LoopPlan, train_loop
 from fspo_ray.train.pipeline import prepare
 from fspo_ray.train.reference import ReferenceScoring, weights_digest
+
+logger = logging.getLogger(__name__)  # details for the log file; the console gets one line per stage
 
 
 def _use_gpu(cfg: TrainConfig) -> bool:
@@ -64,9 +68,6 @@ def claim_run_dir(cfg: TrainConfig) -> bool:
 def run_training(cfg: TrainConfig):
     """Train; return Ray Train's Result. Re-running the same exp_name and storage_path with the same
     config resumes; with another config it stops, naming what differs (see claim_run_dir)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     if claim_run_dir(cfg):
         print(f"[{cfg.exp_name}] resuming {cfg.run_dir}: its recorded config is this one", flush=True)
 
@@ -114,15 +115,28 @@ def run_training(cfg: TrainConfig):
     summary.update(
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, planned_examples=total_steps * cfg.batch_size
     )
-    print(f"[{cfg.exp_name}] data: {json.dumps(summary)}", flush=True)
+    logger.info(f"[{cfg.exp_name}] data: {json.dumps(summary)}")
+    held_out = f"; {summary['eval_examples']:,} held-out episodes" if cfg.eval_datasets else ""
+    print(f"[{cfg.exp_name}] {summary['planned_examples']:,} episodes of {shots} shots from {train.stats['users']:,} users"
+          f" in {total_steps:,} steps{held_out}", flush=True)  # fmt: skip
 
     cpus = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else (1.0 if use_gpu else 0.5)
     resources = {"CPU": cpus, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
-    plan = LoopPlan(
-        cfg, start_model, model_path, tokenizer_path, steps_per_epoch, total_steps, bool(cfg.eval_datasets), summary,
-        reference_precomputed=reference is not None,
-    )  # fmt: skip
-    trainer = TorchTrainer(
+    with progress_bar(total_steps, f"[{cfg.exp_name}] {cfg.loss.name}") as progress:
+        plan = LoopPlan(
+            cfg, start_model, model_path, tokenizer_path, steps_per_epoch, total_steps, bool(cfg.eval_datasets),
+            summary, reference_precomputed=reference is not None, progress=progress,
+        )  # fmt: skip
+        result = _trainer(cfg, plan, datasets, use_gpu, resources).fit()
+    print(f"[{cfg.exp_name}] done: model at {cfg.run_dir}/LATEST, metrics at {cfg.run_dir}/metrics.jsonl", flush=True)
+    return result
+
+
+def _trainer(cfg: TrainConfig, plan: LoopPlan, datasets: dict, use_gpu: bool, resources: dict):
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
         train_loop,
         train_loop_config=plan,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
@@ -136,6 +150,3 @@ def run_training(cfg: TrainConfig):
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),  # already split, deterministically, by prepare()
     )
-    result = trainer.fit()
-    print(f"[{cfg.exp_name}] done: model at {cfg.run_dir}/LATEST, metrics at {cfg.run_dir}/metrics.jsonl", flush=True)
-    return result
