@@ -52,16 +52,20 @@ def test_a_judge_stuck_on_one_position_gives_no_consistent_verdict():
 
 def test_oracle_judge_is_order_consistent_on_a_clear_preference():
     prefs = {"tone": "formal", "length": "brief"}
-    steps = ["mix flour", "knead it", "let it rise", "bake it"]
+    steps = ["mix flour and water", "knead the dough well", "let it rise", "bake it in a hot oven"]
+    q = "How do I bake bread?"
     good = render_answer(
         "bake bread", steps, {"tone": "formal", "length": "brief", "format": "prose", "mood": "reserved"}
     )
     bad = render_answer(
         "bake bread", steps, {"tone": "casual", "length": "detailed", "format": "prose", "mood": "reserved"}
     )
-    assert judge_both_orders(oracle_judge, "q", good, bad, "", prefs) == "win"
-    assert judge_both_orders(oracle_judge, "q", bad, good, "", prefs) == "loss"
-    assert judge_both_orders(oracle_judge, "q", good, good, "", prefs) is None  # a tie is dropped
+    assert judge_both_orders(oracle_judge, q, good, bad, "", prefs) == "win"
+    assert judge_both_orders(oracle_judge, q, bad, good, "", prefs) == "loss"
+    assert judge_both_orders(oracle_judge, q, good, good, "", prefs) is None  # a tie is dropped
+    # Content first: the user's style on another task's steps loses to the wrong style on the asked task.
+    off_task = good.replace("Mix flour and water", "Pick a sunny spot")
+    assert judge_both_orders(oracle_judge, q, off_task, bad, "", prefs) == "loss"
     assert parse_verdict(" M") == "M" and parse_verdict("maybe") == "m" and parse_verdict("x") is None
 
 
