@@ -179,4 +179,4 @@ def test_an_earlier_report_is_not_replaced_unless_asked(tmp_path):
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "report.json").write_text("{}")
     with pytest.raises(ConfigError, match="already holds results: pass overwrite=true"):
-        evaluate(EvaluateConfig(model="tiny", datasets=["x.jsonl"], out=str(tmp_path / "eval")))
+        evaluate(EvaluateConfig(model="tiny", datasets=["x.jsonl"], judge="none", out=str(tmp_path / "eval")))
