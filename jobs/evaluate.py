@@ -42,11 +42,13 @@ def summary(report: dict) -> str:
 
 
 def main(argv: list[str]) -> dict:
-    import ray
+    from fspo_ray.console import job_console
 
     cfg = parse_overrides(EvaluateConfig, argv)
-    ray.init(ignore_reinit_error=True)  # honours RAY_ADDRESS
-    report = evaluate(cfg)
+    log = f"{cfg.out.rstrip('/')}.log"  # beside `out`, which must be empty or hold an earlier report
+    print(f"evaluation: Ray's and the libraries' output goes to {log}", flush=True)
+    with job_console(log, cfg.verbose):
+        report = evaluate(cfg)
     print(summary(report))
     print(f"report: {cfg.out}/report.json, per user: {cfg.out}/per_user.csv, plot: {cfg.out}/accuracy_vs_shots.png")
     return report

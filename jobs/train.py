@@ -10,18 +10,21 @@ See fspo_ray/train/config.py for every key.
 
 from __future__ import annotations
 
+import os
+
 from fspo_ray.config import run_job
 from fspo_ray.train.config import parse_train_config
 
 
 def main(argv: list[str]):
-    import ray
-
+    from fspo_ray.console import job_console
     from fspo_ray.train.run import run_training
 
     cfg = parse_train_config(argv)
-    ray.init(ignore_reinit_error=True)  # honours RAY_ADDRESS
-    return run_training(cfg)
+    log = os.path.join(os.path.dirname(cfg.local_dir), f"{cfg.exp_name}.log")  # beside the run: its folder is Ray's
+    print(f"[{cfg.exp_name}] Ray's and the libraries' output goes to {log}", flush=True)
+    with job_console(log, cfg.verbose):
+        return run_training(cfg)
 
 
 if __name__ == "__main__":

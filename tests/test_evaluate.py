@@ -123,6 +123,9 @@ def test_evaluate_job_report_matches_a_direct_computation(local_ray, tmp_path):
         for system in (name, "base"):
             expected = sum(on_task(x[system], x["question"]) for x in wins["examples"]) / 3
             assert wins[name]["on_task" if system == name else "base_on_task"] == expected, system
+        off_task = [{"question": x["question"], "answer": x[name]} for x in wins["examples"]
+                    if not on_task(x[name], x["question"])]  # fmt: skip
+        assert wins[name]["off_task_examples"] == off_task
     assert json.loads((out / "report.json").read_text())["accuracy_by_shots"] == report["accuracy_by_shots"]
     with open(out / "per_user.csv") as f:
         per_user = list(csv.DictReader(f))

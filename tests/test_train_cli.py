@@ -64,6 +64,9 @@ def test_seed_command_lines_chain_sft_into_ipo(dpo_json, tmp_path):
     ipo = run(train_command("model=tiny", "n_epochs=2", "loss=ipo", "lr=1e-7", "loss.beta=0.05", "exp_name=Y",
                             *common, "batch_size=4", f"model.archive={archive}"))  # fmt: skip
 
+    # The console holds our lines; Ray's INFO lines and what its workers print went to the run's log beside it.
+    assert " INFO " not in sft.stdout + sft.stderr and "RayTrainWorker" not in sft.stdout + sft.stderr
+    assert "RayTrainWorker" in (tmp_path / "X.log").read_text()
     sft_log, ipo_log = metrics(tmp_path / "X"), metrics(tmp_path / "Y")
     assert sft_log[-1]["counters/examples"] == planned_examples(sft.stdout) == 40  # 40 pairs, 1 epoch
     assert ipo_log[-1]["counters/examples"] == planned_examples(ipo.stdout) == 80  # 2 epochs

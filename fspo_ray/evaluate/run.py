@@ -72,6 +72,7 @@ class EvaluateConfig:
     batch_size: int = 8  # rows per batch-inference call
     concurrency: int = 1  # model replicas for batch inference
     use_gpu: bool | None = None  # default: when the cluster has GPUs
+    verbose: bool = False  # jobs.evaluate: Ray's and the libraries' output on the console too (else only <out>.log)
 
 
 def _shots_list(cfg: EvaluateConfig, max_shots: int) -> list[int]:
@@ -166,7 +167,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     _write_csv(os.path.join(cfg.out, "per_user.csv"), per_user)
-    _plot(report["accuracy_by_shots"], report.get("bayes_optimal_by_shots"), os.path.join(cfg.out, "accuracy_vs_shots.png"))
+    plot = os.path.join(cfg.out, "accuracy_vs_shots.png")
+    _plot(report["accuracy_by_shots"], report.get("bayes_optimal_by_shots"), plot)
     return report
 
 
@@ -244,7 +246,10 @@ def _win_rates(cfg, models, chosen, styles, lengths, preferences, use_gpu) -> tu
                          "dropped_inconsistent": total.dropped, "queries": len(chosen),
                          "queries_skipped_for_length": skipped}  # fmt: skip
         if cfg.judge == "oracle":
-            results[name] |= {"on_task": on_task_rate(name), "base_on_task": on_task_rate("base")}
+            off_task = [{"question": e.query.question, "answer": answers[name][e.episode_id]} for e in chosen
+                        if not on_task(answers[name][e.episode_id], e.query.question)]  # fmt: skip
+            results[name] |= {"on_task": on_task_rate(name), "base_on_task": on_task_rate("base"),
+                              "off_task_examples": off_task[:3]}  # fmt: skip
         per_user += [{"user_id": u, "measure": f"win_rate_{name}", "k": len(chosen[0].shots) if chosen else 0,
                       "n": c.wins + c.losses,
                       "value": c.win_rate} for u, c in sorted(by_user.items())]  # fmt: skip
