@@ -44,12 +44,16 @@ def preference_loss(
     kind: PreferenceKind = "dpo",
     label_smoothing: float = 0.0,
     reference_free: bool = False,
+    sft_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example (losses, chosen_rewards, rejected_rewards).
 
     h = [lpθ(yw) − lpθ(yl)] − [lp_ref(yw) − lp_ref(yl)]
     dpo: −(1−ε)·log σ(βh) − ε·log σ(−βh)        (ε = label_smoothing: conservative DPO)
     ipo: (h − 1/(2β))²
+    plus sft_weight · (−lpθ(yw)): the preferred answer's NLL, as in RPO (Pang et al., 2024), which keeps
+    a small model's generation on the preferred answers while the margin grows (off by default: the paper
+    has no such term).
     Rewards are β·(lpθ − lp_ref), detached.
     """
     if beta <= 0:
@@ -67,6 +71,7 @@ def preference_loss(
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"kind must be 'dpo' or 'ipo', got {kind!r}")
+    losses = losses - sft_weight * policy_chosen_logps
     chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards

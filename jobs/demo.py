@@ -33,6 +33,7 @@ class DemoConfig:
     ipo_examples: int = 3200  # episodes of few-shot IPO
     ipo_lr: float = 6e-4  # IPO learning rate
     ipo_beta: float = 0.1  # IPO beta
+    ipo_sft_weight: float = 0.0  # weight of the preferred answer's NLL added to IPO (loss.sft_weight)
     lora_r: int = 0  # LoRA adapter rank for both stages (0: train every weight); the export is merged
     lora_alpha: float = 16.0  # LoRA scale: adapters add (lora_alpha / lora_r) · B·A
     eval_episodes: int = 256  # held-out episodes scored at every number of shots
@@ -89,8 +90,8 @@ def _demo(cfg: DemoConfig, out: str, log: str) -> dict:
     run_training(sft)
     _step("3/5 few-shot IPO from the SFT model, referenced to it")
     ipo = parse_train_config([*common, "loss=ipo", f"loss.beta={cfg.ipo_beta}", f"lr={cfg.ipo_lr}",
-                              f"n_examples={cfg.ipo_examples}", "exp_name=ipo", f"model.archive={sft.run_dir}",
-                              "eval_every=1000"])  # fmt: skip
+                              f"loss.sft_weight={cfg.ipo_sft_weight}", f"n_examples={cfg.ipo_examples}",
+                              "exp_name=ipo", f"model.archive={sft.run_dir}", "eval_every=1000"])  # fmt: skip
     run_training(ipo)
 
     _step("4/5 evaluation on held-out users: accuracy over shots, oracle win rate vs the base model")

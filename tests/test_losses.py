@@ -64,6 +64,12 @@ def test_ipo():
     assert r_w == pytest.approx(0.05) and r_l == pytest.approx(-0.1)
 
 
+def test_ipo_with_the_preferred_answers_nll():
+    loss, r_w, r_l = losses(beta=0.05, kind="ipo", sft_weight=0.5)
+    assert loss == pytest.approx(49 + 0.5 * 10)  # + 0.5 · (−lpθ(yw)), lpθ(yw) = −10
+    assert r_w == pytest.approx(0.05) and r_l == pytest.approx(-0.1)  # the rewards do not see it
+
+
 def test_rewards_are_detached_and_loss_has_gradient():
     w = torch.tensor([POLICY_W], requires_grad=True)
     loss, r_w, _ = preference_loss(w, torch.tensor([POLICY_L]), torch.tensor([REF_W]), torch.tensor([REF_L]), 0.1)

@@ -219,3 +219,10 @@ def test_reference_free_is_refused_where_the_reference_ignores_it():
     with pytest.raises(ConfigError, match="reference_free applies to loss=dpo only"):
         parse_train_config(["datasets=[x.jsonl]", "loss=ipo", "loss.reference_free=true"])
     assert parse_train_config(["datasets=[x.jsonl]", "loss=dpo", "loss.reference_free=true"]).loss.reference_free
+
+
+def test_the_preferred_answers_nll_weight_is_for_preference_losses_and_not_negative():
+    for loss, weight in (("sft", "1.0"), ("ipo", "-0.5")):
+        with pytest.raises(ConfigError, match=f"loss.sft_weight={float(weight)}: it is a weight >= 0"):
+            parse_train_config(["datasets=[x.jsonl]", f"loss={loss}", f"loss.sft_weight={weight}"])
+    assert parse_train_config(["datasets=[x.jsonl]", "loss=ipo", "loss.sft_weight=0.5"]).loss.sft_weight == 0.5

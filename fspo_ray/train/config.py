@@ -49,6 +49,7 @@ class LossConfig:
     beta: float = 0.1  # dpo/ipo strength of the pull toward the reference
     label_smoothing: float = 0.0  # dpo only: conservative DPO
     reference_free: bool = False  # dpo only: no reference model (margins against 0)
+    sft_weight: float = 0.0  # dpo/ipo: adds this times the preferred answer's NLL (RPO); 0 as in the paper
 
 
 LLAMA_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -128,6 +129,7 @@ class TrainConfig:
     max_failures: int = 0  # worker or node failures Ray Train recovers from (from the last checkpoint)
     num_checkpoints_to_keep: int = 2  # older checkpoints are deleted
     log_example_ids: bool = False  # write which episodes each step trained on, per rank
+    verbose: bool = False  # jobs.train: Ray's and the libraries' output on the console too (else only <exp_name>.log)
 
     @property
     def stage(self) -> int:
@@ -194,6 +196,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("loss.label_smoothing applies to loss=dpo only")
     if cfg.loss.reference_free and cfg.loss.name != "dpo":  # the reference ignores it for IPO; we say so
         raise ConfigError("loss.reference_free applies to loss=dpo only")
+    if cfg.loss.sft_weight and cfg.loss.name == "sft" or cfg.loss.sft_weight < 0:
+        raise ConfigError(f"loss.sft_weight={cfg.loss.sft_weight}: it is a weight >= 0 on dpo/ipo's "
+                          "preferred-answer NLL")
     per_step = cfg.gradient_accumulation_steps * cfg.num_workers
     if cfg.batch_size % per_step or cfg.batch_size < per_step:
         raise ConfigError(
@@ -215,7 +220,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 # Keys a resumed run may change: they do not alter what is trained or how.
 RESUME_SAFE_KEYS = frozenset({"resume", "max_failures", "num_checkpoints_to_keep", "minimum_log_interval_secs",
-                              "reference_concurrency", "log_example_ids", "wandb.enabled", "wandb.entity",
+                              "reference_concurrency", "log_example_ids", "verbose", "wandb.enabled", "wandb.entity",
                               "wandb.project"})  # fmt: skip
 
 

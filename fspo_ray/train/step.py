@@ -68,6 +68,7 @@ def batch_loss(policy, reference, batch: StepBatch, loss_cfg, sft_target: str, s
         kind=loss_cfg.name,
         label_smoothing=loss_cfg.label_smoothing,
         reference_free=loss_cfg.reference_free,
+        sft_weight=loss_cfg.sft_weight,
     )
     n = losses.shape[0]
     metrics = {
