@@ -38,13 +38,15 @@ def test_demo_at_reduced_size(tmp_path, monkeypatch, capsys):
         port = s.getsockname()[1]
     monkeypatch.setenv("RAY_metrics_report_interval_ms", "1000")  # Ray's default 10 s outlasts this short run
     ray.init(num_cpus=2, include_dashboard=False)
+    capsys.readouterr()  # the test's own Ray start-up lines: what follows is the demo's console
     seen: dict = {}
     stop = threading.Event()
     try:
         watcher = threading.Thread(target=watch_metrics, args=(ray.nodes()[0]["MetricsExportPort"], seen, stop))
         watcher.start()
-        result = main([f"out={tmp_path}", "n_train_users=32", "n_test_users=16", "sft_examples=64", "ipo_examples=96",
-                       "eval_episodes=64", "eval_queries=4", f"port={port}"])  # fmt: skip
+        result = main([f"out={tmp_path}", "n_train_users=64", "n_test_users=32", "sft_examples=400",
+                       "ipo_examples=1600", "ipo_lr=1e-3", "eval_episodes=128", "eval_queries=4",
+                       f"port={port}"])  # fmt: skip
     finally:
         stop.set()
         watcher.join()
@@ -52,13 +54,16 @@ def test_demo_at_reduced_size(tmp_path, monkeypatch, capsys):
     captured = capsys.readouterr()
     printed = captured.out
 
-    # Evaluation: 16 held-out users x 16 pairs / (3 shots + 1) = 64 episodes, each scored at every k.
+    # Evaluation: 32 held-out users x 16 pairs / (3 shots + 1) = 128 episodes, each scored at every k.
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     rows = report["accuracy_by_shots"]
-    assert [(r["k"], r["n"]) for r in rows] == [(0, 64), (1, 64), (2, 64), (3, 64)]
+    assert [(r["k"], r["n"]) for r in rows] == [(0, 128), (1, 128), (2, 128), (3, 128)]
     # The gain over 0 shots is measured on the same episodes (its interval is of the paired difference).
     gain = report["gain_over_zero_shots"]
     assert gain["points"] == pytest.approx(100 * (rows[-1]["accuracy"] - rows[0]["accuracy"]))
+    # It learned to read the shots: with 3 of a held-out user's choices it ranks their preferred answer first
+    # more often than with none, by more than the paired 95% interval leaves to chance.
+    assert gain["ci"][0] > 0, gain
     assert f"learning from shots: {gain['points']:+.1f} points of accuracy at 3 shots over 0 shots" in printed
     # The ideal reader of the same shots: every held-out user is settled by one shot (one cared property).
     assert [r["accuracy"] for r in report["bayes_optimal_by_shots"]] == [0.5, 1.0, 1.0, 1.0]
@@ -71,7 +76,7 @@ def test_demo_at_reduced_size(tmp_path, monkeypatch, capsys):
     assert ipo_metrics[0]["step"] == 0
     for key in ("chosen", "rejected", "margins"):
         assert abs(ipo_metrics[0][f"rewards_eval/{key}"]) < 1e-5, key
-    assert [m["counters/examples"] for m in ipo_metrics if "counters/examples" in m][-1] == 96
+    assert [m["counters/examples"] for m in ipo_metrics if "counters/examples" in m][-1] == 1600
 
     # The personalized answer came over HTTP from the trained model, with the user's 3 shots in its prompt.
     personalized, base = result["personalized"], result["base"]
@@ -82,7 +87,7 @@ def test_demo_at_reduced_size(tmp_path, monkeypatch, capsys):
     # The console holds our stage lines, bars and results only, and ends with where everything is; Ray's
     # INFO lines, warnings and the workers' output went to the demo's log.
     console = captured.out + captured.err
-    for noise in (" INFO ", "Warning", "WARNING", "RayTrainWorker", "(raylet)", "core_worker"):
+    for noise in ("INFO ", "Warning", "WARNING", "RayTrainWorker", "(raylet)", "core_worker"):
         assert noise not in console, noise
     assert len(console.split("\n")) < 60  # one screen (a bar redraws its own line with \r)
     assert printed.rstrip().splitlines()[-3:][0].startswith(f"report: {tmp_path}/eval/report.json  plot: ")
