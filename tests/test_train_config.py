@@ -1,5 +1,6 @@
 """The training job's command line: the seed's (DPO codebase's) overrides parse onto TrainConfig."""
 
+import math
 import json
 import os
 import re
@@ -226,3 +227,13 @@ def test_the_preferred_answers_nll_weight_is_for_preference_losses_and_not_negat
         with pytest.raises(ConfigError, match=f"loss.sft_weight={float(weight)}: it is a weight >= 0"):
             parse_train_config(["datasets=[x.jsonl]", f"loss={loss}", f"loss.sft_weight={weight}"])
     assert parse_train_config(["datasets=[x.jsonl]", "loss=ipo", "loss.sft_weight=0.5"]).loss.sft_weight == 0.5
+
+
+def test_the_learning_rate_warms_up_then_holds_or_follows_a_half_cosine():
+    from fspo_ray.train.loop import lr_factor
+
+    assert [lr_factor(s, 3, 11, "constant") for s in (0, 1, 2, 3, 10)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    cosine = [lr_factor(s, 3, 11, "cosine") for s in (0, 3, 5, 7, 11)]  # 8 steps of decay after 3 of warmup
+    assert cosine == pytest.approx([0.25, 1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, 0.0])
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        parse_train_config(["datasets=[x.jsonl]", "lr_schedule=linear"])

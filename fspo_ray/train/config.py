@@ -80,7 +80,8 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     trainer: str = "BasicTrainer"  # BasicTrainer (ZeRO-0) | FSDPTrainer | TensorParallelTrainer (ZeRO-3)
-    lr: float = 5e-7  # peak learning rate (linear warmup, then constant)
+    lr: float = 5e-7  # peak learning rate (linear warmup, then lr_schedule)
+    lr_schedule: str = "constant"  # after warmup: constant (the DPO codebase's) | cosine (down to 0 at the last step)
     n_epochs: int | None = 1  # passes over the training episodes (ignored when n_examples is set)
     n_examples: int | None = None  # if set, train on this many examples instead of n_epochs
     batch_size: int = 4  # examples per optimizer step, across all workers
@@ -161,6 +162,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _one_of("trainer", cfg.trainer, TRAINER_ZERO_STAGE)
     _one_of("zero_stage", cfg.stage, (0, 1, 2, 3))
     _one_of("optimizer", cfg.optimizer, ("RMSprop", "AdamW", "Adam", "SGD"))
+    _one_of("lr_schedule", cfg.lr_schedule, ("constant", "cosine"))
     _one_of("sft_target", cfg.sft_target, ("chosen", "both"))
     _one_of("description_mode", cfg.description_mode, ("none", "generated", "teacher_forced"))
     for name in ("policy_dtype", "reference_dtype"):

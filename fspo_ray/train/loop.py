@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -40,6 +41,17 @@ class LoopPlan:
     summary: dict
     reference_precomputed: bool = False  # the shards carry the reference's scores: no reference model here
     progress: Any = None  # the driver's progress bar queue (console.progress_bar)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """The learning rate at optimizer step `step` (from 0) over the peak: a linear warmup to 1, then 1
+    (constant) or a half cosine that reaches 0 at step `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    done = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
 
 def _dtype(name: str, on_gpu: bool) -> torch.dtype:
@@ -119,9 +131,11 @@ def train_loop(plan: LoopPlan) -> None:
         policy = add_adapters(policy, cfg.lora)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = getattr(torch.optim, cfg.optimizer)(trainable, lr=cfg.lr)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, plan.total_steps, cfg.lr_schedule)
+    )
     engine, _, _, scheduler = deepspeed.initialize(
-        model=policy, optimizer=optimizer, lr_scheduler=warmup, config=ds_config
+        model=policy, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
     )
     reference = None
     if cfg.loss.name != "sft" and not plan.reference_precomputed and cfg.lora.r:
