@@ -291,7 +291,7 @@ def test_the_ideal_reader_of_two_property_users_does_at_least_as_well_as_countin
     seeing whole pairs, only where a shot's answers differ). Users are drawn as the reader assumes: every
     profile equally often."""
     profiles = [u.preferences for u in make_users(0, 48, 2)]
-    profiles = [dict(p) for p in {tuple(sorted(p.items())) for p in profiles}]
+    profiles = [dict(p) for p in sorted({tuple(sorted(p.items())) for p in profiles})]  # a set: sorted, so hash-seed free
     users = [SyntheticUser(f"u{i}", profiles[i % len(profiles)], "test", False) for i in range(10 * len(profiles))]
     pairs = [p for u in users for p in user_pairs(u, 16, seed=5)]
     episodes, _ = build_episodes(pairs, shots=3, passes=1, seed=0)
