@@ -223,9 +223,10 @@ def _win_rates(cfg, models, chosen, styles, lengths, preferences, use_gpu) -> tu
         else:
             judge = local_judge(resolve_model(cfg.judge_model))
 
-    def on_task_rate(name: str) -> float:
-        answers_on_task = [on_task(answers[name][e.episode_id], e.query.question) for e in chosen]
-        return sum(answers_on_task) / len(chosen) if chosen else float("nan")
+    off_task = {name: [{"question": e.query.question, "answer": answers[name][e.episode_id]} for e in chosen
+                       if not on_task(answers[name][e.episode_id], e.query.question)] for name in wanted}  # fmt: skip
+    on_task_rate = {name: (len(chosen) - len(off_task[name])) / len(chosen) if chosen else float("nan")
+                    for name in wanted}  # fmt: skip
 
     results, per_user = {}, []
     for name in wanted[1:]:
@@ -246,10 +247,8 @@ def _win_rates(cfg, models, chosen, styles, lengths, preferences, use_gpu) -> tu
                          "dropped_inconsistent": total.dropped, "queries": len(chosen),
                          "queries_skipped_for_length": skipped}  # fmt: skip
         if cfg.judge == "oracle":
-            off_task = [{"question": e.query.question, "answer": answers[name][e.episode_id]} for e in chosen
-                        if not on_task(answers[name][e.episode_id], e.query.question)]  # fmt: skip
-            results[name] |= {"on_task": on_task_rate(name), "base_on_task": on_task_rate("base"),
-                              "off_task_examples": off_task[:3]}  # fmt: skip
+            results[name] |= {"on_task": on_task_rate[name], "base_on_task": on_task_rate["base"],
+                              "off_task_examples": off_task[name][:3]}  # fmt: skip
         per_user += [{"user_id": u, "measure": f"win_rate_{name}", "k": len(chosen[0].shots) if chosen else 0,
                       "n": c.wins + c.losses,
                       "value": c.win_rate} for u, c in sorted(by_user.items())]  # fmt: skip
