@@ -70,14 +70,15 @@ def test_oracle_judge_is_order_consistent_on_a_clear_preference():
 
 
 @pytest.mark.slow
-def test_evaluate_job_report_matches_a_direct_computation(local_ray, tmp_path):
+def test_evaluate_job_report_matches_a_direct_computation(local_ray, trained_tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fspo_ray.models import build_tiny_model
     from jobs.evaluate import main
 
     users = write_synthetic(str(tmp_path / "users"), n_train_users=4, n_test_users=6, pairs_per_user=8)
-    policy, reference = build_tiny_model(str(tmp_path / "p"), seed=1), build_tiny_model(str(tmp_path / "r"), seed=2)
+    # The policy writes text that depends on its prompt; the random reference (also the base) writes "".
+    policy, reference = trained_tiny, build_tiny_model(str(tmp_path / "r"), seed=2)
     out = tmp_path / "eval"
     report = main([f"model={policy}", f"reference={reference}", f"base_model={reference}", f"out={out}",
                    f"datasets=[{users['test']}]", f"users_file={users['users']}", "max_shots=3", "shots=[0,1,3]",
@@ -114,6 +115,7 @@ def test_evaluate_job_report_matches_a_direct_computation(local_ray, tmp_path):
     # The tallies against the oracle's verdicts on the answers themselves (all 3 queries are in `examples`).
     wins, preferences = report["win_rate_vs_base"], json.loads(open(users["users"]).read())
     assert len(wins["examples"]) == 3
+    assert all(x["fspo"] for x in wins["examples"])  # real answers, so the checks below compare text
     for name in ("fspo", "few_shot_base", "oracle_prompt"):
         verdicts = [judge_both_orders(oracle_judge, x["question"], x[name], x["base"], "",
                                       preferences[x["user_id"]]["preferences"]) for x in wins["examples"]]  # fmt: skip
