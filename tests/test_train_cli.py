@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from fspo_ray.train.loop import lr_factor
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
@@ -85,7 +87,7 @@ def test_seed_command_lines_chain_sft_into_ipo(dpo_json, tmp_path):
 def test_interrupted_run_resumes_at_its_data_position(dpo_json, tmp_path):
     cmd = train_command("model=tiny", f"datasets=[{dpo_json}]", "loss=sft", "lr=1e-4", "exp_name=R", "n_epochs=4",
                         "batch_size=4", "eval_every=16", "log_example_ids=true", f"storage_path={tmp_path}",
-                        "zero_stage=2")  # fmt: skip
+                        "zero_stage=2", "lr_schedule=cosine", "warmup_steps=4")  # fmt: skip
     run_dir = tmp_path / "R"
     first = subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -111,6 +113,10 @@ def test_interrupted_run_resumes_at_its_data_position(dpo_json, tmp_path):
     log = metrics(run_dir)
     planned = planned_examples(resumed.stdout)
     assert [m["counters/examples"] for m in log] == list(range(4, planned + 1, 4))  # each step once
+    # The schedule came back with the checkpoint: after step s the rate is lr · factor(s), across the kill too.
+    total = planned // 4
+    assert [m["lr"] for m in log] == pytest.approx([1e-4 * lr_factor(m["step"], 4, total, "cosine") for m in log])
+    assert log[-1]["lr"] == pytest.approx(0.0, abs=1e-12) and max(m["lr"] for m in log) == pytest.approx(1e-4)
     ids_by_step: dict[int, list] = {}
     for rank_file in sorted((run_dir / "example_ids").glob("rank*.jsonl")):
         entries = [json.loads(line) for line in rank_file.read_text().splitlines()]
