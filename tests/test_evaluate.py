@@ -14,7 +14,8 @@ from fspo_ray.data.readers import read_pairs
 from fspo_ray.data.synthetic import on_task, render_answer, write_synthetic
 from fspo_ray.data.tokenize import fit_episode
 from fspo_ray.evaluate.accuracy import accuracy_by_shots, wilson_interval
-from fspo_ray.evaluate.winrate import judge_both_orders, oracle_judge, parse_verdict
+from fspo_ray.evaluate.winrate import oracle_judge
+from fspo_ray.judge import judge_both_orders, parse_verdict
 
 
 def test_wilson_interval_matches_the_formula():
@@ -143,7 +144,7 @@ def test_endpoint_judge_speaks_the_openai_chat_protocol():
     import http.server
     import threading
 
-    from fspo_ray.evaluate.winrate import endpoint_judge
+    from fspo_ray.judge import endpoint_judge
 
     seen = []
 

