@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from fspo_ray.config import parse_overrides
+from fspo_ray.data.generate import GenerateDataConfig
 from fspo_ray.evaluate.run import EvaluateConfig
 from fspo_ray.train.config import parse_train_config
 from jobs.build_episodes import BuildEpisodesConfig
@@ -30,6 +31,7 @@ PARSERS = {
     "jobs.synthetic_users": lambda argv: parse_overrides(SyntheticUsersConfig, argv),
     "jobs.build_episodes": lambda argv: parse_overrides(BuildEpisodesConfig, argv),
     "jobs.demo": lambda argv: parse_overrides(DemoConfig, argv),
+    "jobs.generate_data": lambda argv: parse_overrides(GenerateDataConfig, argv),
 }
 
 

@@ -4,6 +4,8 @@ Training, evaluation and serving all build prompts here, so a served model sees 
 was trained on. The layout is the reference implementation's (fspo-method.md §1.3-1.4), byte for byte:
 note the space before the newline after "## Question", "## Preferred Response" and friends, and its
 absence after "# Example k", "# Task" and "## User Description".
+
+Data generation's prompt for an answer written for one persona lives here too (`persona_answer_prompt`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ TASK_WITH_DESCRIPTION = (
     "Then, generate a preferred response to the following question."
 )
 
+# jobs.generate_data: an instruction-tuned model writes, in its chat template, the answer one persona would like.
+PERSONA_ANSWER_PROMPT = (
+    "{description}\nWrite the answer to the question below that this user would like best.\n\nQuestion: {question}"
+)
+
 PREFERRED_HEADER = "## Preferred Response \n"
 RESPONSE_HEADER = "## Response \n"
 DESCRIPTION_HEADER = "## User Description\n"
@@ -35,6 +42,10 @@ class Shot:
     question: str
     preferred: str
     dispreferred: str
+
+
+def persona_answer_prompt(description: str, question: str) -> str:
+    return PERSONA_ANSWER_PROMPT.format(description=description, question=question)
 
 
 def example_block(index: int, shot: Shot, preferred_only: bool) -> str:

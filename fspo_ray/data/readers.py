@@ -174,7 +174,7 @@ def infer_format(row: dict, where: str) -> str:
     )
 
 
-def _raw_rows(path: str, split: str | None) -> Iterator[tuple[int, dict]]:
+def raw_rows(path: str, split: str | None) -> Iterator[tuple[int, dict]]:
     """(1-based row number, raw row) of a JSONL file, Parquet file or `save_to_disk` directory."""
     if os.path.isdir(path):
         import datasets  # only needed for save_to_disk folders
@@ -266,7 +266,7 @@ def resolve_format(spec: str, split: str | None = None) -> str:
         return parsed.format
     if parsed.path.endswith(".json"):
         return "dpo_json"
-    first = next(_raw_rows(parsed.path, split), None)
+    first = next(raw_rows(parsed.path, split), None)
     if first is None:
         raise DataError(f"{parsed.path}: holds no rows")
     return infer_format(first[1], f"{parsed.path} row {first[0]}")
@@ -288,7 +288,7 @@ def read_pairs(
             yield PreferencePair(user_id=None, **fields, source=where, order=(file_index << _ROW_BITS) | number)
         return
     normalize = _NORMALIZERS[fmt]
-    for number, row in _raw_rows(path, split):
+    for number, row in raw_rows(path, split):
         where = f"{path} row {number}"
         fields = normalize(row, where)
         if keep is None or fields["user_id"] in keep:

@@ -1,0 +1,374 @@
+"""Make FSPO data: the paper's synthetic-preference recipe as Ray Data batch inference.
+
+For each (persona, question) an instruction-tuned model writes the answer that persona would like
+(`persona_answer_prompt`). Each persona's answer is paired with the answers written for `n_contrasts`
+other personas to the same question (the paper's "response from a different user description"), and a
+judge prompted with the persona's description compares each pair in both orders (fspo_ray/judge.py):
+only an order-consistent verdict becomes a labelled pair; the rest are counted, never silently lost.
+
+Both stages run on `concurrency` replicas of the project's engines (vLLM where it runs, else
+transformers); the judge may instead be an OpenAI-compatible endpoint. In `out`:
+
+    train.jsonl, test.jsonl   canonical pairs, split by persona (`test_fraction` of them held out)
+    summary.json              the counts: rows, answers, verdicts, kept and dropped, per split
+    answers.jsonl             every answer written, appended as it streams in
+    judged.jsonl              every (persona, question, contrast) row's verdicts and outcome, likewise
+    config.json               the settings that shape a row: a re-run with the same ones resumes,
+                              skipping rows already judged; with others it stops
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+from omegaconf import MISSING
+
+from fspo_ray.config import ConfigError
+from fspo_ray.data.prompts import persona_answer_prompt
+from fspo_ray.data.readers import DataError, raw_rows
+
+SEEDS = os.path.join(os.path.dirname(__file__), "seeds")
+DOMAINS = ("advice", "explain")
+
+
+@dataclass
+class GenerateDataConfig:
+    out: str = MISSING  # output folder (train.jsonl, test.jsonl, summary.json); a re-run with it resumes
+    personas: str = "shipped"  # shipped (our 32) or a file: .jsonl with user_id, user_description; .txt one a line
+    n_personas: int | None = None  # use the first N personas (null: all)
+    questions: str = "shipped"  # shipped (the `domain` list) or a file: .txt one a line, .jsonl with question
+    domain: str = "advice"  # questions=shipped: advice | explain (30 questions each)
+    n_questions: int | None = None  # use N of the questions, drawn with the seed (null: all)
+    n_contrasts: int = 1  # answers written for other personas paired with each persona's own: rows per question
+    model: str = "smollm2-135m"  # writes the answers: a preset or local HF folder (its chat template is used)
+    judge_model: str | None = None  # labels pairs: preset, HF folder or http(s):// OpenAI-compatible URL (null: model)
+    judge_model_name: str = "judge"  # judge_model is an endpoint: the model name it serves
+    judge_api_key_env: str = "OPENAI_API_KEY"  # judge_model is an endpoint: the variable holding its API key
+    judge_temperature: float = 0.0  # the local judge's sampling temperature over {m, M} (0: greedy)
+    backend: str = "auto"  # auto (vLLM where it runs, else transformers) | vllm | transformers
+    max_new_tokens: int = 160  # longest answer, in tokens (answers that reach it are counted in the summary)
+    temperature: float = 0.7  # answer sampling temperature (0: greedy)
+    test_fraction: float = 0.2  # share of personas held out to test.jsonl (at least one when above 0)
+    seed: int = 0  # seeds question sampling, contrast choice, answer sampling and the split
+    concurrency: int = 1  # model replicas per stage (one GPU each where there are GPUs)
+    batch_size: int = 16  # prompts per engine call
+    verbose: bool = False  # Ray's and the libraries' output on the console too (else only <out>.log)
+
+
+# Keys that do not change what a row holds: a resumed run may change them.
+RESUME_SAFE = {"out", "personas", "n_personas", "questions", "domain", "n_questions", "backend",
+               "concurrency", "batch_size", "verbose", "judge_api_key_env"}  # fmt: skip
+
+
+def validate(cfg: GenerateDataConfig) -> None:
+    problems = []
+    if cfg.domain not in DOMAINS:
+        problems.append(f"domain={cfg.domain} is not one of {', '.join(DOMAINS)}")
+    for key in ("n_personas", "n_questions"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            problems.append(f"{key}={getattr(cfg, key)} must be at least 1")
+    if cfg.n_contrasts < 1:
+        problems.append(f"n_contrasts={cfg.n_contrasts} must be at least 1")
+    if not 0 <= cfg.test_fraction < 1:
+        problems.append(f"test_fraction={cfg.test_fraction} must be in [0, 1)")
+    for key in ("temperature", "judge_temperature"):
+        if not 0 <= getattr(cfg, key) <= 2:  # what both engines sample (vLLM refuses more)
+            problems.append(f"{key}={getattr(cfg, key)} must be in [0, 2]")
+    if cfg.max_new_tokens < 1 or cfg.batch_size < 1 or cfg.concurrency < 1:
+        problems.append("max_new_tokens, batch_size and concurrency must be at least 1")
+    if cfg.backend not in ("auto", "vllm", "transformers"):
+        problems.append(f"backend={cfg.backend} is not one of auto, vllm, transformers")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def load_personas(spec: str, n: int | None) -> list[dict]:
+    """[{user_id, user_description}], in file order; ids unique, descriptions non-empty."""
+    path = os.path.join(SEEDS, "personas.jsonl") if spec == "shipped" else spec
+    if not os.path.isfile(path):
+        raise ConfigError(f"personas={spec}: no such file")
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            lines = [(number, line.strip()) for number, line in enumerate(f, 1) if line.strip()]
+        rows = [(number, {"user_id": f"persona-{i:03d}", "user_description": text}) for i, (number, text)
+                in enumerate(lines)]  # fmt: skip
+    else:
+        rows = list(raw_rows(path, None))
+    personas, seen = [], set()
+    for number, row in rows:
+        user_id, description = row.get("user_id"), row.get("user_description")
+        for field, value in (("user_id", user_id), ("user_description", description)):
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{path} row {number}: {field} must be a non-empty string, got {value!r}")
+        if user_id in seen:
+            raise DataError(f"{path} row {number}: user_id {user_id!r} appears twice")
+        seen.add(user_id)
+        personas.append({"user_id": user_id.strip(), "user_description": description.strip()})
+    if n is not None and n > len(personas):
+        raise ConfigError(f"n_personas={n}, but {path} holds {len(personas)} personas")
+    return personas[:n]
+
+
+def load_questions(spec: str, domain: str, n: int | None, seed: int) -> list[str]:
+    path = os.path.join(SEEDS, f"questions-{domain}.txt") if spec == "shipped" else spec
+    if not os.path.isfile(path):
+        raise ConfigError(f"questions={spec}: no such file")
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            rows = [(number, {"question": line}) for number, line in enumerate(f, 1) if line.strip()]
+    else:
+        rows = list(raw_rows(path, None))
+    questions, seen = [], set()
+    for number, row in rows:
+        question = row.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise DataError(f"{path} row {number}: question must be a non-empty string, got {question!r}")
+        if question.strip() in seen:
+            raise DataError(f"{path} row {number}: question {question.strip()!r} appears twice")
+        seen.add(question.strip())
+        questions.append(question.strip())
+    if n is not None and n > len(questions):
+        raise ConfigError(f"n_questions={n}, but {path} holds {len(questions)} questions")
+    return questions if n is None else random.Random(seed).sample(questions, n)
+
+
+def contrasts(personas: list[dict], user_id: str, question: str, n: int, seed: int) -> list[dict]:
+    """The `n` other personas whose answers to `question` are paired with `user_id`'s: fixed by the seed,
+    the persona and the question, so a resumed run pairs exactly as the first did."""
+    others = [p for p in personas if p["user_id"] != user_id]
+    return random.Random(f"{seed}|{user_id}|{question}").sample(others, n)
+
+
+def held_out_personas(user_ids: list[str], fraction: float, seed: int) -> set[str]:
+    """A seeded ranking of the personas by hash; the first `fraction` of them (at least one) are held out."""
+    if fraction == 0 or len(user_ids) < 2:
+        return set()
+    ranked = sorted(user_ids, key=lambda u: hashlib.sha256(f"{seed}|{u}".encode()).hexdigest())
+    return set(ranked[: min(len(ranked) - 1, max(1, round(fraction * len(ranked))))])
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    """Our own append-only file; a last line cut short by a crash is left for the re-run to redo."""
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _prepare_out(cfg: GenerateDataConfig) -> None:
+    """A new folder, or one this job wrote with the same row-shaping settings."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_SAFE}
+    record = os.path.join(cfg.out, "config.json")
+    if os.path.isfile(record):
+        with open(record) as f:
+            earlier = json.load(f)
+        differ = sorted(k for k in settings.keys() | earlier.keys() if settings.get(k) != earlier.get(k))
+        if differ:
+            shown = ", ".join(f"{k} ({earlier.get(k)!r} there, {settings.get(k)!r} now)" for k in differ)
+            raise ConfigError(f"out={cfg.out} was made with other settings: {shown}; choose another out")
+        return
+    if os.path.isdir(cfg.out) and os.listdir(cfg.out):
+        raise ConfigError(f"out={cfg.out} holds files this job did not write; choose another out")
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(record, "w") as f:
+        json.dump(settings, f, indent=1)
+
+
+def _infer(rows: list[dict], model: str, cfg: GenerateDataConfig, sampling, label: str, choices=None):
+    """Each row with its `text` (and `completion_tokens`, `error`), as the replicas finish them."""
+    import ray
+    import ray.data
+    from tqdm import tqdm
+
+    from fspo_ray.engines import BatchGenerator
+
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    dataset = ray.data.from_items(rows).map_batches(
+        BatchGenerator,
+        fn_constructor_kwargs={"model_path": model, "backend": cfg.backend, "sampling": sampling, "chat": True,
+                               "choices": choices},
+        batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        num_gpus=1 if use_gpu else 0,
+    )  # fmt: skip
+    with tqdm(total=len(rows), desc=label, unit="prompt", dynamic_ncols=True, file=sys.stdout) as bar:
+        for row in dataset.iter_rows():
+            bar.update()
+            yield row
+
+
+def _judge_endpoint(rows: list[dict], cfg: GenerateDataConfig):
+    """The judge_model endpoint's verdicts, in Ray tasks (`concurrency` of them) calling it."""
+    import ray.data
+    from tqdm import tqdm
+
+    from fspo_ray.judge import endpoint_judge
+
+    judge = endpoint_judge(cfg.judge_model, cfg.judge_model_name, os.environ.get(cfg.judge_api_key_env))
+
+    def call(batch: dict) -> dict:
+        texts = []
+        for question, first, second, description in zip(batch["question"], batch["first"], batch["second"],
+                                                         batch["description"]):  # fmt: skip
+            try:
+                texts.append(judge(question, first, second, description, {}))
+            except Exception as error:  # an endpoint failure is this row's malformed verdict, not the job's end
+                texts.append(f"error: {type(error).__name__}: {error}")
+        return {**batch, "text": texts, "error": [None] * len(texts)}
+
+    dataset = ray.data.from_items(rows).map_batches(call, batch_size=cfg.batch_size,
+                                                    compute=ray.data.TaskPoolStrategy(size=cfg.concurrency))
+    with tqdm(total=len(rows), desc="judging", unit="verdict", dynamic_ncols=True, file=sys.stdout) as bar:
+        for row in dataset.iter_rows():
+            bar.update()
+            yield row
+
+
+def _answer_problem(answer: dict | None) -> str | None:
+    if answer is None:
+        return "no answer"
+    if answer["error"]:
+        return answer["error"]
+    return None if answer["text"].strip() else "empty answer"
+
+
+def generate_data(cfg: GenerateDataConfig) -> dict:
+    """Write `cfg.out` (see the module's docstring) and return the summary."""
+    from fspo_ray.engines import Sampling
+    from fspo_ray.judge import judge_prompt, order_consistent, parse_verdict
+    from fspo_ray.models import resolve_model
+
+    validate(cfg)
+    started = time.monotonic()
+    personas = load_personas(cfg.personas, cfg.n_personas)
+    questions = load_questions(cfg.questions, cfg.domain, cfg.n_questions, cfg.seed)
+    if cfg.n_contrasts > len(personas) - 1:
+        raise ConfigError(f"n_contrasts={cfg.n_contrasts} needs at least {cfg.n_contrasts + 1} personas; "
+                          f"there are {len(personas)}")  # fmt: skip
+    _prepare_out(cfg)
+    by_id = {p["user_id"]: p for p in personas}
+    rows = [(p["user_id"], q, c["user_id"]) for p in personas for q in questions
+            for c in contrasts(personas, p["user_id"], q, cfg.n_contrasts, cfg.seed)]  # fmt: skip
+    judged_path, answers_path = os.path.join(cfg.out, "judged.jsonl"), os.path.join(cfg.out, "answers.jsonl")
+    judged = {(r["user_id"], r["question"], r["contrast_id"]): r for r in _read_jsonl(judged_path)}
+    todo = [r for r in rows if r not in judged]
+    print(f"data: {len(personas)} personas × {len(questions)} questions × {cfg.n_contrasts} contrast(s) = "
+          f"{len(rows)} rows; {len(rows) - len(todo)} judged before, {len(todo)} to go", flush=True)  # fmt: skip
+
+    answers = {(a["user_id"], a["question"]): a for a in _read_jsonl(answers_path)}
+    needed = sorted({(u, q) for u, q, _ in todo} | {(c, q) for _, q, c in todo})
+    missing = [{"user_id": u, "question": q, "prompt": persona_answer_prompt(by_id[u]["user_description"], q)}
+               for u, q in needed if (u, q) not in answers]  # fmt: skip
+    if missing:
+        model = resolve_model(cfg.model)
+        sampling = Sampling(cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
+        with open(answers_path, "a", encoding="utf-8") as f:
+            for row in _infer(missing, model, cfg, sampling, "answers"):
+                answer = {k: row[k] for k in ("user_id", "question", "text", "completion_tokens", "error")}
+                answer["text"] = answer["text"].strip()
+                answers[row["user_id"], row["question"]] = answer
+                f.write(json.dumps(answer) + "\n")
+
+    verdicts: dict[tuple, dict] = {}
+    prompts = []
+    with open(judged_path, "a", encoding="utf-8") as f:
+        for u, q, c in todo:
+            own, other = answers.get((u, q)), answers.get((c, q))
+            problem = _answer_problem(own) or _answer_problem(other)
+            if not problem and own["text"] == other["text"]:
+                problem = "the two answers are the same text"
+            if problem:
+                judged[u, q, c] = {"user_id": u, "question": q, "contrast_id": c, "outcome": "malformed_answer",
+                                   "problem": problem}  # fmt: skip
+                f.write(json.dumps(judged[u, q, c]) + "\n")
+                continue
+            description = by_id[u]["user_description"]
+            for order, (first, second) in (("own_first", (own, other)), ("contrast_first", (other, own))):
+                prompts.append({"user_id": u, "question": q, "contrast_id": c, "order": order, "first": first["text"],
+                                "second": second["text"], "description": description,
+                                "prompt": judge_prompt(q, first["text"], second["text"], description)})  # fmt: skip
+        if prompts:
+            if (cfg.judge_model or "").startswith(("http://", "https://")):
+                stream = _judge_endpoint(prompts, cfg)
+            else:
+                judge = resolve_model(cfg.judge_model or cfg.model)
+                stream = _infer(prompts, judge, cfg, Sampling(3, cfg.judge_temperature, seed=cfg.seed), "judging",
+                                choices=("m", "M"))  # fmt: skip
+            for row in stream:
+                key = (row["user_id"], row["question"], row["contrast_id"])
+                verdicts.setdefault(key, {})[row["order"]] = f"error: {row['error']}" if row["error"] else row["text"]
+                if len(verdicts[key]) < 2:
+                    continue
+                u, q, c = key
+                said = verdicts.pop(key)
+                first, swapped = parse_verdict(said["own_first"]), parse_verdict(said["contrast_first"])
+                winner = order_consistent(first, swapped)
+                outcome = {"a": "own", "b": "contrast"}.get(winner) or (
+                    "inconsistent" if first and swapped else "malformed_verdict")
+                judged[key] = {"user_id": u, "question": q, "contrast_id": c, "outcome": outcome,
+                               "verdict_own_first": said["own_first"], "verdict_contrast_first": said["contrast_first"],
+                               "own": answers[u, q]["text"], "contrast": answers[c, q]["text"]}  # fmt: skip
+                f.write(json.dumps(judged[key]) + "\n")
+                f.flush()
+    return _write_outputs(cfg, rows, judged, answers, by_id, time.monotonic() - started)
+
+
+def _write_outputs(cfg, rows, judged, answers, by_id, seconds) -> dict:
+    """train.jsonl and test.jsonl from every kept row (this run's and earlier ones'), and the summary."""
+    from fspo_ray.judge import parse_verdict
+
+    held_out = held_out_personas(sorted(by_id), cfg.test_fraction, cfg.seed)
+    splits = {"train": [], "test": []}
+    outcomes = {k: 0 for k in ("own", "contrast", "inconsistent", "malformed_verdict", "malformed_answer")}
+    same_letter = {"m": 0, "M": 0}  # an inconsistent verdict names one position in both orders: the judge's bias
+    for u, q, c in rows:
+        row = judged[u, q, c]
+        outcomes[row["outcome"]] += 1
+        if row["outcome"] == "inconsistent":
+            same_letter[parse_verdict(row["verdict_own_first"])] += 1
+        if row["outcome"] not in ("own", "contrast"):
+            continue
+        won, lost = (u, c) if row["outcome"] == "own" else (c, u)
+        splits["test" if u in held_out else "train"].append({
+            "user_id": u, "question": q,
+            "preferred": row["own" if won == u else "contrast"], "dispreferred": row["contrast" if won == u else "own"],
+            "user_description": by_id[u]["user_description"],
+            "dispreferred_description": by_id[lost]["user_description"],
+        })  # fmt: skip
+    for split, pairs in splits.items():
+        with open(os.path.join(cfg.out, f"{split}.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(p) + "\n" for p in pairs)
+    used = {(u, q) for u, q, _ in rows} | {(c, q) for _, q, c in rows}
+    summary = {
+        "rows": len(rows),
+        "answers": {"written": len(used),
+                    "malformed": sum(_answer_problem(answers.get(k)) is not None for k in used),
+                    "reached_max_new_tokens": sum(answers[k]["completion_tokens"] >= cfg.max_new_tokens
+                                                  for k in used if k in answers)},
+        "judged": len(rows) - outcomes["malformed_answer"],
+        "kept": outcomes["own"] + outcomes["contrast"],
+        "kept_own_answer_preferred": outcomes["own"],
+        "dropped_inconsistent": outcomes["inconsistent"],
+        "inconsistent_naming_first_in_both_orders": same_letter["m"],
+        "inconsistent_naming_second_in_both_orders": same_letter["M"],
+        "dropped_malformed_verdict": outcomes["malformed_verdict"],
+        "dropped_malformed_answer": outcomes["malformed_answer"],
+        "train": {"personas": len(set(by_id) - held_out), "pairs": len(splits["train"])},
+        "test": {"personas": len(held_out), "pairs": len(splits["test"])},
+        "seconds": round(seconds, 1),
+    }  # fmt: skip
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
