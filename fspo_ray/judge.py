@@ -63,24 +63,3 @@ def endpoint_judge(url: str, model: str, api_key: str | None = None) -> Judge:
         return parse_verdict(response.json()["choices"][0]["message"]["content"]) or "?"
 
     return judge
-
-
-def local_judge(model_path: str) -> Judge:
-    """A local Hugging Face model as the judge: the verdict is its greedy continuation of the prompt."""
-    import torch
-
-    from fspo_ray.models import load_for_inference
-
-    model, tokenizer, device = load_for_inference(model_path)
-
-    def judge(question: str, first: str, second: str, description: str, preferences: dict) -> str:
-        prompt = judge_prompt(question, first, second, description)
-        if tokenizer.chat_template:
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                   add_generation_prompt=True)  # fmt: skip
-        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        return parse_verdict(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)) or "?"
-
-    return judge

