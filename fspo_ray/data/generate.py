@@ -58,7 +58,7 @@ class GenerateDataConfig:
     test_fraction: float = 0.2  # share of personas held out to test.jsonl (at least one when above 0)
     seed: int = 0  # seeds question sampling, contrast choice, answer sampling and the split
     concurrency: int = 1  # model replicas per stage (one GPU each where there are GPUs)
-    batch_size: int = 16  # prompts per engine call
+    batch_size: int = 64  # prompts a replica takes at a time (vLLM batches them continuously: more is faster)
     verbose: bool = False  # Ray's and the libraries' output on the console too (else only <out>.log)
 
 
