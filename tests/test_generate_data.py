@@ -164,3 +164,68 @@ def test_smollm2_makes_four_personas_by_four_questions_that_train(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     steps = jsonl(tmp_path / "runs" / "g" / "metrics.jsonl")
     assert steps[-1]["counters/examples"] == 4 and all(s["loss/train"] > 0 for s in steps if "loss/train" in s)
+
+
+@pytest.mark.slow
+def test_an_endpoint_judge_labels_exactly_what_it_prefers(local_ray, tmp_path):
+    """The counting and labelling against a judge whose verdicts are known: an OpenAI-compatible endpoint
+    that prefers the answer saying "formal" wherever it stands, except for one persona, for whom it always
+    says M (a position-biased judge). The answers are on record already, as a resumed run finds them."""
+    import dataclasses
+    import http.server
+    import threading
+
+    from fspo_ray.data.generate import RESUME_SAFE, generate_data
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][0]["content"]
+            first = prompt.split("Answer m:\n", 1)[1].split("\n\nAnswer M:", 1)[0]
+            said = "M" if "biased" in prompt else "m" if "formal" in first else "M"
+            data = json.dumps({"choices": [{"message": {"content": said}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    personas, questions = tmp_path / "personas.jsonl", tmp_path / "questions.txt"
+    personas.write_text("".join(json.dumps({"user_id": u, "user_description": d}) + "\n" for u, d in
+                                [("p0", "Likes formal answers."), ("p1", "Likes them too."), ("p2", "Is biased.")]))
+    questions.write_text("Why?\nHow?\n")
+    out = tmp_path / "out"
+    cfg = GenerateDataConfig(out=str(out), personas=str(personas), questions=str(questions), n_contrasts=1,
+                             model="never-loaded", judge_model=f"http://127.0.0.1:{server.server_port}")  # fmt: skip
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
+                                                 if k not in RESUME_SAFE}))  # fmt: skip
+    answer = {u: "A formal answer." if u == "p0" else f"A casual answer from {u}." for u in ("p0", "p1", "p2")}
+    (out / "answers.jsonl").write_text("".join(
+        json.dumps({"user_id": u, "question": q, "text": f"{answer[u]} ({q})", "completion_tokens": 5, "error": None})
+        + "\n" for u in answer for q in ("Why?", "How?")))  # fmt: skip
+    try:
+        summary = generate_data(cfg)
+    finally:
+        server.shutdown()
+
+    judged = jsonl(out / "judged.jsonl")
+    expected = []
+    for row in judged:
+        u, c = row["user_id"], row["contrast_id"]
+        outcome = "inconsistent" if u == "p2" or "p0" not in (u, c) else "own" if u == "p0" else "contrast"
+        assert row["outcome"] == outcome, row
+        if outcome != "inconsistent":
+            expected.append({"user_id": u, "question": row["question"],
+                             "preferred": f"{answer['p0']} ({row['question']})",
+                             "dispreferred": f"{answer[c if u == 'p0' else u]} ({row['question']})"})  # fmt: skip
+    written = [{k: p[k] for k in ("user_id", "question", "preferred", "dispreferred")}
+               for p in jsonl(out / "train.jsonl") + jsonl(out / "test.jsonl")]  # fmt: skip
+    assert len(judged) == summary["rows"] == 6
+    assert sorted(map(json.dumps, written)) == sorted(map(json.dumps, expected)) and expected
+    assert summary["kept"] == len(expected) and summary["dropped_inconsistent"] == 6 - len(expected)
+    assert summary["inconsistent_naming_second_in_both_orders"] == 6 - len(expected)
+    assert summary["answers"] == {"written": 6, "malformed": 0, "reached_max_new_tokens": 0}
