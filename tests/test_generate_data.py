@@ -177,9 +177,17 @@ def test_an_endpoint_judge_labels_exactly_what_it_prefers(local_ray, tmp_path):
 
     from fspo_ray.data.generate import RESUME_SAFE, generate_data
 
+    failures = [2]  # the first two calls about p1 fail: those rows are malformed, and a re-run retries them
+
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][0]["content"]
+            if "Likes them too." in prompt and failures[0] > 0:
+                failures[0] -= 1
+                self.send_response(500)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             first = prompt.split("Answer m:\n", 1)[1].split("\n\nAnswer M:", 1)[0]
             said = "M" if "biased" in prompt else "m" if "formal" in first else "M"
             data = json.dumps({"choices": [{"message": {"content": said}}]}).encode()
@@ -208,11 +216,13 @@ def test_an_endpoint_judge_labels_exactly_what_it_prefers(local_ray, tmp_path):
         json.dumps({"user_id": u, "question": q, "text": f"{answer[u]} ({q})", "completion_tokens": 5, "error": None})
         + "\n" for u in answer for q in ("Why?", "How?")))  # fmt: skip
     try:
+        failed = generate_data(cfg)
         summary = generate_data(cfg)
     finally:
         server.shutdown()
+    assert 1 <= failed["dropped_malformed_verdict"] <= 2 and summary["dropped_malformed_verdict"] == 0
 
-    judged = jsonl(out / "judged.jsonl")
+    judged = list({(r["user_id"], r["question"], r["contrast_id"]): r for r in jsonl(out / "judged.jsonl")}.values())
     expected = []
     for row in judged:
         u, c = row["user_id"], row["contrast_id"]

@@ -14,7 +14,8 @@ transformers); the judge may instead be an OpenAI-compatible endpoint. In `out`:
     answers.jsonl             every answer written, appended as it streams in
     judged.jsonl              every (persona, question, contrast) row's verdicts and outcome, likewise
     config.json               the settings that shape a row: a re-run with the same ones resumes,
-                              skipping rows already judged; with others it stops
+                              skipping rows already judged (not those dropped as malformed); with
+                              others it stops
 """
 
 from __future__ import annotations
@@ -262,12 +263,14 @@ def generate_data(cfg: GenerateDataConfig) -> dict:
     rows = [(p["user_id"], q, c["user_id"]) for p in personas for q in questions
             for c in contrasts(personas, p["user_id"], q, cfg.n_contrasts, cfg.seed)]  # fmt: skip
     judged_path, answers_path = os.path.join(cfg.out, "judged.jsonl"), os.path.join(cfg.out, "answers.jsonl")
-    judged = {(r["user_id"], r["question"], r["contrast_id"]): r for r in _read_jsonl(judged_path)}
+    # A row dropped as malformed (a failed or empty answer, an endpoint's error) is tried again on a re-run.
+    judged = {(r["user_id"], r["question"], r["contrast_id"]): r for r in _read_jsonl(judged_path)
+              if not r["outcome"].startswith("malformed")}  # fmt: skip
     todo = [r for r in rows if r not in judged]
     print(f"data: {len(personas)} personas × {len(questions)} questions × {cfg.n_contrasts} contrast(s) = "
           f"{len(rows)} rows; {len(rows) - len(todo)} judged before, {len(todo)} to go", flush=True)  # fmt: skip
 
-    answers = {(a["user_id"], a["question"]): a for a in _read_jsonl(answers_path)}
+    answers = {(a["user_id"], a["question"]): a for a in _read_jsonl(answers_path) if not _answer_problem(a)}
     needed = sorted({(u, q) for u, q, _ in todo} | {(c, q) for _, q, c in todo})
     missing = [{"user_id": u, "question": q, "prompt": persona_answer_prompt(by_id[u]["user_description"], q)}
                for u, q in needed if (u, q) not in answers]  # fmt: skip
