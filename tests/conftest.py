@@ -49,3 +49,45 @@ def trained_tiny(tmp_path_factory) -> str:
     model.save_pretrained(root / "trained")
     tokenizer.save_pretrained(root / "trained")
     return str(root / "trained")
+
+
+@pytest.fixture
+def judge_endpoint():
+    """Start a local OpenAI-compatible chat endpoint: `judge_endpoint(verdict)` returns its URL, where
+    `verdict(prompt)` is the reply's content, or None for an HTTP 500. The requests it got (path,
+    Authorization header, prompt) are in `judge_endpoint.seen`. It stops at the test's end."""
+    import http.server
+    import json
+    import threading
+
+    servers, seen = [], []
+
+    def start(verdict) -> str:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][0]["content"]
+                seen.append((self.path, self.headers.get("Authorization"), prompt))
+                said = verdict(prompt)
+                data = b"" if said is None else json.dumps({"choices": [{"message": {"content": said}}]}).encode()
+                self.send_response(500 if said is None else 200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    start.seen = seen
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def first_answer(judge_prompt: str) -> str:
+    """The answer a judge prompt labels m (shown first)."""
+    return judge_prompt.split("Answer m:\n", 1)[1].split("\n\nAnswer M:", 1)[0]

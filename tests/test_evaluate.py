@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import first_answer
 
 from fspo_ray.data.episodes import build_episodes
 from fspo_ray.data.readers import read_pairs
@@ -140,40 +141,15 @@ def test_evaluate_job_report_matches_a_direct_computation(local_ray, trained_tin
     assert matplotlib.image.imread(out / "accuracy_vs_shots.png").shape[2] in (3, 4)
 
 
-def test_endpoint_judge_speaks_the_openai_chat_protocol():
-    import http.server
-    import threading
-
+def test_endpoint_judge_speaks_the_openai_chat_protocol(judge_endpoint):
     from fspo_ray.judge import endpoint_judge
 
-    seen = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompt = body["messages"][0]["content"]
-            seen.append((self.path, self.headers.get("Authorization"), prompt))
-            # A judge that always prefers the answer saying "formal", wherever it stands.
-            first = prompt.split("Answer m:\n", 1)[1].split("\n\nAnswer M:", 1)[0]
-            reply = {"choices": [{"message": {"content": "m" if "formal" in first else "M"}}]}
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        judge = endpoint_judge(f"http://127.0.0.1:{server.server_port}", "judge", api_key="k")
-        assert judge_both_orders(judge, "Q?", "a formal answer", "a casual one", "Likes formal.", {}) == "win"
-        assert judge_both_orders(judge, "Q?", "a casual one", "a formal answer", "Likes formal.", {}) == "loss"
-    finally:
-        server.shutdown()
-    path, auth, prompt = seen[0]
+    # A judge that always prefers the answer saying "formal", wherever it stands.
+    url = judge_endpoint(lambda prompt: "m" if "formal" in first_answer(prompt) else "M")
+    judge = endpoint_judge(url, "judge", api_key="k")
+    assert judge_both_orders(judge, "Q?", "a formal answer", "a casual one", "Likes formal.", {}) == "win"
+    assert judge_both_orders(judge, "Q?", "a casual one", "a formal answer", "Likes formal.", {}) == "loss"
+    path, auth, prompt = judge_endpoint.seen[0]
     assert path == "/v1/chat/completions" and auth == "Bearer k"
     assert "User description: Likes formal." in prompt and "Question: Q?" in prompt
 

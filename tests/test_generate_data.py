@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import first_answer
 
 from fspo_ray.config import ConfigError
 from fspo_ray.data.generate import (
@@ -167,47 +168,30 @@ def test_smollm2_makes_four_personas_by_four_questions_that_train(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_endpoint_judge_labels_exactly_what_it_prefers(local_ray, tmp_path):
+def test_an_endpoint_judge_labels_exactly_what_it_prefers(local_ray, judge_endpoint, tmp_path):
     """The counting and labelling against a judge whose verdicts are known: an OpenAI-compatible endpoint
     that prefers the answer saying "formal" wherever it stands, except for one persona, for whom it always
     says M (a position-biased judge). The answers are on record already, as a resumed run finds them."""
     import dataclasses
-    import http.server
-    import threading
 
     from fspo_ray.data.generate import RESUME_SAFE, generate_data
 
     failures = [2]  # the first two calls about p1 fail: those rows are malformed, and a re-run retries them
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][0]["content"]
-            if "Likes them too." in prompt and failures[0] > 0:
-                failures[0] -= 1
-                self.send_response(500)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            first = prompt.split("Answer m:\n", 1)[1].split("\n\nAnswer M:", 1)[0]
-            said = "M" if "biased" in prompt else "m" if "formal" in first else "M"
-            data = json.dumps({"choices": [{"message": {"content": said}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def verdict(prompt: str) -> str | None:
+        if "Likes them too." in prompt and failures[0] > 0:
+            failures[0] -= 1
+            return None
+        return "M" if "biased" in prompt else "m" if "formal" in first_answer(prompt) else "M"
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = judge_endpoint(verdict)
     personas, questions = tmp_path / "personas.jsonl", tmp_path / "questions.txt"
     personas.write_text("".join(json.dumps({"user_id": u, "user_description": d}) + "\n" for u, d in
                                 [("p0", "Likes formal answers."), ("p1", "Likes them too."), ("p2", "Is biased.")]))
     questions.write_text("Why?\nHow?\n")
     out = tmp_path / "out"
     cfg = GenerateDataConfig(out=str(out), personas=str(personas), questions=str(questions), n_contrasts=1,
-                             model="never-loaded", judge_model=f"http://127.0.0.1:{server.server_port}")  # fmt: skip
+                             model="never-loaded", judge_model=url)  # fmt: skip
     out.mkdir()
     (out / "config.json").write_text(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
                                                  if k not in RESUME_SAFE}))  # fmt: skip
@@ -215,11 +199,8 @@ def test_an_endpoint_judge_labels_exactly_what_it_prefers(local_ray, tmp_path):
     (out / "answers.jsonl").write_text("".join(
         json.dumps({"user_id": u, "question": q, "text": f"{answer[u]} ({q})", "completion_tokens": 5, "error": None})
         + "\n" for u in answer for q in ("Why?", "How?")))  # fmt: skip
-    try:
-        failed = generate_data(cfg)
-        summary = generate_data(cfg)
-    finally:
-        server.shutdown()
+    failed = generate_data(cfg)
+    summary = generate_data(cfg)
     assert 1 <= failed["dropped_malformed_verdict"] <= 2 and summary["dropped_malformed_verdict"] == 0
 
     judged = list({(r["user_id"], r["question"], r["contrast_id"]): r for r in jsonl(out / "judged.jsonl")}.values())
