@@ -344,3 +344,21 @@ class BatchGenerator:
             "completion_tokens": [0 if bad else r.completion_tokens for r, bad in zip(results, failed)],
             "error": [f"{type(r).__name__}: {r}" if bad else None for r, bad in zip(results, failed)],
         }
+
+
+def batch_generate(rows: list[dict], model_path: str, backend: str, sampling: Sampling, *, batch_size: int,
+                   concurrency: int, chat: bool = False, choices: tuple[str, ...] | None = None,
+                   use_gpu: bool | None = None):
+    """A Ray Data dataset of `rows` continued by `concurrency` BatchGenerator replicas, one GPU each with
+    `use_gpu` (None: when the cluster has GPUs); the caller consumes it, all at once or as replicas finish."""
+    import ray
+    import ray.data
+
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    return ray.data.from_items(rows).map_batches(
+        BatchGenerator,
+        fn_constructor_kwargs={"model_path": model_path, "backend": backend, "sampling": sampling, "chat": chat,
+                               "choices": choices},
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency), num_gpus=1 if use_gpu else 0,
+    )  # fmt: skip

