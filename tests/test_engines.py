@@ -86,3 +86,24 @@ def test_closing_a_stream_stops_its_generate(engine):
         hook.remove()
     assert not engine.generating
     assert len(forwards) < 100, len(forwards)  # the random tiny model never writes EOS: 1,024 if not stopped
+
+
+def test_choices_make_the_answer_the_models_likelier_choice(tmp_path):
+    """A judge's reply constrained to m or M is the one of the two the model scores higher, prompt by
+    prompt (checked on prompts where the random tiny model picks each of them)."""
+    import torch
+
+    from fspo_ray.engines import BatchGenerator
+    from fspo_ray.models import build_tiny_model
+
+    model_path = build_tiny_model(str(tmp_path / "tiny"))
+    generator = BatchGenerator(model_path, "transformers", Sampling(3), choices=("m", "M"))
+    model, tokenizer = generator.engine.model, generator.engine.tokenizer
+    m, big_m = tokenizer.convert_tokens_to_ids(["m", "M"])
+    prompts = [f"Question {i}: which answer? {'x' * i}" for i in range(24)]
+    with torch.no_grad():
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        last = [model(torch.tensor([i])).logits[0, -1] for i in ids]
+    expected = ["m" if logits[m] > logits[big_m] else "M" for logits in last]
+    assert set(expected) == {"m", "M"}  # the prompts do move the model's choice
+    assert asyncio.run(generator({"prompt": prompts}))["text"] == expected
