@@ -17,7 +17,6 @@ is a 500 with an `error_id` that the replica's log has.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -29,10 +28,11 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from fspo_ray.data.prompts import Shot, answer_start, strip_completion_header
 from fspo_ray.data.tokenize import PromptStyle, fit_prompt
-from fspo_ray.engines import Generation, Sampling, TransformersEngine, make_engine
+from fspo_ray.engines import Sampling
 from fspo_ray.models import resolve_model
 from fspo_ray.serve.api import (
     ErrorBody,
@@ -43,6 +43,7 @@ from fspo_ray.serve.api import (
     validation_error_body,
 )
 from fspo_ray.train.export import read_run_info, run_prompt_style
+from serve.generator import Generator
 
 logger = logging.getLogger("ray.serve")
 
@@ -94,27 +95,27 @@ class AdmittedStream(StreamingResponse):
 
 # Serve's own limits sit above the app's admission (max_requests_per_replica), so that overload is
 # answered by the app, in JSON; the proxy's 503s (plain text) are left for a replica that cannot take
-# even that. The health check probes the engine (see check_health).
+# even that. The engine runs in its own deployment (serve/generator.py), routed by user.
 @serve.deployment(max_ongoing_requests=512, max_queued_requests=256, backpressure_config={"retry_after_s": 1},
-                  health_check_period_s=5, health_check_timeout_s=20)  # fmt: skip
+                  ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class Personalizer:
-    def __init__(self, model: str, backend: str = "auto", api_key_env: str = "FSPO_API_KEY",
-                 max_requests_per_replica: int = 32, max_body_bytes: int = 4 * 2**20,
-                 stall_timeout_s: float = 30.0, probe_timeout_s: float = 10.0):  # fmt: skip
+    async def __init__(self, generator: DeploymentHandle, model: str, api_key_env: str = "FSPO_API_KEY",
+                       max_requests_per_replica: int = 32, max_body_bytes: int = 4 * 2**20):  # fmt: skip
         from ray.util import metrics
+        from transformers import AutoTokenizer
 
         path = resolve_model(model)
         self.style = run_prompt_style(read_run_info(path))  # the prompt the model was trained on
-        self.engine = make_engine(backend, path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)  # the engine's: prompts go to it as token ids
+        self.generator = generator
+        engine = await generator.status.remote()
+        self.backend, self.max_model_len = engine["backend"], engine["max_model_len"]
         self.model_name = os.path.basename(os.path.dirname(path)) if path.endswith("LATEST") else os.path.basename(path)
         api_key = os.environ.get(api_key_env) or None
         self.api_key = api_key.encode() if api_key else None
         self.max_requests, self.in_flight = max_requests_per_replica, 0
         self.max_body_bytes = max_body_bytes
-        self.stall_timeout_s, self.probe_timeout_s = stall_timeout_s, probe_timeout_s
-        self.problem: str | None = None  # what the last health probe found wrong
-        self.replica = serve.get_replica_context().replica_id.unique_id
         tags = ("model", "backend")
         self.requests = metrics.Counter("fspo_requests", "Personalize requests by status.", ("status", *tags))
         self.engine_errors = metrics.Counter("fspo_engine_errors", "Requests the engine failed on.", tags)
@@ -123,21 +124,16 @@ class Personalizer:
         self.first_token = metrics.Histogram("fspo_time_to_first_token_s", "Time to the first streamed token.",
                                              [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5], tags)  # fmt: skip
         self.tokens = metrics.Counter("fspo_tokens_generated", "Completion tokens generated.", tags)
-        self.tags = {"model": self.model_name, "backend": self.engine.name}
-
-    async def check_health(self) -> None:
-        """Serve calls this every few seconds and restarts the replica when it raises: a wedged engine
-        is replaced instead of answering nothing forever."""
-        self.problem = await self.engine.probe(self.probe_timeout_s, self.stall_timeout_s)
-        if self.problem:
-            raise RuntimeError(f"engine unhealthy: {self.problem}")
+        self.tags = {"model": self.model_name, "backend": self.backend}
 
     @api.get("/healthz", responses={503: {"description": "The engine failed its last probe; `detail` says how."}})
     async def healthz(self):
-        body = {"status": "unhealthy" if self.problem else "ok", "model": self.model_name, "replica": self.replica,
-                "backend": self.engine.name, "in_flight": self.in_flight,
-                "generating": self.engine.generating, "tokens_generated": self.engine.tokens_generated}  # fmt: skip
-        return JSONResponse({**body, "detail": self.problem}, status_code=503) if self.problem else body
+        """This ingress replica's requests in flight, and the state of an engine replica (the one routed to)."""
+        engine = await self.generator.status.remote()
+        problem = engine.pop("problem")
+        body = {"status": "unhealthy" if problem else "ok", "model": self.model_name, "in_flight": self.in_flight,
+                **engine}  # fmt: skip
+        return JSONResponse({**body, "detail": problem}, status_code=503) if problem else body
 
     @api.post("/v1/personalize", response_model=PersonalizeResponse, responses={200: EVENT_STREAM, **ERRORS},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
@@ -208,20 +204,24 @@ class Personalizer:
         style = self.style
         self._check_style(request)
         shots = tuple(Shot(s.question.strip(), s.preferred.strip(), s.dispreferred.strip()) for s in request.history)
-        budget = self.engine.max_model_len - request.max_new_tokens
+        budget = self.max_model_len - request.max_new_tokens
         # Off the event loop: a long history takes a while to tokenize, and health checks must not wait.
-        fitted = await asyncio.to_thread(fit_prompt, shots, request.query.strip(), self.engine.tokenizer, budget,
+        fitted = await asyncio.to_thread(fit_prompt, shots, request.query.strip(), self.tokenizer, budget,
                                          style=style, user_description=request.user_description)  # fmt: skip
         if fitted is None:
-            raise HTTPException(413, f"the query alone does not fit the model's context of {self.engine.max_model_len}"
+            raise HTTPException(413, f"the query alone does not fit the model's context of {self.max_model_len}"
                                      f" tokens with max_new_tokens={request.max_new_tokens}")  # fmt: skip
         prompt, dropped = fitted
         sampling = Sampling(request.max_new_tokens, request.temperature, request.top_p, request.seed)
         meta = {"prompt_tokens": len(prompt), "shots_used": len(shots) - dropped, "shots_dropped": dropped}
+        # The prompt's first shot starts the part of it that is this user's: requests that share it share
+        # cached KV blocks, on the replica the router keeps them on.
+        key = request.user_id or (repr(shots[dropped]) if dropped < len(shots) else None)
         if request.stream:
-            return AdmittedStream(self._events(prompt, sampling, request, style, meta, started), self._release)
-        generation = await self._generate(prompt, sampling)
-        return self._response(generation.text, generation.completion_tokens, request, style, meta, started)
+            events = self._events(prompt, sampling, key, request, style, meta, started)
+            return AdmittedStream(events, self._release)
+        generation, replica = await self.generator.generate.remote(prompt, sampling, affinity_key=key)
+        return self._response(generation.text, generation.completion_tokens, replica, request, style, meta, started)
 
     def _check_style(self, request: PersonalizeRequest) -> None:
         """The prompt is always the one the model was trained on: a request that asks for another is a 422
@@ -238,8 +238,8 @@ class Personalizer:
                 "PersonalizeRequest", [{"type": "value_error", "loc": (wrong[0],), "input": None,
                                         "ctx": {"error": ValueError(wrong[1])}}])  # fmt: skip
 
-    def _response(self, text: str, completion_tokens: int, request: PersonalizeRequest, style: PromptStyle,
-                  meta: dict, started: float) -> PersonalizeResponse:  # fmt: skip
+    def _response(self, text: str, completion_tokens: int, replica: str, request: PersonalizeRequest,
+                  style: PromptStyle, meta: dict, started: float) -> PersonalizeResponse:  # fmt: skip
         """The finished answer, streamed or not: its header stripped, its request counted."""
         self.requests.inc(tags={"status": "200", **self.tags})
         self.latency.observe(time.perf_counter() - started, tags=self.tags)
@@ -249,53 +249,52 @@ class Personalizer:
             response=answer,
             user_description=description if style.description_mode == "generated" else request.user_description,
             model=self.model_name,
+            replica=replica,
             usage=Usage(prompt_tokens=meta["prompt_tokens"], completion_tokens=completion_tokens),
             shots_used=meta["shots_used"],
             shots_dropped=meta["shots_dropped"],
         )
 
-    async def _generate(self, prompt: list[int], sampling: Sampling) -> Generation:
-        if not isinstance(self.engine, TransformersEngine):
-            return await self.engine.generate(prompt, sampling)  # vLLM batches continuously itself
-        result = await self._batched(prompt, sampling)
-        if isinstance(result, Exception):
-            raise result
-        return result
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _batched(self, prompts: list[list[int]], samplings: list[Sampling]) -> list[Generation | Exception]:
-        """Concurrent requests with the same sampling settings share one generate call; a failure is
-        returned to the request that caused it alone."""
-        return await asyncio.to_thread(self.engine.generate_many, prompts, samplings)
-
-    async def _events(self, prompt, sampling, request, style, meta, started):
+    async def _events(self, prompt, sampling, key, request, style, meta, started):
         """Server-sent events: {"token": ...} for each piece of the answer, then the full response; an
         {"error": ...} event instead if the engine fails or stalls midway."""
-        text, shown, first = "", 0, True
+        text, shown, replica, first = "", 0, None, True
+        pieces = self.generator.options(stream=True).stream.remote(prompt, sampling, affinity_key=key)
         try:
-            async with contextlib.aclosing(self.engine.stream(prompt, sampling, self.stall_timeout_s)) as pieces:
-                async for piece in pieces:
-                    if first:
-                        self.first_token.observe(time.perf_counter() - started, tags=self.tags)
-                        first = False
-                    text += piece
-                    body_start = answer_start(text, preferred_only=style.preferred_only)
-                    if body_start is None:
-                        continue  # still inside the description or the header
-                    shown = max(shown, body_start)
-                    if len(text) > shown:
-                        yield f"data: {json.dumps({'token': text[shown:]})}\n\n"
-                        shown = len(text)
+            async for piece in pieces:
+                if replica is None:  # the engine's first item names its replica
+                    replica = piece
+                    continue
+                if first:
+                    first = False
+                    self.first_token.observe(time.perf_counter() - started, tags=self.tags)
+                text += piece
+                body_start = answer_start(text, preferred_only=style.preferred_only)
+                if body_start is None:
+                    continue  # still inside the description or the header
+                shown = max(shown, body_start)
+                if len(text) > shown:
+                    yield f"data: {json.dumps({'token': text[shown:]})}\n\n"
+                    shown = len(text)
         except Exception as e:
             yield f"data: {json.dumps({'error': self._fault(e)})}\n\n"
             yield "data: [DONE]\n\n"
             return
-        completion_tokens = len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"])
-        final = self._response(text, completion_tokens, request, style, meta, started)
+        finally:
+            pieces.cancel()  # the client left (or the stream ended): the engine stops generating
+        completion_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        final = self._response(text, completion_tokens, replica, request, style, meta, started)
         yield f"data: {final.model_dump_json()}\n\n"
         yield "data: [DONE]\n\n"
 
 
+def build_app(model: str, backend: str = "auto", stall_timeout_s: float = 30.0, probe_timeout_s: float = 10.0,
+              **ingress):  # fmt: skip
+    """The ingress bound to the engine deployment; `ingress` are Personalizer's own arguments."""
+    generator = Generator.bind(model, backend, stall_timeout_s=stall_timeout_s, probe_timeout_s=probe_timeout_s)
+    return Personalizer.bind(generator, model, **ingress)
+
+
 def app_builder(args: dict):
     """`serve run serve/config.yaml` builds the application from the config's `args`."""
-    return Personalizer.bind(**args)
+    return build_app(**args)

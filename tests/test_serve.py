@@ -29,30 +29,36 @@ HISTORY = [
 QUERY = "How do I bake bread?"
 
 
+def service_app(model: str, backend: str, cpus: float, env: dict | None = None, **ingress):
+    """Our application as serve/config.yaml deploys it (an ingress and its engine deployment), test-sized."""
+    from serve.app import Personalizer
+    from serve.generator import Generator
+
+    generator = Generator.options(ray_actor_options={"num_cpus": cpus}).bind(model, backend)
+    runtime_env = {"runtime_env": {"env_vars": env}} if env else {}
+    return Personalizer.options(ray_actor_options={"num_cpus": 0, **runtime_env}).bind(generator, model, **ingress)
+
+
 @pytest.fixture(scope="module")
 def service(local_ray, tmp_path_factory, trained_tiny):
     from ray import serve
 
     from fspo_ray.models import build_tiny_model
-    from serve.app import Personalizer
 
     model = build_tiny_model(str(tmp_path_factory.mktemp("model") / "tiny"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    keyed = {"num_cpus": 0.25, "runtime_env": {"env_vars": {"FSPO_TEST_KEY": KEY}}}
-    app = Personalizer.options(ray_actor_options=keyed).bind(
-        model=model, backend="transformers", api_key_env="FSPO_TEST_KEY", max_requests_per_replica=2
-    )
+    app = service_app(model, "transformers", 0.25, env={"FSPO_TEST_KEY": KEY}, api_key_env="FSPO_TEST_KEY",
+                      max_requests_per_replica=2)  # fmt: skip
     serve.run(app, name="fspo", route_prefix="/")
-    small = Personalizer.options(ray_actor_options={"num_cpus": 0.25})  # 4 apps on this 2-CPU Ray
     for mode in ("generated", "teacher_forced"):  # the same weights, recorded as trained in another prompt style
         folder = tmp_path_factory.mktemp(mode) / "LATEST"
         shutil.copytree(model, folder)
         (folder / "fspo_run.json").write_text(json.dumps({"description_mode": mode, "preferred_only": False}))
-        serve.run(small.bind(model=str(folder), backend="transformers"), name=mode, route_prefix=f"/{mode}")
-    serve.run(small.bind(model=trained_tiny, backend="transformers"), name="trained", route_prefix="/trained")
+        serve.run(service_app(str(folder), "transformers", 0.25), name=mode, route_prefix=f"/{mode}")
+    serve.run(service_app(trained_tiny, "transformers", 0.25), name="trained", route_prefix="/trained")
     yield {"url": f"http://127.0.0.1:{port}", "model": model, "trained": trained_tiny}
     serve.shutdown()
 

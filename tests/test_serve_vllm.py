@@ -9,7 +9,17 @@ import time
 
 import httpx
 import pytest
-from test_serve import HISTORY, HOSTILE_BODIES, KEY, QUERY, direct_greedy, fuzz, small_json_error, training_prompt
+from test_serve import (
+    HISTORY,
+    HOSTILE_BODIES,
+    KEY,
+    QUERY,
+    direct_greedy,
+    fuzz,
+    service_app,
+    small_json_error,
+    training_prompt,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -24,20 +34,15 @@ def vllm_service(local_ray, tmp_path_factory, trained_tiny):
     from ray import serve
 
     from fspo_ray.models import build_tiny_model
-    from serve.app import Personalizer
 
     model = build_tiny_model(str(tmp_path_factory.mktemp("model") / "tiny"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    keyed = {"num_cpus": 0.5, "runtime_env": {"env_vars": {"FSPO_TEST_KEY": KEY}}}
-    app = Personalizer.options(ray_actor_options=keyed).bind(
-        model=model, backend="vllm", api_key_env="FSPO_TEST_KEY"
-    )
+    app = service_app(model, "vllm", 0.5, env={"FSPO_TEST_KEY": KEY}, api_key_env="FSPO_TEST_KEY")
     serve.run(app, name="fspo-vllm", route_prefix="/")
-    trained = Personalizer.options(ray_actor_options={"num_cpus": 0.5})  # two apps on this 2-CPU Ray
-    serve.run(trained.bind(model=trained_tiny, backend="vllm"), name="trained-vllm", route_prefix="/trained")
+    serve.run(service_app(trained_tiny, "vllm", 0.5), name="trained-vllm", route_prefix="/trained")
     yield {"url": f"http://127.0.0.1:{port}", "model": model, "trained": trained_tiny,
            "auth": {"Authorization": f"Bearer {KEY}"}}  # fmt: skip
     serve.shutdown()

@@ -46,6 +46,9 @@ class PersonalizeRequest(BaseModel):
     history: list[PreferenceExample] = Field(default_factory=list, max_length=MAX_HISTORY)
     query: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     user_description: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
+    user_id: str | None = Field(default=None, min_length=1, max_length=256, description=(
+        "keeps this user's requests on one engine replica, where their history is cached; without it,"
+        " requests whose prompts start with the same shot are kept together"))
     # Models trained with description_mode=generated write a description of the user, then the answer
     # (always; `rationalize` may say so); teacher_forced ones need `user_description`; others take neither.
     rationalize: bool = False
@@ -73,6 +76,7 @@ class PersonalizeResponse(BaseModel):
     response: str
     user_description: str | None
     model: str
+    replica: str = Field(description="the engine replica that wrote the answer")
     usage: Usage
     shots_used: int
     shots_dropped: int

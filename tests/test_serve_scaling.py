@@ -1,0 +1,125 @@
+"""More than one engine replica: a user's requests stay on the replica that has their history cached,
+and the shipped autoscaling config adds a replica under load and removes it after."""
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+CONFIG = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve" / "config.yaml").read_text())
+
+
+def shipped(deployment: str) -> dict:
+    """A deployment's options as serve/config.yaml sets them."""
+    (app,) = CONFIG["applications"]
+    options = next(d for d in app["deployments"] if d["name"] == deployment)
+    return {k: v for k, v in options.items() if k != "name"}
+
+
+@pytest.fixture(scope="module")
+def url(local_ray):
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def deploy(generator_options: dict, name: str, route: str, **ingress) -> None:
+    from ray import serve
+
+    from serve.app import Personalizer
+    from serve.generator import Generator
+
+    generator = Generator.options(**generator_options).bind("tiny", "transformers")
+    serve.run(Personalizer.options(ray_actor_options={"num_cpus": 0}).bind(generator, "tiny", **ingress),
+              name=name, route_prefix=route)  # fmt: skip
+
+
+def replicas(app: str) -> int:
+    from ray import serve
+    from ray.serve._private.common import ReplicaState
+
+    states = serve.status().applications[app].deployments["Generator"].replica_states
+    return states.get(ReplicaState.RUNNING, 0)
+
+
+def user_history(user: int) -> list[dict]:
+    return [{"question": f"Question {user}.{i}?", "preferred": f"Yes {user} {i}.", "dispreferred": f"No {user} {i}."}
+            for i in range(3)]  # fmt: skip
+
+
+def test_a_users_requests_stay_on_the_replica_that_has_their_history(url):
+    """16 users, 3 requests each with new questions (one streamed), on 2 replicas: each user is answered by
+    one replica throughout (by chance, with Serve's default routing, all 16 would be with odds of 4^-16),
+    and both replicas have users. A `user_id` keeps a user together even as their history changes."""
+    deploy({"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}, "affinity", "/affinity")
+    served: dict[int, set[str]] = {}
+    with httpx.Client(base_url=f"{url}/affinity", timeout=60) as client:
+        for user in range(16):
+            for query in range(3):
+                body = {"history": user_history(user), "query": f"New question {query}?", "max_new_tokens": 2}
+                if query == 2:
+                    with client.stream("POST", "/v1/personalize", json={**body, "stream": True}) as events:
+                        lines = [line for line in events.iter_lines() if line.startswith("data: {")]
+                    reply = yaml.safe_load(lines[-1][len("data: "):])
+                else:
+                    reply = client.post("/v1/personalize", json=body).json()
+                served.setdefault(user, set()).add(reply["replica"])
+        assert all(len(r) == 1 for r in served.values()), served
+        assert len(set().union(*served.values())) == 2, served
+
+        by_id = {client.post("/v1/personalize", json={"history": user_history(u), "query": "Q?", "user_id": "ada",
+                                                      "max_new_tokens": 1}).json()["replica"] for u in range(8)}
+        assert len(by_id) == 1, by_id
+
+
+def test_the_shipped_autoscaling_config_adds_a_replica_under_load_and_removes_it_after(url):
+    """serve/config.yaml's Generator settings, as shipped: 16 requests kept in flight (twice its target of
+    8 per replica) bring a second replica; when they stop, it goes after the downscale delay."""
+    options = shipped("Generator")
+    assert options["autoscaling_config"]["min_replicas"] == 1 and options["autoscaling_config"]["max_replicas"] == 2
+    deploy(options, "scaling", "/scaling")
+    assert replicas("scaling") == 1
+    long = {"history": user_history(0), "query": "Go on?", "max_new_tokens": 1024}  # the random model never stops
+
+    async def load(stop: asyncio.Event) -> int:
+        async def client(client_id: int) -> int:
+            answered = 0
+            async with httpx.AsyncClient(base_url=f"{url}/scaling", timeout=120) as http:
+                while not stop.is_set():
+                    reply = await http.post("/v1/personalize", json={**long, "user_id": f"u{client_id}"})
+                    assert reply.status_code == 200, reply.text
+                    answered += 1
+            return answered
+
+        return sum(await asyncio.gather(*(client(i) for i in range(16))))
+
+    async def scale_up() -> tuple[float, int]:
+        stop, started = asyncio.Event(), time.monotonic()
+        task = asyncio.create_task(load(stop))
+        try:
+            while replicas("scaling") < 2:
+                assert time.monotonic() - started < 120, "no second replica within 120 s of load"
+                assert not task.done(), task
+                await asyncio.sleep(1)
+        finally:
+            stop.set()
+            answered = await task
+        return time.monotonic() - started, answered
+
+    up_after, answered = asyncio.run(scale_up())
+    assert answered > 0
+    started = time.monotonic()
+    while replicas("scaling") > 1:
+        assert time.monotonic() - started < 120, "still 2 replicas 120 s after the load stopped"
+        time.sleep(1)
+    print(f"2 replicas {up_after:.0f} s into the load, back to 1 {time.monotonic() - started:.0f} s after it")
