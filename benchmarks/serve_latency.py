@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -68,57 +69,66 @@ def users(model_path: str, n_users: int, history_tokens: int, queries: int) -> l
 
 class Ours:
     def __init__(self, url: str):
-        self.http = httpx.AsyncClient(base_url=url, timeout=300)
+        self.url = url
 
-    async def complete(self, user: dict, query: int, max_new_tokens: int) -> tuple[int, int]:
+    async def complete(self, http: httpx.AsyncClient, user: dict, query: int, max_new_tokens: int) -> tuple[int, int]:
         """(prompt tokens, completion tokens)"""
         body = {"history": user["history"], "query": user["queries"][query], "max_new_tokens": max_new_tokens}
-        reply = await self.http.post("/v1/personalize", json=body)
+        reply = await http.post("/v1/personalize", json=body)
         reply.raise_for_status()
         usage = reply.json()["usage"]
         return usage["prompt_tokens"], usage["completion_tokens"]
 
 
 class Engine(Ours):
-    async def complete(self, user: dict, query: int, max_new_tokens: int) -> tuple[int, int]:
+    async def complete(self, http: httpx.AsyncClient, user: dict, query: int, max_new_tokens: int) -> tuple[int, int]:
         body = {"model": "m", "prompt": user["prompts"][query], "max_tokens": max_new_tokens, "temperature": 0}
-        reply = await self.http.post("/v1/completions", json=body)
+        reply = await http.post("/v1/completions", json=body)
         reply.raise_for_status()
         usage = reply.json()["usage"]
         return usage["prompt_tokens"], usage["completion_tokens"]
 
 
-async def measure(client: Ours, population: list[dict], levels: list[int], max_new_tokens: int) -> dict:
+async def time_to_first_token(client: Ours, population: list[dict]) -> dict:
+    """Each user's first request and its repeat with a new question, one at a time (a prefill alone on the
+    engine), as max_new_tokens=1 requests."""
     first, repeat = [], []
-    for user in population:  # one at a time: a prefill alone on the engine
-        for query, times in ((0, first), (1, repeat)):
+    async with httpx.AsyncClient(base_url=client.url, timeout=300) as http:
+        for user, query, times in ((u, q, t) for u in population for q, t in ((0, first), (1, repeat))):
             started = time.perf_counter()
-            prompt_tokens, _ = await client.complete(user, query, 1)
+            prompt_tokens, _ = await client.complete(http, user, query, 1)
             times.append(time.perf_counter() - started)
             assert prompt_tokens == len(user["prompts"][query]), (prompt_tokens, len(user["prompts"][query]))
     result = {"prompt_tokens": statistics.median(len(u["prompts"][0]) for u in population),
               "ttft_first_s": statistics.median(first), "ttft_repeat_s": statistics.median(repeat)}  # fmt: skip
-    result["ttft_ratio"] = result["ttft_repeat_s"] / result["ttft_first_s"]
-    work = [(u, q) for q in range(2, len(population[0]["queries"])) for u in population]  # warm histories
-    for level in levels:
-        queue = list(work[: max(2 * level, 16)])
-        tokens = 0
+    return {**result, "ttft_ratio": result["ttft_repeat_s"] / result["ttft_first_s"]}
 
-        async def worker() -> None:
-            nonlocal tokens
-            while queue:
-                user, query = queue.pop()
-                tokens += (await client.complete(user, query, max_new_tokens))[1]
 
+async def throughput(client: Ours, population: list[dict], level: int, max_new_tokens: int) -> dict:
+    """`level` clients sending the users' other questions (their histories are warm) until 3 x level (at
+    least 24) are answered."""
+    queue = [(u, q) for q in range(2, len(population[0]["queries"])) for u in population][: max(3 * level, 24)]
+    n, tokens = len(queue), 0
+
+    async def worker(http: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        while queue:
+            user, query = queue.pop()
+            tokens += (await client.complete(http, user, query, max_new_tokens))[1]
+
+    async with httpx.AsyncClient(base_url=client.url, timeout=300) as http:
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(level)))
+        await asyncio.gather(*(worker(http) for _ in range(level)))
         elapsed = time.perf_counter() - started
-        n = min(len(work), max(2 * level, 16))
-        result[f"c{level}"] = {"requests_per_s": n / elapsed, "tokens_per_s": tokens / elapsed}
-    return result
+    return {"requests_per_s": n / elapsed, "tokens_per_s": tokens / elapsed}
 
 
-def run_ours(model: str, engine: str, layout: str, population, levels, max_new_tokens) -> dict:
+def median_of(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+@contextlib.contextmanager
+def our_app(model: str, engine: str, layout: str):
     import ray
     from ray import serve
 
@@ -136,19 +146,23 @@ def run_ours(model: str, engine: str, layout: str, population, levels, max_new_t
                 ).request_router_class}  # fmt: skip
         generator = Generator.options(**options).bind(model, engine)
         serve.run(Personalizer.bind(generator, model), name="fspo", route_prefix="/")
-        return asyncio.run(measure(Ours(f"http://127.0.0.1:{port}"), population, levels, max_new_tokens))
+        yield Ours(f"http://127.0.0.1:{port}")
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def run_engine(model: str, max_model_len: int, population, levels, max_new_tokens) -> dict:
+@contextlib.contextmanager
+def vllm_serve(model: str):
     """`vllm serve` with our VLLMEngine's settings on this machine."""
+    from transformers import AutoConfig
+
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
-               "--host", "127.0.0.1", "--served-model-name", "m", "--enable-prefix-caching",
-               "--max-model-len", str(max_model_len), "--dtype", "float32", "--enforce-eager"]  # fmt: skip
+               "--host", "127.0.0.1", "--served-model-name", "m", "--enable-prefix-caching", "--max-model-len",
+               str(AutoConfig.from_pretrained(model).max_position_embeddings), "--dtype", "float32",
+               "--enforce-eager"]  # fmt: skip
     log = open(os.path.join(tempfile.mkdtemp(), "vllm-serve.log"), "w")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -160,7 +174,7 @@ def run_engine(model: str, max_model_len: int, population, levels, max_new_token
                     break
             except httpx.HTTPError:
                 time.sleep(1)
-        return asyncio.run(measure(Engine(f"http://127.0.0.1:{port}"), population, levels, max_new_tokens))
+        yield Engine(f"http://127.0.0.1:{port}")
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
@@ -175,6 +189,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--history-tokens", type=int, default=1000)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=4, help="throughput rounds of each server (medians)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "results-serve-latency.json"))  # fmt: skip
     args = parser.parse_args()
@@ -182,30 +197,43 @@ def main() -> None:
     from fspo_ray.models import resolve_model
 
     model = resolve_model(args.model)
-    queries = 2 + max(2 * max(args.levels), 16) // args.users + 1
+    queries = 2 + max(3 * max(args.levels), 24) // args.users + 1
     population = users(model, args.users, args.history_tokens, queries)
-    rows = []
+    rows, ratios = [], {}
     for engine in args.engines:
-        for layout in args.layouts:
-            rows.append({"server": f"fspo-ray {engine}", "layout": layout,
-                         **run_ours(model, engine, layout, population, args.levels, args.max_new_tokens)})  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
-        if engine == "vllm":
-            from transformers import AutoConfig
+        with contextlib.ExitStack() as stack:
+            raw = stack.enter_context(vllm_serve(model)) if engine == "vllm" else None
+            raw_runs: dict[int, list] = {level: [] for level in args.levels}
 
-            max_model_len = AutoConfig.from_pretrained(model).max_position_embeddings
-            rows.append({"server": "vllm serve", "layout": "1",
-                         **run_engine(model, max_model_len, population, args.levels, args.max_new_tokens)})
-            print(json.dumps(rows[-1]), flush=True)
-    ours, theirs = (next((r for r in rows if r["server"] == s and r["layout"] == "1"), None)
-                    for s in ("fspo-ray vllm", "vllm serve"))  # fmt: skip
-    summary = {}
-    if ours and theirs:
-        summary = {f"throughput_ratio_c{c}": ours[f"c{c}"]["tokens_per_s"] / theirs[f"c{c}"]["tokens_per_s"]
-                   for c in args.levels}  # fmt: skip
+            def engine_rounds(n: int) -> None:  # with no Ray running: the engine alone, as a user would run it
+                for level in args.levels:
+                    raw_runs[level] += [asyncio.run(throughput(raw, population, level, args.max_new_tokens))
+                                        for _ in range(n)]  # fmt: skip
+
+            if raw:  # its cache cold first; then half its rounds before ours and half after (drift shows)
+                raw_row = {"server": "vllm serve", "layout": "1", **asyncio.run(time_to_first_token(raw, population))}
+                engine_rounds((args.rounds + 1) // 2)
+            for layout in args.layouts:
+                with our_app(model, engine, layout) as ours:
+                    row = {"server": f"fspo-ray {engine}", "layout": layout,
+                           **asyncio.run(time_to_first_token(ours, population))}  # fmt: skip
+                    for level in args.levels:
+                        row[f"c{level}"] = median_of([asyncio.run(throughput(ours, population, level,
+                                                      args.max_new_tokens)) for _ in range(args.rounds)])  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            if raw:
+                engine_rounds(args.rounds // 2)
+                raw_row.update({f"c{level}": median_of(runs) for level, runs in raw_runs.items()})
+                rows.append(raw_row)
+                print(json.dumps(raw_row), flush=True)
+                if "1" in args.layouts:
+                    ours = next(r for r in rows if r["server"] == "fspo-ray vllm" and r["layout"] == "1")
+                    ratios = {f"tokens_per_s_c{level}": ours[f"c{level}"]["tokens_per_s"] / raw_row[f"c{level}"][
+                        "tokens_per_s"] for level in args.levels}  # fmt: skip
     with open(args.out, "w") as f:
-        json.dump({"model": args.model, "users": args.users, "rows": rows, "ours_over_engine": summary}, f, indent=1)
-    print(json.dumps(summary), f"written to {args.out}")
+        json.dump({"model": args.model, "users": args.users, "rows": rows, "ours_over_engine": ratios}, f, indent=1)
+    print(json.dumps(ratios), f"written to {args.out}")
 
 
 if __name__ == "__main__":

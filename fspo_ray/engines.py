@@ -37,6 +37,7 @@ class Sampling:
 class Generation:
     text: str
     completion_tokens: int
+    cached_prompt_tokens: int = 0  # found in the engine's prefix cache (vLLM; transformers caches nothing)
 
 
 class EngineStalled(RuntimeError):
@@ -255,8 +256,8 @@ class VLLMEngine:
                               allowed_token_ids=allowed)  # fmt: skip
 
     async def _outputs(self, prompt: list[int], sampling: Sampling, stall_timeout_s: float | None = None):
-        """Each output holds the whole text so far. Closing this generator (a consumer that went away,
-        a stall) closes vLLM's, which aborts the request in the engine."""
+        """Each output holds the whole text so far and the prompt tokens found cached. Closing this generator
+        (a consumer that went away, a stall) closes vLLM's, which aborts the request in the engine."""
         outputs = self.engine.generate({"prompt_token_ids": prompt}, self._params(sampling),
                                        request_id=uuid.uuid4().hex)  # fmt: skip
         seen = 0
@@ -272,13 +273,14 @@ class VLLMEngine:
                 completion = output.outputs[0]
                 self.tokens_generated += len(completion.token_ids) - seen
                 seen = len(completion.token_ids)
-                yield completion
+                yield output
 
     async def generate(self, prompt: list[int], sampling: Sampling) -> Generation:
         last = None
         async for output in self._outputs(prompt, sampling):
             last = output
-        return Generation(last.text, len(last.token_ids))
+        completion = last.outputs[0]
+        return Generation(completion.text, len(completion.token_ids), last.num_cached_tokens or 0)
 
     async def generate_all(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation | Exception]:
         """All at once: the engine batches them continuously."""
@@ -288,9 +290,10 @@ class VLLMEngine:
         sent = 0
         async with contextlib.aclosing(self._outputs(prompt, sampling, stall_timeout_s)) as outputs:
             async for output in outputs:
-                if len(output.text) > sent:
-                    yield output.text[sent:]
-                    sent = len(output.text)
+                text = output.outputs[0].text
+                if len(text) > sent:
+                    yield text[sent:]
+                    sent = len(text)
 
     async def probe(self, timeout_s: float, stall_timeout_s: float) -> str | None:
         """None if the engine is alive and a one-token request finishes within `timeout_s` (vLLM schedules

@@ -221,6 +221,7 @@ class Personalizer:
             events = self._events(prompt, sampling, key, request, style, meta, started)
             return AdmittedStream(events, self._release)
         generation, replica = await self.generator.generate.remote(prompt, sampling, affinity_key=key)
+        meta["cached_prompt_tokens"] = generation.cached_prompt_tokens
         return self._response(generation.text, generation.completion_tokens, replica, request, style, meta, started)
 
     def _check_style(self, request: PersonalizeRequest) -> None:
@@ -250,7 +251,8 @@ class Personalizer:
             user_description=description if style.description_mode == "generated" else request.user_description,
             model=self.model_name,
             replica=replica,
-            usage=Usage(prompt_tokens=meta["prompt_tokens"], completion_tokens=completion_tokens),
+            usage=Usage(prompt_tokens=meta["prompt_tokens"], completion_tokens=completion_tokens,
+                        cached_prompt_tokens=meta.get("cached_prompt_tokens")),
             shots_used=meta["shots_used"],
             shots_dropped=meta["shots_dropped"],
         )

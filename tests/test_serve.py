@@ -29,12 +29,12 @@ HISTORY = [
 QUERY = "How do I bake bread?"
 
 
-def service_app(model: str, backend: str, cpus: float, env: dict | None = None, **ingress):
+def service_app(model: str, backend: str, cpus: float, env: dict | None = None, replicas: int = 1, **ingress):
     """Our application as serve/config.yaml deploys it (an ingress and its engine deployment), test-sized."""
     from serve.app import Personalizer
     from serve.generator import Generator
 
-    generator = Generator.options(ray_actor_options={"num_cpus": cpus}).bind(model, backend)
+    generator = Generator.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus}).bind(model, backend)
     runtime_env = {"runtime_env": {"env_vars": env}} if env else {}
     return Personalizer.options(ray_actor_options={"num_cpus": 0, **runtime_env}).bind(generator, model, **ingress)
 

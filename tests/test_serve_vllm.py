@@ -29,8 +29,9 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def vllm_service(local_ray, tmp_path_factory, trained_tiny):
-    """Two vLLM apps: the random tiny model, which never stops writing (for streams cut short), and the
-    briefly trained one, whose answers are real text (for the greedy comparison)."""
+    """Three vLLM apps: the random tiny model, which never stops writing (for streams cut short); the
+    briefly trained one, whose answers are real text (for the greedy comparison); the random one on two
+    replicas (for user affinity)."""
     from ray import serve
 
     from fspo_ray.models import build_tiny_model
@@ -43,6 +44,7 @@ def vllm_service(local_ray, tmp_path_factory, trained_tiny):
     app = service_app(model, "vllm", 0.5, env={"FSPO_TEST_KEY": KEY}, api_key_env="FSPO_TEST_KEY")
     serve.run(app, name="fspo-vllm", route_prefix="/")
     serve.run(service_app(trained_tiny, "vllm", 0.5), name="trained-vllm", route_prefix="/trained")
+    serve.run(service_app(model, "vllm", 0.5, replicas=2), name="two-vllm", route_prefix="/two")
     yield {"url": f"http://127.0.0.1:{port}", "model": model, "trained": trained_tiny,
            "auth": {"Authorization": f"Bearer {KEY}"}}  # fmt: skip
     serve.shutdown()
@@ -105,3 +107,24 @@ def test_seeded_requests_with_long_histories_do_not_kill_the_engine(vllm_service
     with ThreadPoolExecutor(6) as pool:
         assert list(pool.map(ask, range(6))) == [200] * 6
     assert ask(99) == 200
+
+
+def test_a_users_repeat_request_reads_their_history_from_the_cache_of_the_replica_that_served_them(vllm_service):
+    """8 users with histories over 1,000 tokens, on two replicas: each user's second request (a new question)
+    goes to the replica of their first and finds all of their history in its prefix cache (to vLLM's block
+    size), where their first found only the prompt's opening that every user shares. This is why a repeat's
+    time to first token is a fraction of the first's (benchmarks/serve_latency.py measures it)."""
+    from transformers import AutoTokenizer
+
+    tokenizer, queries = AutoTokenizer.from_pretrained(vllm_service["model"]), (QUERY, "Why is the sky blue?")
+    for user in range(8):
+        history = [{**shot, "question": f"{shot['question']} (user {user}, take {i})"} for i in range(12)
+                   for shot in HISTORY]  # fmt: skip
+        first, repeat = (httpx.post(f"{vllm_service['url']}/two/v1/personalize", timeout=300, json={
+            "history": history, "query": query, "max_new_tokens": 1}).json() for query in queries)  # fmt: skip
+        prompts = [tokenizer(training_prompt(history, q), add_special_tokens=False)["input_ids"] for q in queries]
+        shared = next(i for i, (a, b) in enumerate(zip(*prompts)) if a != b)  # the history and the query's header
+        assert first["usage"]["prompt_tokens"] > 1000 and first["shots_dropped"] == 0
+        assert repeat["replica"] == first["replica"], user
+        assert shared - 128 < repeat["usage"]["cached_prompt_tokens"] <= shared, (user, shared, repeat["usage"])
+        assert first["usage"]["cached_prompt_tokens"] < 200, (user, first["usage"])

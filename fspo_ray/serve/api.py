@@ -70,6 +70,9 @@ class PersonalizeRequest(BaseModel):
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int | None = Field(description=(
+        "prompt tokens the engine found in its prefix cache (a user's history, on the replica that served them"
+        " before); 0 on the transformers engine, which caches nothing; null for a stream"))
 
 
 class PersonalizeResponse(BaseModel):
