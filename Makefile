@@ -38,7 +38,7 @@ $(TRL_VENV)/.installed: Makefile
 	touch $@
 
 # Side-by-side training-step and whole-run timings against TRL (README, "Speed"), then the service
-# against hostile clients (README, "Serving"). Needs an idle machine: two runs sharing 2 cores distort
+# against hostile clients and its latency and throughput against vllm serve (README, "Serving"). Needs an idle machine: two runs sharing 2 cores distort
 # each other.
 bench: setup bench-setup-trl
 	$(PY) benchmarks/train_step.py --model tiny --batch-size 8 --out benchmarks/results-tiny.json
@@ -46,6 +46,8 @@ bench: setup bench-setup-trl
 		--out benchmarks/results-smollm2-135m.json
 	$(PY) benchmarks/serve_hostile.py --backend transformers
 	$(PY) benchmarks/serve_hostile.py --backend vllm
+	$(PY) benchmarks/serve_latency.py
+	$(PY) benchmarks/serve_latency.py --engines transformers --layouts 1 2-affinity --levels 1 8 --rounds 1
 
 demo: setup
 	$(PY) -m jobs.demo config=jobs/demo.yaml

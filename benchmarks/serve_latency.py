@@ -1,15 +1,19 @@
 """Serving latency and throughput: our app against vLLM's own OpenAI-compatible server on the same prompts.
 
-    python benchmarks/serve_latency.py                                   # both engines, SmolLM2-135M
-    python benchmarks/serve_latency.py --engines vllm --layouts 2-affinity --levels 8
+    python benchmarks/serve_latency.py                      # vLLM and vllm serve, SmolLM2-135M (30 min on 2 cores)
+    python benchmarks/serve_latency.py --engines transformers --layouts 1 2-affinity --levels 1 8 --rounds 1
 
 For each engine and layout (1 replica; 2 with user affinity; 2 with Serve's default power-of-two routing):
 - time to first token, measured as a max_new_tokens=1 request (the prefill and one token), for each user's
   first request (a history of at least --history-tokens) and their repeat (the same history, a new
-  question); medians over --users users and their ratio;
-- requests and completion tokens per second at each concurrency level (greedy, --max-new-tokens).
-Then the same prompt token ids go to `vllm serve` (one engine, prefix caching on, as ours) for the ratio
-of our throughput to the engine's own. Loopback only; every phase is bounded. Writes --out (JSON).
+  question); medians over --users users, their ratio, the worst user's and how many users' repeat took
+  at most a third of their first;
+- requests and completion tokens per second at each concurrency level (greedy, --max-new-tokens; medians
+  of --rounds rounds).
+With vLLM, the same prompt token ids also go to `vllm serve` (one engine with our engine's settings): its
+time to first token while its cache is cold, then its throughput rounds with no Ray running, half before
+our app's and half after, so that drift shows in neither alone. Loopback only; every phase is bounded.
+Writes --out (JSON) with our throughput over the engine's.
 """
 
 from __future__ import annotations
@@ -90,18 +94,21 @@ class Engine(Ours):
 
 
 async def time_to_first_token(client: Ours, population: list[dict]) -> dict:
-    """Each user's first request and its repeat with a new question, one at a time (a prefill alone on the
-    engine), as max_new_tokens=1 requests."""
-    first, repeat = [], []
+    """Every user's first request, then every user's repeat with a new question (other users' requests come
+    between a user's two, as they would), one at a time: a prefill alone on the engine. max_new_tokens=1."""
+    seconds: dict[int, list[float]] = {0: [], 1: []}
     async with httpx.AsyncClient(base_url=client.url, timeout=300) as http:
-        for user, query, times in ((u, q, t) for u in population for q, t in ((0, first), (1, repeat))):
-            started = time.perf_counter()
-            prompt_tokens, _ = await client.complete(http, user, query, 1)
-            times.append(time.perf_counter() - started)
-            assert prompt_tokens == len(user["prompts"][query]), (prompt_tokens, len(user["prompts"][query]))
-    result = {"prompt_tokens": statistics.median(len(u["prompts"][0]) for u in population),
-              "ttft_first_s": statistics.median(first), "ttft_repeat_s": statistics.median(repeat)}  # fmt: skip
-    return {**result, "ttft_ratio": result["ttft_repeat_s"] / result["ttft_first_s"]}
+        for query in (0, 1):
+            for user in population:
+                started = time.perf_counter()
+                prompt_tokens, _ = await client.complete(http, user, query, 1)
+                seconds[query].append(time.perf_counter() - started)
+                assert prompt_tokens == len(user["prompts"][query]), (prompt_tokens, len(user["prompts"][query]))
+    ratios = [r / f for f, r in zip(seconds[0], seconds[1])]
+    first, repeat = statistics.median(seconds[0]), statistics.median(seconds[1])
+    return {"prompt_tokens": statistics.median(len(u["prompts"][0]) for u in population), "ttft_first_s": first,
+            "ttft_repeat_s": repeat, "ttft_ratio": repeat / first, "ttft_ratio_worst_user": max(ratios),
+            "users_repeat_within_a_third": sum(r <= 1 / 3 for r in ratios)}  # fmt: skip
 
 
 async def throughput(client: Ours, population: list[dict], level: int, max_new_tokens: int) -> dict:
@@ -183,16 +190,17 @@ def vllm_serve(model: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="a preset, run folder or HF folder")
-    parser.add_argument("--engines", nargs="+", default=["vllm", "transformers"])
+    parser.add_argument("--engines", nargs="+", default=["vllm"], choices=["vllm", "transformers"])
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--levels", nargs="+", type=int, default=[1, 8, 32], help="concurrency levels")
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--history-tokens", type=int, default=1000)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=4, help="throughput rounds of each server (medians)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                      "results-serve-latency.json"))  # fmt: skip
+    parser.add_argument("--out", help="default: benchmarks/results-serve-latency-<engines>.json")
     args = parser.parse_args()
+    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                        f"results-serve-latency-{'-'.join(args.engines)}.json")  # fmt: skip
 
     from fspo_ray.models import resolve_model
 
@@ -232,7 +240,8 @@ def main() -> None:
                     ratios = {f"tokens_per_s_c{level}": ours[f"c{level}"]["tokens_per_s"] / raw_row[f"c{level}"][
                         "tokens_per_s"] for level in args.levels}  # fmt: skip
     with open(args.out, "w") as f:
-        json.dump({"model": args.model, "users": args.users, "rows": rows, "ours_over_engine": ratios}, f, indent=1)
+        json.dump({"model": args.model, "users": args.users, "max_new_tokens": args.max_new_tokens,
+                   "rounds": args.rounds, "rows": rows, "ours_over_engine": ratios}, f, indent=1)
     print(json.dumps(ratios), f"written to {args.out}")
 
 

@@ -104,8 +104,9 @@ def test_smollm2_makes_four_personas_by_four_questions_that_train(tmp_path):
     # The 135M judge is position-biased: greedy, it names the second answer in both orders (measured: every
     # row order-inconsistent). Sampled at 2, about a third agree by chance: enough to check the pipeline
     # end to end; a model this small labels nothing a user could trust (README).
-    settings = [f"out={out}", "n_personas=4", "n_questions=4", "n_contrasts=3", "max_new_tokens=48",
-                "judge_temperature=2"]  # fmt: skip
+    # transformers: no engine start-up per stage (vLLM's path is the endpoint and evaluation tests' engine).
+    settings = [f"out={out}", "n_personas=4", "n_questions=4", "n_contrasts=3", "backend=transformers",
+                "max_new_tokens=48", "judge_temperature=2"]  # fmt: skip
     first = generate(*settings)
     assert " INFO " not in first.stdout + first.stderr
 
