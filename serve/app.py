@@ -1,11 +1,12 @@
-"""The personalization service: a Ray Serve deployment with a FastAPI ingress.
+"""The personalization service: a FastAPI ingress deployment in front of the engine's (serve/generator.py).
 
     serve run serve/config.yaml                     # edit model, backend, replicas there
     curl -s localhost:8000/v1/personalize -H 'Content-Type: application/json' \
          -d '{"history": [...], "query": "How do I bake bread?"}'
 
-The prompt is built by the same code as training (fspo_ray.data), tokenized without a BOS, and the
-answer comes back without its "## Preferred Response" header. Request bodies (users' histories) are
+The ingress builds the prompt with the same code as training (fspo_ray.data), tokenized without a BOS,
+and sends its token ids to an engine replica chosen by user (fspo_ray.serve.routing); the answer comes
+back without its "## Preferred Response" header. Request bodies (users' histories) are
 never logged or stored.
 
 A request is checked in the order that costs a bad client least of the replica: the API key (before
