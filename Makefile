@@ -38,8 +38,8 @@ $(TRL_VENV)/.installed: Makefile
 	touch $@
 
 # Side-by-side training-step and whole-run timings against TRL (README, "Speed"), then the service
-# against hostile clients and its latency and throughput against vllm serve (README, "Serving"). Needs an idle machine: two runs sharing 2 cores distort
-# each other.
+# against hostile clients and its latency and throughput against vllm serve (README, "Serving").
+# Needs an idle machine: two runs sharing 2 cores distort each other.
 bench: setup bench-setup-trl
 	$(PY) benchmarks/train_step.py --model tiny --batch-size 8 --out benchmarks/results-tiny.json
 	$(PY) benchmarks/train_step.py --model smollm2-135m --batch-size 4 --steps 1 --repeats 2 --runs 0 \

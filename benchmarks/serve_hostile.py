@@ -135,7 +135,7 @@ def main() -> None:
     model = args.model or build_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"FSPO_KEY": KEY}})
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    app = build_app(model, args.backend, api_key_env="FSPO_KEY")  # serve/config.yaml's limits
+    app = build_app(model=model, backend=args.backend, api_key_env="FSPO_KEY")  # serve/config.yaml's limits
     serve.run(app, name="fspo", route_prefix="/")
     results: list = []
     try:

@@ -63,9 +63,9 @@ def users(model_path: str, n_users: int, history_tokens: int, queries: int) -> l
         held_out, pool = pairs[:queries], pairs[queries:]
         for n in range(1, len(pool) + 1):
             shots = tuple(Shot(p.question, p.preferred, p.dispreferred) for p in pool[:n])
-            prompts = [fit_prompt(shots, q.question, tokenizer, 10**6, style=style)[0] for q in held_out]
-            if len(prompts[0]) >= history_tokens:
+            if len(fit_prompt(shots, held_out[0].question, tokenizer, 10**6, style=style)[0]) >= history_tokens:
                 break
+        prompts = [fit_prompt(shots, q.question, tokenizer, 10**6, style=style)[0] for q in held_out]
         history = [{"question": s.question, "preferred": s.preferred, "dispreferred": s.dispreferred} for s in shots]
         out.append({"history": history, "queries": [q.question for q in held_out], "prompts": prompts})
     return out
@@ -152,7 +152,7 @@ def our_app(model: str, engine: str, layout: str):
             options["request_router_config"] = {"request_router_class": serve.config.RequestRouterConfig(
                 ).request_router_class}  # fmt: skip
         generator = Generator.options(**options).bind(model, engine)
-        serve.run(Personalizer.bind(generator, model), name="fspo", route_prefix="/")
+        serve.run(Personalizer.bind(generator), name="fspo", route_prefix="/")
         yield Ours(f"http://127.0.0.1:{port}")
     finally:
         serve.shutdown()

@@ -105,8 +105,8 @@ def _demo(cfg: DemoConfig, out: str, log: str) -> dict:
 
     _step("5/5 the personalization service over HTTP: one held-out user's request")
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
-    serve.run(build_app(ipo.run_dir, cfg.backend), name="fspo", route_prefix="/")
-    serve.run(build_app(cfg.model, cfg.backend), name="base", route_prefix="/base")
+    serve.run(build_app(model=ipo.run_dir, backend=cfg.backend), name="fspo", route_prefix="/")
+    serve.run(build_app(model=cfg.model, backend=cfg.backend), name="base", route_prefix="/base")
     pairs = list(read_pairs(data["test"]))
     user = pairs[0].user_id
     mine = [p for p in pairs if p.user_id == user]

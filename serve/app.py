@@ -18,6 +18,7 @@ is a 500 with an `error_id` that the replica's log has.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -34,7 +35,6 @@ from ray.serve.handle import DeploymentHandle
 from fspo_ray.data.prompts import Shot, answer_start, strip_completion_header
 from fspo_ray.data.tokenize import PromptStyle, fit_prompt
 from fspo_ray.engines import Sampling
-from fspo_ray.models import resolve_model
 from fspo_ray.serve.api import (
     ErrorBody,
     PersonalizeRequest,
@@ -101,17 +101,16 @@ class AdmittedStream(StreamingResponse):
                   ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class Personalizer:
-    async def __init__(self, generator: DeploymentHandle, model: str, api_key_env: str = "FSPO_API_KEY",
+    async def __init__(self, generator: DeploymentHandle, api_key_env: str = "FSPO_API_KEY",
                        max_requests_per_replica: int = 32, max_body_bytes: int = 4 * 2**20):  # fmt: skip
         from ray.util import metrics
         from transformers import AutoTokenizer
 
-        path = resolve_model(model)
+        self.generator = generator
+        engine = await generator.status.remote()  # the model as the engine resolved it: one build of a preset
+        path, self.backend, self.max_model_len = engine["model_path"], engine["backend"], engine["max_model_len"]
         self.style = run_prompt_style(read_run_info(path))  # the prompt the model was trained on
         self.tokenizer = AutoTokenizer.from_pretrained(path)  # the engine's: prompts go to it as token ids
-        self.generator = generator
-        engine = await generator.status.remote()
-        self.backend, self.max_model_len = engine["backend"], engine["max_model_len"]
         self.model_name = os.path.basename(os.path.dirname(path)) if path.endswith("LATEST") else os.path.basename(path)
         api_key = os.environ.get(api_key_env) or None
         self.api_key = api_key.encode() if api_key else None
@@ -131,7 +130,7 @@ class Personalizer:
     async def healthz(self):
         """This ingress replica's requests in flight, and the state of an engine replica (the one routed to)."""
         engine = await self.generator.status.remote()
-        problem = engine.pop("problem")
+        problem, _ = engine.pop("problem"), engine.pop("model_path")  # a server's paths are not the client's
         body = {"status": "unhealthy" if problem else "ok", "model": self.model_name, "in_flight": self.in_flight,
                 **engine}  # fmt: skip
         return JSONResponse({**body, "detail": problem}, status_code=503) if problem else body
@@ -216,8 +215,9 @@ class Personalizer:
         sampling = Sampling(request.max_new_tokens, request.temperature, request.top_p, request.seed)
         meta = {"prompt_tokens": len(prompt), "shots_used": len(shots) - dropped, "shots_dropped": dropped}
         # The prompt's first shot starts the part of it that is this user's: requests that share it share
-        # cached KV blocks, on the replica the router keeps them on.
-        key = request.user_id or (repr(shots[dropped]) if dropped < len(shots) else None)
+        # cached KV blocks, on the replica the router keeps them on. A digest: the key travels with the call.
+        user = request.user_id or (repr(shots[dropped]) if dropped < len(shots) else None)
+        key = hashlib.blake2b(user.encode(), digest_size=16).hexdigest() if user else None
         if request.stream:
             events = self._events(prompt, sampling, key, request, style, meta, started)
             return AdmittedStream(events, self._release)
@@ -291,11 +291,13 @@ class Personalizer:
         yield "data: [DONE]\n\n"
 
 
-def build_app(model: str, backend: str = "auto", stall_timeout_s: float = 30.0, probe_timeout_s: float = 10.0,
-              **ingress):  # fmt: skip
-    """The ingress bound to the engine deployment; `ingress` are Personalizer's own arguments."""
-    generator = Generator.bind(model, backend, stall_timeout_s=stall_timeout_s, probe_timeout_s=probe_timeout_s)
-    return Personalizer.bind(generator, model, **ingress)
+ENGINE_ARGS = ("model", "backend", "stall_timeout_s", "probe_timeout_s")  # Generator's; the rest are Personalizer's
+
+
+def build_app(**args):
+    """The ingress bound to the engine deployment, each given its own of the config's `args`."""
+    generator = Generator.bind(**{k: v for k, v in args.items() if k in ENGINE_ARGS})
+    return Personalizer.bind(generator, **{k: v for k, v in args.items() if k not in ENGINE_ARGS})
 
 
 def app_builder(args: dict):

@@ -27,7 +27,8 @@ from fspo_ray.models import resolve_model
 class Generator:
     def __init__(self, model: str, backend: str = "auto", stall_timeout_s: float = 30.0,
                  probe_timeout_s: float = 10.0):  # fmt: skip
-        self.engine = make_engine(backend, resolve_model(model))
+        self.model_path = resolve_model(model)
+        self.engine = make_engine(backend, self.model_path)
         self.stall_timeout_s, self.probe_timeout_s = stall_timeout_s, probe_timeout_s
         self.problem: str | None = None  # what the last health probe found wrong
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -39,7 +40,8 @@ class Generator:
             raise RuntimeError(f"engine unhealthy: {self.problem}")
 
     def status(self) -> dict:
-        return {"replica": self.replica, "backend": self.engine.name, "max_model_len": self.engine.max_model_len,
+        return {"replica": self.replica, "model_path": self.model_path, "backend": self.engine.name,
+                "max_model_len": self.engine.max_model_len,
                 "generating": self.engine.generating, "tokens_generated": self.engine.tokens_generated,
                 "problem": self.problem}  # fmt: skip
 

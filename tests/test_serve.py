@@ -29,14 +29,16 @@ HISTORY = [
 QUERY = "How do I bake bread?"
 
 
-def service_app(model: str, backend: str, cpus: float, env: dict | None = None, replicas: int = 1, **ingress):
-    """Our application as serve/config.yaml deploys it (an ingress and its engine deployment), test-sized."""
+def service_app(model: str, backend: str, cpus: float, env: dict | None = None, generator: dict | None = None,
+                **ingress):  # fmt: skip
+    """Our application as serve/config.yaml deploys it (an ingress and its engine deployment), test-sized;
+    `generator` overrides the engine deployment's options."""
     from serve.app import Personalizer
     from serve.generator import Generator
 
-    generator = Generator.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus}).bind(model, backend)
+    engine = Generator.options(**{"ray_actor_options": {"num_cpus": cpus}, **(generator or {})}).bind(model, backend)
     runtime_env = {"runtime_env": {"env_vars": env}} if env else {}
-    return Personalizer.options(ray_actor_options={"num_cpus": 0, **runtime_env}).bind(generator, model, **ingress)
+    return Personalizer.options(ray_actor_options={"num_cpus": 0, **runtime_env}).bind(engine, **ingress)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 and the shipped autoscaling config adds a replica under load and removes it after."""
 
 import asyncio
+import json
 import socket
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from test_serve import service_app
 
 pytestmark = pytest.mark.slow
 CONFIG = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve" / "config.yaml").read_text())
@@ -33,15 +35,11 @@ def url(local_ray):
     serve.shutdown()
 
 
-def deploy(generator_options: dict, name: str, route: str, **ingress) -> None:
+def deploy(generator_options: dict, name: str, route: str) -> None:
     from ray import serve
 
-    from serve.app import Personalizer
-    from serve.generator import Generator
-
-    generator = Generator.options(**generator_options).bind("tiny", "transformers")
-    serve.run(Personalizer.options(ray_actor_options={"num_cpus": 0}).bind(generator, "tiny", **ingress),
-              name=name, route_prefix=route)  # fmt: skip
+    cpus = generator_options.get("ray_actor_options", {}).get("num_cpus", 0.25)
+    serve.run(service_app("tiny", "transformers", cpus, generator=generator_options), name=name, route_prefix=route)
 
 
 def replicas(app: str) -> int:
@@ -70,7 +68,7 @@ def test_a_users_requests_stay_on_the_replica_that_has_their_history(url):
                 if query == 2:
                     with client.stream("POST", "/v1/personalize", json={**body, "stream": True}) as events:
                         lines = [line for line in events.iter_lines() if line.startswith("data: {")]
-                    reply = yaml.safe_load(lines[-1][len("data: "):])
+                    reply = json.loads(lines[-1][len("data: "):])
                 else:
                     reply = client.post("/v1/personalize", json=body).json()
                 served.setdefault(user, set()).add(reply["replica"])
