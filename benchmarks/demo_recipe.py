@@ -10,12 +10,12 @@ The README's table of recipe changes came from these runs, e.g.
 
 `sft_dir` saves the SFT model (and reuses it on the next run with the same settings).
 """
-import copy, json, math, random, sys, time, os
+import copy, math, os, random, sys, time
 import torch
 from omegaconf import OmegaConf
 
 torch.set_num_threads(2)
-from fspo_ray.data.synthetic import make_users, user_pairs, on_task, write_synthetic
+from fspo_ray.data.synthetic import make_users, on_task, user_pairs
 from fspo_ray.data.episodes import build_episodes
 from fspo_ray.data.tokenize import PromptStyle, fit_episode, render_episode, tokenize_text
 from fspo_ray.data.prompts import strip_completion_header
@@ -27,7 +27,7 @@ cfg = OmegaConf.merge(dict(
     hidden=128, inter=256, layers=2, heads=4, vocab=1024, n_train=256, pairs=16, shots=3, passes=3,
     preferred_only=True, batch=8, sft_examples=8000, sft_lr=3e-3, ipo_examples=3200, ipo_lr=6e-4, beta=0.1,
     sft_weight=0.0, schedule="constant", warmup=5, eval_eps=256, gen=64, sft_target="chosen", seed=0,
-    dims=1, tok_shots=2, sft_eval_every=0, sft_dir="", ipo_eval_every=0, kind="ipo", ipo_schedule=""), OmegaConf.from_cli(sys.argv[1:]))
+    dims=1, sft_eval_every=0, sft_dir="", ipo_eval_every=0, kind="ipo", ipo_schedule=""), OmegaConf.from_cli(sys.argv[1:]))
 print(OmegaConf.to_yaml(cfg).replace("\n", " "), flush=True)
 torch.manual_seed(cfg.seed)
 M.TINY.update(hidden_size=cfg.hidden, intermediate_size=cfg.inter, num_hidden_layers=cfg.layers,
