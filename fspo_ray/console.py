@@ -84,10 +84,14 @@ def _worker_output_to(log):
 def progress_bar(total: int, description: str):
     """A progress bar (with ETA) on the driver, fed from any Ray worker through the yielded queue of
     {"step": n, "text": "..."} items."""
+    import ray
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from tqdm import tqdm
 
-    queue = Queue(actor_options={"num_cpus": 0})
+    # On the driver's node: a queue on another node would die with that node and take the run's bar with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     done = threading.Event()
     bar = tqdm(total=total, desc=description, unit="step", dynamic_ncols=True, file=sys.stdout)
 

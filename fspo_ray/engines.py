@@ -353,7 +353,8 @@ def batch_generate(rows: list[dict], model_path: str, backend: str, sampling: Sa
                    concurrency: int, chat: bool = False, choices: tuple[str, ...] | None = None,
                    use_gpu: bool | None = None):
     """A Ray Data dataset of `rows` continued by `concurrency` BatchGenerator replicas, one GPU each with
-    `use_gpu` (None: when the cluster has GPUs); the caller consumes it, all at once or as replicas finish."""
+    `use_gpu` (None: when the cluster has GPUs), spread over the nodes; the caller consumes it, all at once
+    or as replicas finish."""
     import ray
     import ray.data
 
@@ -364,4 +365,5 @@ def batch_generate(rows: list[dict], model_path: str, backend: str, sampling: Sa
         fn_constructor_kwargs={"model_path": model_path, "backend": backend, "sampling": sampling, "chat": chat,
                                "choices": choices},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency), num_gpus=1 if use_gpu else 0,
+        scheduling_strategy="SPREAD",  # replicas on every node that has room, not packed onto the first
     )  # fmt: skip

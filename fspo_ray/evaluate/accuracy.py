@@ -99,6 +99,7 @@ def score_shots(
         batch_size=batch_size,
         concurrency=concurrency,
         num_gpus=1 if use_gpu else 0,
+        scheduling_strategy="SPREAD",  # replicas on every node that has room, not packed onto the first
     )
     return scored.drop_columns(list(TOKEN_COLUMNS)).take_all(), int(skipped)
 

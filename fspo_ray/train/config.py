@@ -122,6 +122,7 @@ class TrainConfig:
     use_gpu: bool | None = None  # default: when the cluster has GPUs
     cpus_per_worker: float | None = None  # default: 1 with GPUs, 0.5 on CPUs (leaves CPUs to Ray Data)
     gpus_per_worker: float = 1.0  # on a GPU cluster
+    placement_strategy: str = "PACK"  # workers' placement: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (one a node)
     zero_stage: int | None = None  # default: from trainer
     offload_optimizer: bool = False  # ZeRO offload of optimizer state to CPU memory
     offload_params: bool = False  # ZeRO-3 only
@@ -168,6 +169,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("policy_dtype", "reference_dtype"):
         _one_of(f"model.{name}", getattr(cfg.model, name), ("auto", "float32", "bfloat16", "float16"))
     _one_of("resume", cfg.resume, ("auto", "never", "must"))
+    _one_of("placement_strategy", cfg.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     if cfg.preferred_only and cfg.description_mode != "none":
         raise ConfigError(f"preferred_only=true has no description_mode={cfg.description_mode} prompt "
                           "(fspo-method.md §1.4)")
@@ -222,8 +224,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 # Keys a resumed run may change: they do not alter what is trained or how.
 RESUME_SAFE_KEYS = frozenset({"resume", "max_failures", "num_checkpoints_to_keep", "minimum_log_interval_secs",
-                              "reference_concurrency", "log_example_ids", "verbose", "wandb.enabled", "wandb.entity",
-                              "wandb.project"})  # fmt: skip
+                              "reference_concurrency", "log_example_ids", "placement_strategy", "verbose",
+                              "wandb.enabled", "wandb.entity", "wandb.project"})  # fmt: skip
 
 
 def differing_keys(recorded: dict, current: dict) -> dict[str, tuple]:

@@ -83,7 +83,9 @@ def score_reference(rows, scoring: ReferenceScoring):
     if missing:
         # Materialized first: the scoring actors may take every CPU, and then no upstream task could run.
         todo = rows.filter(lambda row: int(row["fingerprint"]) in missing).materialize()
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // scoring.concurrency)
+        # The cluster's CPUs shared out, but no more than one node has: a larger ask is never scheduled.
+        largest = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
+        cpus = max(1, min(int(largest), int(ray.cluster_resources().get("CPU", 1)) // scoring.concurrency))
         scored = todo.map_batches(
             CompletionScorer,
             fn_constructor_kwargs={"models": {"reference": scoring.model_path}, "dtype": scoring.dtype},
@@ -91,6 +93,7 @@ def score_reference(rows, scoring: ReferenceScoring):
             concurrency=scoring.concurrency,
             num_cpus=1 if scoring.use_gpu else cpus,
             num_gpus=1 if scoring.use_gpu else 0,
+            scheduling_strategy="SPREAD",
         ).select_columns(["fingerprint", *COLUMNS])
         new = {int(r["fingerprint"]): (r[COLUMNS[0]], r[COLUMNS[1]]) for r in scored.iter_rows()}
         if scoring.cache_dir:

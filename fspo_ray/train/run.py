@@ -140,7 +140,10 @@ def _trainer(cfg: TrainConfig, plan: LoopPlan, datasets: dict, use_gpu: bool, re
     return TorchTrainer(
         train_loop,
         train_loop_config=plan,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+            placement_strategy=cfg.placement_strategy,
+        ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=cfg.exp_name,
