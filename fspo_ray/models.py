@@ -36,7 +36,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
 
 
 # head_dim = 128 / 4 = 32: the smallest vLLM's CPU attention accepts.
-TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4)
 
 
 def _tiny_corpus() -> list[str]:

@@ -31,12 +31,13 @@ class DemoConfig:
     sft_examples: int = 9600  # episodes of few-shot SFT
     sft_lr: float = 3e-3  # SFT learning rate
     lr_schedule: str = "cosine"  # both stages, after warmup: cosine (decays to 0: answers on the asked task) | constant
-    ipo_examples: int = 7200  # episodes of few-shot IPO
+    ipo_examples: int = 14400  # episodes of few-shot IPO
     ipo_lr: float = 1e-3  # IPO learning rate
     ipo_beta: float = 0.1  # IPO beta
     ipo_sft_weight: float = 2.0  # weight of the preferred answer's NLL added to IPO (loss.sft_weight)
     lora_r: int = 0  # LoRA adapter rank for both stages (0: train every weight); the export is merged
     lora_alpha: float = 16.0  # LoRA scale: adapters add (lora_alpha / lora_r) · B·A
+    length_window: int = 0  # order training episodes by length inside seeded windows of this many; 0: shuffled
     eval_episodes: int = 256  # held-out episodes scored at every number of shots
     eval_queries: int = 64  # held-out queries for the win rate
     backend: str = "transformers"  # the service's engine; auto picks vLLM where it runs (slower to start)
@@ -84,7 +85,7 @@ def _demo(cfg: DemoConfig, out: str, log: str) -> dict:
               f"batch_size={cfg.batch_size}", f"max_length={cfg.max_length}",
               f"max_prompt_length={cfg.max_prompt_length}", f"storage_path={out}/runs", "zero_stage=2",
               "optimizer=AdamW", "warmup_steps=5", f"lr_schedule={cfg.lr_schedule}", "n_eval_examples=64",
-              "eval_batch_size=32",
+              "eval_batch_size=32", f"length_window={cfg.length_window}",
               f"lora.r={cfg.lora_r}", f"lora.alpha={cfg.lora_alpha}", f"seed={cfg.seed}"]  # fmt: skip
     _step("2/5 few-shot SFT on the preferred answers (2 Ray Train workers, DeepSpeed ZeRO-2)")
     sft = parse_train_config([*common, "loss=sft", f"lr={cfg.sft_lr}", f"n_examples={cfg.sft_examples}",

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -171,39 +172,50 @@ def _train_args(users: dict, storage: Path, name: str) -> list[str]:
     return ["jobs.train", "model=tiny", f"datasets=[{users['train']}]", f"eval_datasets=[{users['test']}]",
             "shots=1", "passes=1", "loss=ipo", "reference_concurrency=2", "batch_size=4", "n_epochs=1",
             "eval_every=64", "n_eval_examples=32", "eval_batch_size=8", "lr=1e-3", "optimizer=AdamW",
-            "warmup_steps=5", "max_failures=2", "log_example_ids=true", "placement_strategy=STRICT_SPREAD", f"storage_path={storage}",
-            f"exp_name={name}", "do_first_eval=false"]  # fmt: skip
+            "warmup_steps=5", "max_failures=2", "log_example_ids=true", "placement_strategy=STRICT_SPREAD",
+            f"storage_path={storage}", f"exp_name={name}", "do_first_eval=false"]  # fmt: skip
 
 
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _workers_by_node(cluster: TwoNodeCluster, pid_floor: set) -> dict[str, int]:
+def _train_workers(cluster: TwoNodeCluster) -> dict[int, str]:
+    """{pid: node id} of every Ray Train worker the cluster has had."""
+    return {a["pid"]: a["node_id"] for a in cluster.state("actors", class_name="RayTrainWorker")}
+
+
+def _workers_by_node(cluster: TwoNodeCluster, earlier: dict[int, str]) -> dict[str, int]:
+    """{node id: Ray Train workers started there since `earlier`}."""
     counts: dict[str, int] = {}
-    for actor in cluster.state("actors", class_name="RayTrainWorker"):
-        if actor["pid"] not in pid_floor:
-            counts[actor["node_id"]] = counts.get(actor["node_id"], 0) + 1
+    for pid, node in _train_workers(cluster).items():
+        if pid not in earlier:
+            counts[node] = counts.get(node, 0) + 1
     return counts
 
 
+@dataclass
+class Trained:
+    run_dir: Path
+    workers: dict[str, int]  # {node id: Ray Train workers it ran there}
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(cluster, users, tmp_path_factory) -> Path:
+def uninterrupted(cluster, users, tmp_path_factory) -> Trained:
     """A training run on both nodes that nothing interrupts: the other runs' yardstick, and a model to
     evaluate and serve."""
-    storage = tmp_path_factory.mktemp("runs")
+    storage, earlier = tmp_path_factory.mktemp("runs"), _train_workers(cluster)
     _finish(cluster.submit(*_train_args(users, storage, "whole")))
-    return storage / "whole"
+    return Trained(storage / "whole", _workers_by_node(cluster, earlier))
 
 
 def test_training_workers_run_one_on_each_node(cluster, uninterrupted):
-    workers = _workers_by_node(cluster, set())
-    assert workers == {cluster.nodes["head"]: 1, cluster.nodes["worker"]: 1}, workers
-    assert (uninterrupted / "LATEST" / "model.safetensors").exists()
+    assert uninterrupted.workers == {cluster.nodes["head"]: 1, cluster.nodes["worker"]: 1}
+    assert (uninterrupted.run_dir / "LATEST" / "model.safetensors").exists()
 
 
 def test_a_node_lost_mid_run_costs_no_episode_and_no_accuracy(cluster, users, uninterrupted, tmp_path):
-    seen_before = {a["pid"] for a in cluster.state("actors", class_name="RayTrainWorker")}
+    seen_before = _train_workers(cluster)
     job = cluster.submit(*_train_args(users, tmp_path, "lost"))
     run_dir = tmp_path / "lost"
     deadline = time.monotonic() + 300
@@ -221,11 +233,11 @@ def test_a_node_lost_mid_run_costs_no_episode_and_no_accuracy(cluster, users, un
     assert workers.get(lost_node) == 1 and workers.get(cluster.nodes["worker"]) == 1, (workers, out[-3000:])
     assert workers.get(cluster.nodes["head"]) == 2  # the head's worker was restarted with the group
 
-    log, whole = _metrics(run_dir), _metrics(uninterrupted)
+    log, whole = _metrics(run_dir), _metrics(uninterrupted.run_dir)
     assert [m["counters/examples"] for m in log if "loss/train" in m] == list(range(4, 289, 4))  # replays logged once
     for rank in (0, 1):  # every planned episode trained on exactly once, at the same step as without the loss
         lost_ids, whole_ids = ([json.loads(line) for line in (run / "example_ids" / f"rank{rank}.jsonl").open()]
-                               for run in (run_dir, uninterrupted))  # fmt: skip
+                               for run in (run_dir, uninterrupted.run_dir))  # fmt: skip
         assert [e["step"] for e in lost_ids] == list(range(1, 73))
         assert lost_ids == whole_ids
     # The resumed run restores weights, optimizer, schedule and RNG: it ends where the uninterrupted one did.
@@ -238,9 +250,9 @@ def test_a_node_lost_mid_run_costs_no_episode_and_no_accuracy(cluster, users, un
 def test_evaluation_batch_inference_runs_on_both_nodes(cluster, users, uninterrupted, tmp_path):
     seen_before = {a["actor_id"] for a in cluster.state("actors")}
     _finish(cluster.submit(
-        "jobs.evaluate", f"model={uninterrupted}", f"datasets=[{users['test']}]", f"users_file={users['users']}",
-        f"out={tmp_path / 'eval'}", "shots=[0,1]", "n_episodes=16", "n_queries=8", "max_new_tokens=16",
-        "concurrency=2", "backend=transformers",
+        "jobs.evaluate", f"model={uninterrupted.run_dir}", f"datasets=[{users['test']}]",
+        f"users_file={users['users']}", f"out={tmp_path / 'eval'}", "shots=[0,1]", "n_episodes=16", "n_queries=8",
+        "max_new_tokens=16", "concurrency=2", "backend=transformers",
     ))  # fmt: skip
     replicas = [a for a in cluster.state("actors")
                 if a["actor_id"] not in seen_before and "MapWorker" in a["class_name"]]  # fmt: skip
@@ -294,7 +306,7 @@ def test_serving_survives_losing_a_node_and_recovers_its_replicas(cluster, users
 
     port = _free_port()
     config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump(_serve_config(cluster, uninterrupted, port)))
+    config.write_text(yaml.safe_dump(_serve_config(cluster, uninterrupted.run_dir, port)))
     subprocess.run([BIN / "serve", "deploy", str(config), f"--address={cluster.dashboard}"], env=cluster.env,
                    check=True, capture_output=True)  # fmt: skip
     _wait_for_replicas(cluster, 240)
@@ -325,7 +337,7 @@ def test_serving_survives_losing_a_node_and_recovers_its_replicas(cluster, users
         time.sleep(5)
         killed_at = time.monotonic()
         cluster.kill("worker")
-        time.sleep(30)  # the node is gone: the head's replicas answer alone
+        time.sleep(20)  # the node is gone: the head's replicas answer alone
         returned_at = time.monotonic()
         cluster.nodes["worker"] = cluster.start("worker")
         _wait_for_replicas(cluster, 240)  # Serve starts the lost replicas again, on the returned node
