@@ -118,9 +118,9 @@ def resolve_model(name_or_path: str) -> str:
     if os.path.isfile(os.path.join(name_or_path, "LATEST", "config.json")):
         return os.path.join(name_or_path, "LATEST")
     if name_or_path in PRESETS:
-        # The tiny preset's cache folder names its shape, so a changed TINY is built anew, not read stale.
-        shape = f"-{TINY['num_hidden_layers']}x{TINY['hidden_size']}" if name_or_path == "tiny" else ""
-        path = os.path.join(CACHE_DIR, "models", name_or_path + shape)
+        path = os.path.join(CACHE_DIR, "models", name_or_path)
+        if name_or_path == "tiny":  # under a folder naming its shape: a changed TINY is built anew, not read stale
+            path = os.path.join(CACHE_DIR, "models", f"tiny-{TINY['num_hidden_layers']}x{TINY['hidden_size']}", "tiny")
         if not os.path.isdir(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             PRESETS[name_or_path](path)

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from fspo_ray.data.synthetic import write_synthetic
+from fspo_ray.models import TINY
 from fspo_ray.train.config import parse_train_config
 from fspo_ray.train.run import run_training
 
@@ -40,7 +41,7 @@ def merged_equals_base_plus_adapters(run_dir: str, base_dir: str) -> None:
     config = json.load(open(os.path.join(run_dir, "LATEST", "adapter", "adapter_config.json")))
     assert (config["r"], config["lora_alpha"]) == (R, ALPHA)
     a_keys = sorted(k for k in adapters if ".lora_A." in k)
-    assert len(a_keys) == 2 * 3  # 2 layers x q_proj, v_proj, down_proj
+    assert len(a_keys) == TINY["num_hidden_layers"] * 3  # each layer's q_proj, v_proj, down_proj
     adapted = set()
     for a_key in a_keys:
         b = adapters[a_key.replace(".lora_A.", ".lora_B.")]
