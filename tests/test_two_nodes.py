@@ -56,7 +56,9 @@ class TwoNodeCluster:
         return self.root / role[0]  # short: Ray's socket paths must stay under 107 characters
 
     def start(self, role: str) -> str:
-        """Start the head or a worker node; return its node id."""
+        """Start the head or a worker node; return its new node id (a killed node stays ALIVE in the GCS until
+        its death is noticed, so only ids the cluster has not had before count)."""
+        known = {n["node_id"] for n in self.state("nodes")} if role != "head" else set()
         args = ["--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
                 "--dashboard-host=127.0.0.1", f"--ray-client-server-port={_free_port()}"] if role == "head" else [
                 f"--address=127.0.0.1:{self.gcs_port}"]  # fmt: skip
@@ -67,7 +69,8 @@ class TwoNodeCluster:
         )  # fmt: skip
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            alive = [n for n in self.state("nodes") if n["state"] == "ALIVE" and role in n["resources_total"]]
+            alive = [n for n in self.state("nodes")
+                     if n["state"] == "ALIVE" and role in n["resources_total"] and n["node_id"] not in known]  # fmt: skip
             if alive and (role != "head" or self._accepts_jobs()):
                 return alive[0]["node_id"]
             time.sleep(0.5)
@@ -227,6 +230,7 @@ def test_a_node_lost_mid_run_costs_no_episode_and_no_accuracy(cluster, users, un
     # Fixed scaling with one worker a node (STRICT_SPREAD): the run waits for a second node, then resumes.
     time.sleep(5)
     cluster.nodes["worker"] = cluster.start("worker")
+    assert cluster.nodes["worker"] != lost_node
     out = _finish(job)
 
     workers = _workers_by_node(cluster, seen_before)
