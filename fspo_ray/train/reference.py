@@ -14,6 +14,7 @@ import os
 import uuid
 from dataclasses import dataclass
 
+from fspo_ray.engines import replica_cpus
 from fspo_ray.logprobs import TOKEN_COLUMNS, CompletionScorer
 
 COLUMNS = ("reference_chosen", "reference_rejected")
@@ -75,23 +76,18 @@ def _attach(batch: dict, scores: dict[int, tuple[float, float]]) -> dict:
 def score_reference(rows, scoring: ReferenceScoring):
     """`rows` (a Ray Dataset of tokenized episodes with `fingerprint`) with the two reference columns added,
     and the number of rows that had to be scored (0 when the cache held them all)."""
-    import ray
-
     fingerprints = {int(f) for f in rows.unique("fingerprint")}
     cached = _read_cache(scoring.cache_dir) if scoring.cache_dir else {}
     missing = fingerprints - cached.keys()
     if missing:
         # Materialized first: the scoring actors may take every CPU, and then no upstream task could run.
         todo = rows.filter(lambda row: int(row["fingerprint"]) in missing).materialize()
-        # The cluster's CPUs shared out, but no more than one node has: a larger ask is never scheduled.
-        largest = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
-        cpus = max(1, min(int(largest), int(ray.cluster_resources().get("CPU", 1)) // scoring.concurrency))
         scored = todo.map_batches(
             CompletionScorer,
             fn_constructor_kwargs={"models": {"reference": scoring.model_path}, "dtype": scoring.dtype},
             batch_size=64,
             concurrency=scoring.concurrency,
-            num_cpus=1 if scoring.use_gpu else cpus,
+            num_cpus=replica_cpus(scoring.concurrency, scoring.use_gpu),
             num_gpus=1 if scoring.use_gpu else 0,
             scheduling_strategy="SPREAD",
         ).select_columns(["fingerprint", *COLUMNS])
