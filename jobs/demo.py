@@ -30,6 +30,7 @@ class DemoConfig:
     max_prompt_length: int = 384  # prompt tokens
     sft_examples: int = 9600  # episodes of few-shot SFT
     sft_lr: float = 3e-3  # SFT learning rate
+    sft_target: str = "chosen"  # SFT on the preferred answer (the paper) | both answers (the released code)
     lr_schedule: str = "cosine"  # both stages, after warmup: cosine (decays to 0: answers on the asked task) | constant
     ipo_examples: int = 14400  # episodes of few-shot IPO
     ipo_lr: float = 1e-3  # IPO learning rate
@@ -87,9 +88,10 @@ def _demo(cfg: DemoConfig, out: str, log: str) -> dict:
               "optimizer=AdamW", "warmup_steps=5", f"lr_schedule={cfg.lr_schedule}", "n_eval_examples=64",
               "eval_batch_size=32", f"length_window={cfg.length_window}",
               f"lora.r={cfg.lora_r}", f"lora.alpha={cfg.lora_alpha}", f"seed={cfg.seed}"]  # fmt: skip
-    _step("2/5 few-shot SFT on the preferred answers (2 Ray Train workers, DeepSpeed ZeRO-2)")
-    sft = parse_train_config([*common, "loss=sft", f"lr={cfg.sft_lr}", f"n_examples={cfg.sft_examples}",
-                              "exp_name=sft", "do_first_eval=false"])  # fmt: skip
+    answers = "preferred answers" if cfg.sft_target == "chosen" else "preferred and dispreferred answers"
+    _step(f"2/5 few-shot SFT on the {answers} (2 Ray Train workers, DeepSpeed ZeRO-2)")
+    sft = parse_train_config([*common, "loss=sft", f"lr={cfg.sft_lr}", f"sft_target={cfg.sft_target}",
+                              f"n_examples={cfg.sft_examples}", "exp_name=sft", "do_first_eval=false"])  # fmt: skip
     run_training(sft)
     _step("3/5 few-shot IPO from the SFT model, referenced to it")
     ipo = parse_train_config([*common, "loss=ipo", f"loss.beta={cfg.ipo_beta}", f"lr={cfg.ipo_lr}",
