@@ -72,6 +72,25 @@ def test_oracle_judge_is_order_consistent_on_a_clear_preference():
 
 
 @pytest.mark.slow
+def test_a_lone_batch_inference_replica_runs_on_every_cpu(local_ray):
+    """Ray gives a replica as many torch threads as CPUs it asked for: one replica on the 2-CPU Ray asks
+    for both (with one it left a core idle, and evaluation took twice as long); two share them out."""
+    import ray.data
+
+    from fspo_ray.engines import replica_cpus
+
+    class TorchThreads:  # defined here, so Ray ships it by value (workers cannot import a test module)
+        def __call__(self, batch: dict) -> dict:
+            return {"threads": [torch.get_num_threads()] * len(batch["id"])}
+
+    assert (replica_cpus(1, use_gpu=False), replica_cpus(2, use_gpu=False), replica_cpus(1, use_gpu=True)) == (2, 1, 1)
+    # Materialized first, as evaluation does: a replica holding every CPU leaves none for upstream tasks.
+    rows = ray.data.range(4).materialize().map_batches(TorchThreads, concurrency=1,
+                                                       num_cpus=replica_cpus(1, use_gpu=False))  # fmt: skip
+    assert {row["threads"] for row in rows.take_all()} == {2}
+
+
+@pytest.mark.slow
 def test_evaluate_job_report_matches_a_direct_computation(local_ray, trained_tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
