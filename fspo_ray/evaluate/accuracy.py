@@ -94,9 +94,9 @@ def score_shots(
     variants = episodes.map_batches(
         ShotsVariants(tuple(shots_list), policy_path, max_length, max_prompt_length, style), batch_size=16
     ).materialize()
-    skipped = variants.count() - variants.sum("fits") if variants.count() else 0
     # Materialized first, and nothing after the scorers: they may take every CPU, and then no task could run.
     fitting = variants.filter(lambda row: row["fits"]).materialize()
+    skipped = variants.count() - fitting.count()
     scored = fitting.map_batches(
         CompletionScorer,
         fn_constructor_kwargs={"models": {"policy": policy_path, "reference": reference_path}},
