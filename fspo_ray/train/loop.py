@@ -121,7 +121,8 @@ def train_loop(plan: LoopPlan) -> None:
 
     policy_dtype = _dtype(cfg.model.policy_dtype, on_gpu)
     ds_config = deepspeed_config(cfg, policy_dtype)
-    hf_ds = HfDeepSpeedConfig(ds_config) if cfg.stage == 3 else None  # noqa: F841 (ZeRO-3: load partitioned)
+    # ZeRO-3: while this lives, transformers loads weights partitioned across the ranks (a collective).
+    hf_ds = HfDeepSpeedConfig(ds_config) if cfg.stage == 3 else None
     tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     policy = _load_model(plan.start_model, policy_dtype)
@@ -149,6 +150,9 @@ def train_loop(plan: LoopPlan) -> None:
             reference = deepspeed.initialize(model=reference, config=ref_config)[0]
         else:
             reference = reference.to(device)
+    # Loading is done: a later from_pretrained on rank 0 alone (the LoRA export's start model) must be a
+    # plain load, not a partitioned one that waits for ranks that never join it.
+    del hf_ds
 
     step = 0
     checkpoint = ray.train.get_checkpoint()
