@@ -96,7 +96,8 @@ def score_shots(
     ).materialize()
     # Materialized first, and nothing after the scorers: they may take every CPU, and then no task could run.
     fitting = variants.filter(lambda row: row["fits"]).materialize()
-    skipped = variants.count() - fitting.count()
+    n_fitting = fitting.count()
+    skipped = variants.count() - n_fitting
     scored = fitting.map_batches(
         CompletionScorer,
         fn_constructor_kwargs={"models": {"policy": policy_path, "reference": reference_path}},
@@ -106,7 +107,7 @@ def score_shots(
         num_gpus=1 if use_gpu else 0,
         scheduling_strategy="SPREAD",  # replicas on every node that has room, not packed onto the first
     )
-    rows = streamed_rows(scored, fitting.count(), "scoring held-out episodes", unit="episode")
+    rows = streamed_rows(scored, n_fitting, "scoring held-out episodes", unit="episode")
     return [{k: v for k, v in row.items() if k not in TOKEN_COLUMNS} for row in rows], int(skipped)
 
 
