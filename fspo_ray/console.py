@@ -21,6 +21,8 @@ def job_console(log_path: str, verbose: bool = False):
     import ray
 
     started = not ray.is_initialized()
+    if not verbose:
+        _quiet_deepspeed_on_cpus()
     if verbose:
         ray.init(ignore_reinit_error=True)
         try:
@@ -50,6 +52,16 @@ def job_console(log_path: str, verbose: bool = False):
         os.dup2(console_stderr, 2)
         os.close(console_stderr)
         log.close()
+
+
+def _quiet_deepspeed_on_cpus() -> None:
+    """DeepSpeed warns on stdout, where a redirect of stderr cannot catch it, each time a process finds no
+    GPU ("Setting accelerator to CPU"). Naming the CPU accelerator up front says the same without the
+    warning, for this process and the local Ray's workers (they inherit it); a GPU machine is untouched."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _worker_output_to(log):
