@@ -50,10 +50,10 @@ def users(model_path: str, n_users: int, history_tokens: int, queries: int) -> l
     from fspo_ray.data.prompts import Shot
     from fspo_ray.data.readers import read_pairs
     from fspo_ray.data.synthetic import write_synthetic
-    from fspo_ray.data.tokenize import fit_prompt
-    from fspo_ray.train.export import read_run_info, run_prompt_style
+    from fspo_ray.data.tokenize import PromptStyle, fit_prompt
+    from fspo_ray.runinfo import read_run_info
 
-    tokenizer, style = AutoTokenizer.from_pretrained(model_path), run_prompt_style(read_run_info(model_path))
+    tokenizer, style = AutoTokenizer.from_pretrained(model_path), PromptStyle.from_run_info(read_run_info(model_path))
     data = write_synthetic(tempfile.mkdtemp(), n_train_users=1, n_test_users=n_users, pairs_per_user=64 + queries)
     by_user: dict[str, list] = {}
     for pair in read_pairs(data["test"]):

@@ -23,6 +23,9 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
+from fspo_ray.models import load_for_inference, padding_id, resolve_dtype
+from fspo_ray.scheduling import replica_cpus, resolve_use_gpu
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -56,12 +59,10 @@ class TransformersEngine:
     name = "transformers"
 
     def __init__(self, model_path: str):
-        from fspo_ray.models import load_for_inference
-
         self.model, self.tokenizer, self.device = load_for_inference(model_path)
         self.max_model_len = self.model.config.max_position_embeddings
         self.eos = self.tokenizer.eos_token_id
-        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
+        self.pad = padding_id(self.tokenizer)
         self.lock = threading.Lock()  # one generate at a time on this replica's model
         self.last_token = time.monotonic()  # when a generate last produced a token: busy vs. wedged
         self.tokens_generated = 0  # decoding steps since start, summed over the batch
@@ -228,7 +229,7 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         args = AsyncEngineArgs(
             model=model_path,
-            dtype="bfloat16" if on_gpu else "float32",
+            dtype=resolve_dtype("auto", on_gpu),
             max_model_len=max_model_len,
             enable_prefix_caching=True,  # a user's history is a prefix shared by their requests
             enforce_eager=not on_gpu,
@@ -349,29 +350,15 @@ class BatchGenerator:
         }
 
 
-def replica_cpus(concurrency: int, use_gpu: bool) -> int:
-    """CPUs each of `concurrency` batch-inference replicas asks for: one beside a GPU; on CPUs the free ones
-    shared out, because Ray sets a replica's torch threads to the CPUs it asked for (one each left half of a
-    2-core machine idle), but no more than the largest node has, since a larger ask is never scheduled."""
-    import ray
-
-    if use_gpu:
-        return 1
-    largest = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
-    return max(1, min(int(largest), int(ray.available_resources().get("CPU", 1)) // concurrency))
-
-
 def batch_generate(rows: list[dict], model_path: str, backend: str, sampling: Sampling, *, batch_size: int,
                    concurrency: int, chat: bool = False, choices: tuple[str, ...] | None = None,
                    use_gpu: bool | None = None):
     """A Ray Data dataset of `rows` continued by `concurrency` BatchGenerator replicas, one GPU each with
     `use_gpu` (None: when the cluster has GPUs), spread over the nodes; the caller consumes it, all at once
     or as replicas finish."""
-    import ray
     import ray.data
 
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = resolve_use_gpu(use_gpu)
     return ray.data.from_items(rows).map_batches(
         BatchGenerator,
         fn_constructor_kwargs={"model_path": model_path, "backend": backend, "sampling": sampling, "chat": chat,

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fspo_ray.losses import IGNORE_INDEX, sequence_logps
+from fspo_ray.models import load_for_inference, padding_id
 
 # The columns a tokenized episode carries: prompt ids, and each completion's ids with its EOS.
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -152,16 +153,13 @@ class CompletionScorer:
     """
 
     def __init__(self, models: dict[str, str], dtype: str = "auto", rows_per_forward: int = 8):
-        from fspo_ray.models import load_for_inference
-
         loaded: dict[str, object] = {}
         self.models = {}
         for name, path in models.items():  # one copy of a model scored under two names
             if path not in loaded:
                 loaded[path], self.tokenizer, self.device = load_for_inference(path, dtype, attention="sdpa")
             self.models[name] = loaded[path]
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
+        self.pad_id = padding_id(self.tokenizer)
         self.rows_per_forward = rows_per_forward
 
     def __call__(self, batch: dict) -> dict:

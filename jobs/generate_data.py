@@ -11,7 +11,7 @@ summary.json and the stages' records; a re-run with the same out resumes. `--hel
 from __future__ import annotations
 
 from fspo_ray.config import parse_overrides, run_job
-from fspo_ray.data.generate import GenerateDataConfig, generate_data, validate
+from fspo_ray.generate.run import GenerateDataConfig, generate_data, validate
 
 
 def main(argv: list[str]) -> dict:

@@ -35,6 +35,7 @@ from ray.serve.handle import DeploymentHandle
 from fspo_ray.data.prompts import Shot, answer_start, strip_completion_header
 from fspo_ray.data.tokenize import PromptStyle, fit_prompt
 from fspo_ray.engines import Sampling
+from fspo_ray.runinfo import read_run_info
 from fspo_ray.serve.api import (
     ErrorBody,
     PersonalizeRequest,
@@ -43,7 +44,6 @@ from fspo_ray.serve.api import (
     ValidationErrorBody,
     validation_error_body,
 )
-from fspo_ray.train.export import read_run_info, run_prompt_style
 from serve.generator import Generator
 
 logger = logging.getLogger("ray.serve")
@@ -109,7 +109,7 @@ class Personalizer:
         self.generator = generator
         engine = await generator.status.remote()  # the model as the engine resolved it: one build of a preset
         path, self.backend, self.max_model_len = engine["model_path"], engine["backend"], engine["max_model_len"]
-        self.style = run_prompt_style(read_run_info(path))  # the prompt the model was trained on
+        self.style = PromptStyle.from_run_info(read_run_info(path))  # the prompt the model was trained on
         self.tokenizer = AutoTokenizer.from_pretrained(path)  # the engine's: prompts go to it as token ids
         self.model_name = os.path.basename(os.path.dirname(path)) if path.endswith("LATEST") else os.path.basename(path)
         api_key = os.environ.get(api_key_env) or None

@@ -77,16 +77,16 @@ def test_a_lone_batch_inference_replica_runs_on_every_cpu(local_ray):
     for both (with one it left a core idle, and evaluation took twice as long); two share them out."""
     import ray.data
 
-    from fspo_ray.engines import replica_cpus
+    from fspo_ray.scheduling import replica_cpus
 
     class TorchThreads:  # defined here, so Ray ships it by value (workers cannot import a test module)
         def __call__(self, batch: dict) -> dict:
             return {"threads": [torch.get_num_threads()] * len(batch["id"])}
 
-    assert (replica_cpus(1, use_gpu=False), replica_cpus(2, use_gpu=False), replica_cpus(1, use_gpu=True)) == (2, 1, 1)
+    assert (replica_cpus(1, on_gpu=False), replica_cpus(2, on_gpu=False), replica_cpus(1, on_gpu=True)) == (2, 1, 1)
     # Materialized first, as evaluation does: a replica holding every CPU leaves none for upstream tasks.
     rows = ray.data.range(4).materialize().map_batches(TorchThreads, concurrency=1,
-                                                       num_cpus=replica_cpus(1, use_gpu=False))  # fmt: skip
+                                                       num_cpus=replica_cpus(1, on_gpu=False))  # fmt: skip
     assert {row["threads"] for row in rows.take_all()} == {2}
 
 

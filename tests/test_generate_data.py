@@ -10,7 +10,8 @@ import pytest
 from conftest import first_answer
 
 from fspo_ray.config import ConfigError
-from fspo_ray.data.generate import (
+from fspo_ray.data.readers import DataError
+from fspo_ray.generate.run import (
     GenerateDataConfig,
     contrasts,
     held_out_personas,
@@ -18,7 +19,6 @@ from fspo_ray.data.generate import (
     load_questions,
     validate,
 )
-from fspo_ray.data.readers import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_PERSONAS = REPO / "fspo_ray" / "data" / "seeds" / "personas.jsonl"
@@ -175,7 +175,7 @@ def test_an_endpoint_judge_labels_exactly_what_it_prefers(local_ray, judge_endpo
     says M (a position-biased judge). The answers are on record already, as a resumed run finds them."""
     import dataclasses
 
-    from fspo_ray.data.generate import RESUME_SAFE, generate_data
+    from fspo_ray.generate.run import RESUME_SAFE, generate_data
 
     failures = [2]  # the first two calls about p1 fail: those rows are malformed, and a re-run retries them
 

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from fspo_ray.config import parse_overrides
-from fspo_ray.data.generate import GenerateDataConfig
 from fspo_ray.evaluate.run import EvaluateConfig
+from fspo_ray.generate.run import GenerateDataConfig
 from fspo_ray.train.config import parse_train_config
 from jobs.build_episodes import BuildEpisodesConfig
 from jobs.demo import DemoConfig

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from fspo_ray.config import InputError
 from fspo_ray.models import archive_to_folder, build_tiny_model, load_policy_state, resolve_archive, resolve_model
 from fspo_ray.train.config import LossConfig, parse_train_config
-from fspo_ray.train.loop import _dtype, deepspeed_config
+from fspo_ray.train.loop import deepspeed_config
 from fspo_ray.train.step import batch_loss, collate
 
 CHANGED = "model.layers.0.mlp.down_proj.weight"
@@ -221,8 +221,10 @@ def test_deepspeed_config(extra, dtype, stage, offload):
 
 
 def test_dtype():
-    assert (_dtype("auto", on_gpu=True), _dtype("auto", on_gpu=False)) == (torch.bfloat16, torch.float32)
-    assert (_dtype("float16", on_gpu=True), _dtype("bfloat16", on_gpu=False)) == (torch.float16, torch.bfloat16)
+    from fspo_ray.models import resolve_dtype
+
+    assert (resolve_dtype("auto", on_gpu=True), resolve_dtype("auto", on_gpu=False)) == ("bfloat16", "float32")
+    assert (resolve_dtype("float16", on_gpu=True), resolve_dtype("bfloat16", on_gpu=False)) == ("float16", "bfloat16")
 
 
 def test_precomputed_reference_scores_replace_the_reference_model():

@@ -48,7 +48,9 @@ class TwoNodeCluster:
         self.token = secrets.token_hex(32)
         self.gcs_port, self.dashboard_port = _free_port(), _free_port()
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+        # PYTHONPATH: every node's Ray processes import the Serve app (serve/) from the checkout, as
+        # cluster.yaml's nodes do; only fspo_ray is installed.
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "PYTHONPATH": str(REPO),
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
         self.env.pop("RAY_ADDRESS", None)
 

@@ -295,6 +295,20 @@ def read_pairs(
             yield PreferencePair(**fields, source=where, order=(file_index << _ROW_BITS) | number)
 
 
+def read_pair_dataset(specs: list[str], split: str | None):
+    """A Ray Dataset of every pair of `specs` (`PreferencePair.as_row()` rows), one read task per file."""
+    import ray.data
+
+    def read_file(item: dict) -> Iterator[dict]:
+        for pair in read_pairs(item["spec"], split=split, file_index=item["file_index"]):
+            yield pair.as_row()
+
+    for spec in specs:
+        resolve_format(spec, split)  # fail here, with the reader's message, rather than inside a task
+    items = [{"spec": spec, "file_index": i} for i, spec in enumerate(specs)]
+    return ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_file)
+
+
 def default_shots(spec: str, split: str | None = None) -> int:
     """The shots the reference uses for this data set's format (fspo-method.md §1.1)."""
     return DEFAULT_SHOTS[resolve_format(spec, split)]

@@ -11,6 +11,7 @@ dropped whole; if even the query alone does not fit, the episode is skipped. Bot
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +19,24 @@ from fspo_ray.data.episodes import Episode
 from fspo_ray.data.prompts import DescriptionMode, build_completion, build_prompt, example_block
 from fspo_ray.data.readers import DataError
 
+
 @dataclass(frozen=True)
 class PromptStyle:
     preferred_only: bool = False
     description_mode: DescriptionMode = "none"
+
+    @classmethod
+    def from_run_info(cls, info: dict) -> PromptStyle:
+        """The style a run was trained with, from its fspo_run.json (fspo_ray.runinfo); the default for {}."""
+        return cls(bool(info.get("preferred_only", False)), info.get("description_mode", "none"))
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str):
+    """A model folder's tokenizer, loaded once per process (Ray Data tasks call this per batch)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 @dataclass(frozen=True)

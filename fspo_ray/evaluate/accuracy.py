@@ -17,11 +17,11 @@ from typing import Any
 
 from fspo_ray.console import streamed_rows
 from fspo_ray.data.episodes import Episode, build_episode_dataset
+from fspo_ray.data.readers import read_pair_dataset
 from fspo_ray.data.synthetic import bayes_optimal_choice
-from fspo_ray.data.tokenize import PromptStyle, fit_episode
-from fspo_ray.engines import replica_cpus
+from fspo_ray.data.tokenize import PromptStyle, fit_episode, load_tokenizer
 from fspo_ray.logprobs import TOKEN_COLUMNS, CompletionScorer
-from fspo_ray.train.pipeline import load_tokenizer, read_pair_dataset
+from fspo_ray.scheduling import replica_cpus
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from fspo_ray.data.episodes import Episode
 from fspo_ray.data.prompts import strip_completion_header
 from fspo_ray.data.readers import default_shots
 from fspo_ray.data.synthetic import on_task
-from fspo_ray.data.tokenize import PromptStyle, fit_episode
+from fspo_ray.data.tokenize import PromptStyle, fit_episode, load_tokenizer
 from fspo_ray.engines import Sampling, batch_generate, vllm_usable
 from fspo_ray.evaluate.accuracy import (
     accuracy_by_shots,
@@ -32,7 +32,8 @@ from fspo_ray.evaluate.accuracy import (
 from fspo_ray.evaluate.winrate import Comparison, oracle_judge
 from fspo_ray.judge import Judge, endpoint_judge, judge_both_orders, judge_prompt, parse_verdict
 from fspo_ray.models import resolve_model
-from fspo_ray.train.export import read_run_info, run_prompt_style
+from fspo_ray.runinfo import read_run_info
+from fspo_ray.scheduling import resolve_use_gpu
 
 SYSTEMS = ("fspo", "few_shot_base", "pref_ft", "oracle_prompt")  # answer generators, in win rates
 BASELINES = (*SYSTEMS[1:], "bayes_optimal")  # bayes_optimal: the ideal reader's accuracy, synthetic users only
@@ -116,8 +117,6 @@ def _local_llm_judge(cfg: EvaluateConfig, comparisons: list[tuple[str, str, str,
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
-    import ray
-
     if cfg.judge not in ("oracle", "llm", "none"):
         raise ConfigError(f"judge={cfg.judge} is not one of oracle, llm, none")
     if cfg.backend not in ("auto", "vllm", "transformers"):
@@ -142,13 +141,13 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                else info.get("max_prompt_length", 896)}  # fmt: skip
     max_shots = cfg.max_shots if cfg.max_shots is not None else default_shots(cfg.datasets[0], cfg.split)
     shots_list = _shots_list(cfg, max_shots)
-    trained = run_prompt_style(info)
+    trained = PromptStyle.from_run_info(info)
     style = PromptStyle(
         trained.preferred_only if cfg.preferred_only is None else cfg.preferred_only,
         cfg.description_mode or trained.description_mode,
     )
-    pref_ft_style = run_prompt_style(read_run_info(pref_ft) if pref_ft else {})
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    pref_ft_style = PromptStyle.from_run_info(read_run_info(pref_ft) if pref_ft else {})
+    use_gpu = resolve_use_gpu(cfg.use_gpu)
     users = json.load(open(cfg.users_file)) if cfg.users_file else {}
     preferences = {u: v["preferences"] for u, v in users.items()}
 
@@ -203,8 +202,6 @@ def _win_rates(cfg, models, chosen, styles, lengths, preferences, use_gpu) -> tu
     """Each system's answers to the same queries, its prompt in the style it was trained with and fitted
     to the length limits (with room for the answer) as training fits them; a query that does not fit
     every system's prompt is left out of all, and counted."""
-    from fspo_ray.train.pipeline import load_tokenizer
-
     base, policy = models["base"], models["policy"]
     plain, oracle = PromptStyle(), PromptStyle(description_mode="teacher_forced")
     systems = {  # system -> (model, its episode for a query, prompt style)

@@ -2,46 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import tempfile
 
 import torch
 
-from fspo_ray.data.tokenize import PromptStyle
+from fspo_ray.files import publish_folder
+from fspo_ray.runinfo import write_run_info
 from fspo_ray.train.config import TrainConfig
 from fspo_ray.train.lora import save_merged
-
-
-def publish(local_dir: str, destination: str) -> None:
-    """Copy a folder to a local path (replacing it whole) or to a URI such as s3://bucket/run/LATEST."""
-    if "://" in destination:
-        import pyarrow.fs
-
-        pyarrow.fs.copy_files(local_dir, destination)
-        return
-    staging = f"{destination}.tmp-{os.getpid()}"
-    shutil.copytree(local_dir, staging)
-    shutil.rmtree(destination, ignore_errors=True)
-    os.replace(staging, destination)
-
-
-RUN_INFO = "fspo_run.json"  # beside the weights: what evaluation and serving need to know about the run
-
-
-def read_run_info(model_dir: str) -> dict:
-    """The run's fspo_run.json (reference, base model, beta, prompt style), or {} for a plain HF folder."""
-    path = os.path.join(model_dir, RUN_INFO)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def run_prompt_style(info: dict) -> PromptStyle:
-    """The prompt style a run was trained with, from its fspo_run.json (the default for a plain folder)."""
-    return PromptStyle(bool(info.get("preferred_only", False)), info.get("description_mode", "none"))
 
 
 def export_hf_folder(engine, tokenizer, cfg: TrainConfig, rank: int, run_info: dict, start_model: str,
@@ -61,6 +29,5 @@ def export_hf_folder(engine, tokenizer, cfg: TrainConfig, rank: int, run_info: d
         else:
             engine.module.save_pretrained(directory, state_dict=state)
         tokenizer.save_pretrained(directory)
-        with open(os.path.join(directory, RUN_INFO), "w") as f:
-            json.dump(run_info, f, indent=1)
-        publish(directory, f"{cfg.run_dir}/LATEST")
+        write_run_info(directory, run_info)
+        publish_folder(directory, f"{cfg.run_dir}/LATEST")

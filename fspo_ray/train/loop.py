@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fspo_ray.models import padding_id, resolve_dtype
 from fspo_ray.train.config import TrainConfig
 from fspo_ray.train.export import export_hf_folder
 from fspo_ray.train.lora import AdaptersDisabled, add_adapters
@@ -52,12 +53,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
         return 1.0
     done = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
-
-
-def _dtype(name: str, on_gpu: bool) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if on_gpu else torch.float32
-    return getattr(torch, name)
 
 
 def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict:
@@ -119,12 +114,12 @@ def train_loop(plan: LoopPlan) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")  # adopts Ray Train's process group
     torch.manual_seed(cfg.seed + rank)
 
-    policy_dtype = _dtype(cfg.model.policy_dtype, on_gpu)
+    policy_dtype = getattr(torch, resolve_dtype(cfg.model.policy_dtype, on_gpu))
     ds_config = deepspeed_config(cfg, policy_dtype)
     # ZeRO-3: while this lives, transformers loads weights partitioned across the ranks (a collective).
     hf_ds = HfDeepSpeedConfig(ds_config) if cfg.stage == 3 else None
     tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     policy = _load_model(plan.start_model, policy_dtype)
     if cfg.activation_checkpointing:
         policy.gradient_checkpointing_enable()
@@ -142,7 +137,7 @@ def train_loop(plan: LoopPlan) -> None:
     if cfg.loss.name != "sft" and not plan.reference_precomputed and cfg.lora.r:
         reference = AdaptersDisabled(engine.module)
     elif cfg.loss.name != "sft" and not plan.reference_precomputed:
-        reference_dtype = _dtype(cfg.model.reference_dtype, on_gpu)
+        reference_dtype = getattr(torch, resolve_dtype(cfg.model.reference_dtype, on_gpu))
         reference = _load_model(plan.start_model, reference_dtype).eval().requires_grad_(False)
         if cfg.stage == 3:  # shard the frozen reference too
             ref_config = {k: ds_config[k] for k in ("train_micro_batch_size_per_gpu", "bf16", "fp16")}

@@ -11,7 +11,6 @@ whether after a crash, a worker restart or a re-run.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,17 +22,10 @@ from fspo_ray.data.episodes import (
     default_passes,
     episode_dataset_stats,
 )
-from fspo_ray.data.readers import read_pairs, resolve_format
-from fspo_ray.data.tokenize import PromptStyle, fit_episode
+from fspo_ray.data.readers import read_pair_dataset
+from fspo_ray.data.tokenize import PromptStyle, fit_episode, load_tokenizer
 from fspo_ray.logprobs import TOKEN_COLUMNS
 from fspo_ray.train.reference import ReferenceScoring, score_reference
-
-
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
 
 
 @dataclass(frozen=True)
@@ -91,19 +83,6 @@ class PreparedData:
     shards: list[Any]  # one materialized Ray Dataset per worker, equal length, deterministic order
     examples: int  # rows over all shards
     stats: dict[str, int] = field(default_factory=dict)
-
-
-def read_pair_dataset(specs: list[str], split: str | None):
-    import ray
-
-    def read_file(item: dict) -> Any:
-        for pair in read_pairs(item["spec"], split=split, file_index=item["file_index"]):
-            yield pair.as_row()
-
-    for spec in specs:
-        resolve_format(spec, split)  # fail here, with the reader's message, rather than inside a task
-    items = [{"spec": spec, "file_index": i} for i, spec in enumerate(specs)]
-    return ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_file)
 
 
 def prepare(

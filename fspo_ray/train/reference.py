@@ -14,8 +14,8 @@ import os
 import uuid
 from dataclasses import dataclass
 
-from fspo_ray.engines import replica_cpus
-from fspo_ray.logprobs import TOKEN_COLUMNS, CompletionScorer
+from fspo_ray.logprobs import CompletionScorer
+from fspo_ray.scheduling import replica_cpus
 
 COLUMNS = ("reference_chosen", "reference_rejected")
 

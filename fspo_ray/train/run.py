@@ -11,18 +11,13 @@ from fspo_ray.console import progress_bar
 from fspo_ray.data.readers import default_shots
 from fspo_ray.data.tokenize import PromptStyle
 from fspo_ray.models import archive_to_folder, resolve_model
+from fspo_ray.scheduling import resolve_use_gpu
 from fspo_ray.train.config import TrainConfig, differing_keys
 from fspo_ray.train.loop import LoopPlan, train_loop
 from fspo_ray.train.pipeline import prepare
 from fspo_ray.train.reference import ReferenceScoring, weights_digest
 
 logger = logging.getLogger(__name__)  # details for the log file; the console gets one line per stage
-
-
-def _use_gpu(cfg: TrainConfig) -> bool:
-    import ray
-
-    return cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
 
 
 RUN_CONFIG = "fspo_config.json"  # in the run folder: the config it was started with
@@ -78,7 +73,7 @@ def run_training(cfg: TrainConfig):
         start_model = archive_to_folder(cfg.model.archive, model_path, os.path.join(cfg.local_dir, "archive"))
 
     shots = cfg.shots if cfg.shots is not None else default_shots(cfg.datasets[0], cfg.data_split)
-    use_gpu = _use_gpu(cfg)
+    use_gpu = resolve_use_gpu(cfg.use_gpu)
     reference = None
     if cfg.loss.name != "sft" and cfg.precompute_reference:
         digest = weights_digest(start_model, cfg.model.reference_dtype)
