@@ -2,19 +2,26 @@
 
 An FSPO prompt holds N of a user's pairs and is far longer than the completions that follow it. The plain
 way (`concatenated_logps`) runs prompt+chosen and prompt+rejected as two rows, so every prompt token is
-computed twice per model. `packed_logps` runs one row per episode instead:
+computed twice per model. `packed_logps` runs one row per shot set instead: the shots that its targets
+(episodes with the same shots, episodes.py) share, then each target's task and question and its two answers:
 
-    tokens       [ prompt .......... | chosen ...... | rejected .... | pad ]
-    position ids   0 1 ... P-1         P ... P+C-1     P ... P+R-1     0 ...
+    tokens       [ shots ..... | task+question₁  chosen₁ ...  rejected₁ ... | task+question₂ ... | pad ]
+    position ids   0 ... S-1     S ... P₁-1      P₁ ... P₁+C₁-1 P₁ ...       S ...                 0 ...
 
-with a 4-D attention mask in which every token sees the prompt and the earlier tokens of its own
-completion, and rejected never sees chosen. Each completion therefore sits exactly where it would after
-the prompt alone (same positions, same visible keys): the log-probs equal the plain path's.
+(Pᵢ: the length of target i's prompt.) Every token sees the shots and the earlier tokens of its own
+target, never another target's; rejected sees its prompt but never chosen. Each completion therefore sits
+exactly where it would after its prompt alone (same positions, same visible keys): the log-probs equal the
+plain path's, target by target. An episode alone (one target, or rows without `shots_lengths`) is the
+row [prompt | chosen | rejected].
 
-We chose one packed row over a prompt forward whose KV cache the two completions extend: transformers
-drops the cache under gradient checkpointing, and the mask works the same under every ZeRO stage. The
-mask needs an attention kernel that takes arbitrary masks: SDPA (math kernel on CPU, memory-efficient
-kernel on GPU); flash-attention's varlen form cannot express "rejected skips chosen".
+The mask is never built on the host: a row carries two small id tensors (`branch`: the shared shots, a
+target, padding; `part`: prompt, chosen, rejected), and `packed_attention_mask` turns them, on the model's
+device, into what its attention takes: a FlexAttention `BlockMask` on CUDA, which skips the blocks a row's
+tokens never see (one target's keys for another's queries), or a dense boolean for SDPA elsewhere (the
+CPU path, which the tests check against the same predicate). `packed_attention` names the kernel a model
+that scores packed rows should be loaded with. Flash-attention's varlen kernels cannot express "rejected
+skips chosen". We chose one packed row over a prompt forward whose KV cache the completions extend:
+transformers drops the cache under gradient checkpointing, and the mask works the same under every ZeRO stage.
 
 The LM head and the log-softmax run only at the positions that predict a completion token: a prompt
 position never produces a vocabulary-sized row (for a 49k vocabulary that is most of a forward's cost).
@@ -31,24 +38,35 @@ import torch.nn.functional as F
 from fspo_ray.losses import IGNORE_INDEX, sequence_logps
 from fspo_ray.models import load_for_inference, padding_id
 
-# The columns a tokenized episode carries: prompt ids, and each completion's ids with its EOS.
+# The columns a tokenized episode carries: prompt ids, and each completion's ids with its EOS; and how many
+# of the prompt's ids are the shots (tokenize.py), which the targets of one shot set share.
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+SHOTS_LENGTH = "shots_length"
 
 
 @dataclass(frozen=True)
 class PackedBatch:
-    input_ids: torch.Tensor  # (B, L)
+    input_ids: torch.Tensor  # (B, L): B shot sets
     position_ids: torch.Tensor  # (B, L)
-    attention_mask: torch.Tensor  # (B, 1, L, L) bool, True = may attend
+    branch: torch.Tensor  # (B, L): 0 the shared shots, j the row's j-th target (prompt and answers), -1 padding
+    part: torch.Tensor  # (B, L): 0 prompt, 1 chosen, 2 rejected
     source: torch.Tensor  # (N,) flat index into B·L of the hidden state that predicts each completion token
     target: torch.Tensor  # (N,) the completion token predicted there
-    sequence: torch.Tensor  # (N,) which completion the token belongs to: chosen i → i, rejected i → B + i
+    sequence: torch.Tensor  # (N,) which completion the token belongs to: chosen i → i, rejected i → n + i
+    examples: int  # n: the episodes (targets) packed
     num_sequences: int
     tokens: int  # real (non-padding) tokens
     padding: int  # padding tokens
 
 
-_PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
+def shot_set_groups(prompts: Sequence[Sequence[int]], shots_lengths: Sequence[int] | None) -> list[list[int]]:
+    """Row indices grouped by the shots their prompts begin with (the targets of one shot set), in
+    first-seen order; a row without shots is alone."""
+    groups: dict[object, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        shared = int(shots_lengths[i]) if shots_lengths is not None else 0
+        groups.setdefault((shared, tuple(prompt[:shared])) if shared else i, []).append(i)
+    return list(groups.values())
 
 
 def pack(
@@ -57,45 +75,89 @@ def pack(
     rejected: Sequence[Sequence[int]] | None,
     pad_token_id: int,
     device: torch.device | str = "cpu",
+    shots_lengths: Sequence[int] | None = None,
 ) -> PackedBatch:
-    """One right-padded row per episode: [prompt | chosen | rejected] (or [prompt | chosen] without rejected)."""
-    rows, with_rejected = len(prompts), rejected is not None
-    rejected = rejected if with_rejected else [[] for _ in range(rows)]
-    width = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
-    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((rows, width), dtype=torch.long)
-    segment = torch.full((rows, width), _PAD, dtype=torch.long)
-    source, target, sequence = [], [], []
-    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
-        if len(p) == 0:
-            raise ValueError(f"row {i}: empty prompt (a completion's first token needs a position to predict it)")
-        P, C, R = len(p), len(c), len(r)
-        input_ids[i, : P + C + R] = torch.tensor([*p, *c, *r], dtype=torch.long)
-        position_ids[i, : P + C] = torch.arange(P + C)
-        position_ids[i, P + C : P + C + R] = torch.arange(P, P + R)
-        segment[i, :P], segment[i, P : P + C], segment[i, P + C : P + C + R] = _PROMPT, _CHOSEN, _REJECTED
-        base = i * width
-        # Token t of a completion is predicted by the hidden state before it: the prompt's last for t = 0.
-        for start, tokens, seq in ((P, c, i), (P + C, r, rows + i)) if with_rejected else ((P, c, i),):
-            source += [base + P - 1] + [base + start + t - 1 for t in range(1, len(tokens))]
-            target += list(tokens)
-            sequence += [seq] * len(tokens)
-    query, key = segment.unsqueeze(2), segment.unsqueeze(1)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    mask = causal & (key != _PAD) & ~((query == _REJECTED) & (key == _CHOSEN))
-    mask |= torch.eye(width, dtype=torch.bool) & (query == _PAD)  # a padding row attends to itself, never NaN
-    real = int((segment != _PAD).sum())
+    """One right-padded row per shot set (rows whose prompts begin with the same `shots_lengths[i]` ids):
+    [shots | prompt₁ chosen₁ rejected₁ | prompt₂ ...], or without rejected. Without `shots_lengths` every
+    episode is its own row, [prompt | chosen | rejected]."""
+    n, with_rejected = len(prompts), rejected is not None
+    rejected = rejected if with_rejected else [[] for _ in range(n)]
+    rows, source, target, sequence = [], [], [], []  # source as (row, column) until the width is known
+    for g, members in enumerate(shot_set_groups(prompts, shots_lengths)):
+        shared = int(shots_lengths[members[0]]) if shots_lengths is not None else 0
+        tokens, positions = list(prompts[members[0]][:shared]), list(range(shared))
+        branch, part = [0] * shared, [0] * shared
+        for j, i in enumerate(members, start=1):
+            p, c, r = list(prompts[i][shared:]), list(chosen[i]), list(rejected[i])
+            if shared + len(p) == 0:
+                raise ValueError(f"row {i}: empty prompt (a completion's first token needs a position to predict it)")
+            start, end = len(tokens), shared + len(p)  # where the target begins in the row; its prompt's length
+            tokens += [*p, *c, *r]
+            positions += [*range(shared, end), *range(end, end + len(c)), *range(end, end + len(r))]
+            branch += [j] * (len(p) + len(c) + len(r))
+            part += [0] * len(p) + [1] * len(c) + [2] * len(r)
+            last = start + len(p) - 1  # the prompt's last token (the shots' last when p is empty)
+            answers = ((start + len(p), c, i), (start + len(p) + len(c), r, n + i))
+            for first, answer, seq in answers if with_rejected else answers[:1]:
+                # Token t of a completion is predicted by the hidden state before it: the prompt's last for t = 0.
+                source += [(g, last)] + [(g, first + t - 1) for t in range(1, len(answer))]
+                target += answer
+                sequence += [seq] * len(answer)
+        rows.append((tokens, positions, branch, part))
+    width = max(len(tokens) for tokens, *_ in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    branch_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    part_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for g, (tokens, positions, branch, part) in enumerate(rows):
+        for tensor, values in ((input_ids, tokens), (position_ids, positions), (branch_ids, branch), (part_ids, part)):
+            tensor[g, : len(values)] = torch.tensor(values, dtype=torch.long)
+    real = sum(len(tokens) for tokens, *_ in rows)
     return PackedBatch(
         input_ids=input_ids.to(device),
         position_ids=position_ids.to(device),
-        attention_mask=mask.unsqueeze(1).to(device),
-        source=torch.tensor(source, dtype=torch.long, device=device),
+        branch=branch_ids.to(device),
+        part=part_ids.to(device),
+        source=torch.tensor([g * width + column for g, column in source], dtype=torch.long, device=device),
         target=torch.tensor(target, dtype=torch.long, device=device),
         sequence=torch.tensor(sequence, dtype=torch.long, device=device),
-        num_sequences=2 * rows if with_rejected else rows,
+        examples=n,
+        num_sequences=2 * n if with_rejected else n,
         tokens=real,
-        padding=rows * width - real,
+        padding=len(rows) * width - real,
     )
+
+
+def _sees(branch: torch.Tensor, part: torch.Tensor, b, q, k) -> torch.Tensor:
+    """May token q of row b attend to token k? FlexAttention's mask_mod, and, on broadcast index tensors,
+    the dense mask: one predicate for both."""
+    query_branch, key_branch = branch[b, q], branch[b, k]
+    own_target = (key_branch == query_branch) & ((part[b, k] == 0) | (part[b, k] == part[b, q]))
+    padding = query_branch < 0  # a pad's output is never read: it sees what precedes it, and itself (no NaN)
+    return ((k <= q) & (key_branch >= 0) & ((key_branch == 0) | own_target | padding)) | ((q == k) & padding)
+
+
+def packed_attention(device: torch.device | str) -> str:
+    """The attention kernel to load a model with that runs packed rows on `device`: FlexAttention on CUDA
+    (its BlockMask skips fully masked blocks), SDPA elsewhere."""
+    return "flex_attention" if torch.device(device).type == "cuda" else "sdpa"
+
+
+def packed_attention_mask(batch: PackedBatch, block: bool = False):
+    """The batch's attention mask, built on its device from the segment ids: a FlexAttention BlockMask
+    (`block`), else a dense (B, 1, L, L) boolean for SDPA (True = may attend)."""
+    rows, width = batch.input_ids.shape
+    device = batch.input_ids.device
+    if block:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, q, k):
+            return _sees(batch.branch, batch.part, b, q, k)
+
+        return create_block_mask(mask_mod, rows, None, width, width, device=device)
+    index = torch.arange(width, device=device)
+    b = torch.arange(rows, device=device)[:, None, None]
+    return _sees(batch.branch, batch.part, b, index[None, :, None], index[None, None, :]).unsqueeze(1)
 
 
 def _unwrap(model):
@@ -108,7 +170,7 @@ def packed_logps(model, batch: PackedBatch) -> torch.Tensor:
     model = _unwrap(model)
     hidden = model.get_decoder()(
         input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
+        attention_mask=packed_attention_mask(batch, block=model.config._attn_implementation == "flex_attention"),
         position_ids=batch.position_ids,
         use_cache=False,
     ).last_hidden_state
@@ -148,31 +210,41 @@ class CompletionScorer:
     """A Ray Data batch-inference actor: each row's summed chosen and rejected log-probs under one or more
     models, with the packed forward, as columns `{name}_chosen` and `{name}_rejected`.
 
-    Rows are run shortest first in groups of `rows_per_forward`, so little of a forward is padding; the
+    The rows of one shot set (by `shots_length`, when the batch has it) go into one packed row; shot sets
+    run shortest first, about `rows_per_forward` rows a forward, so little of a forward is padding. The
     output keeps the input's row order.
     """
 
     def __init__(self, models: dict[str, str], dtype: str = "auto", rows_per_forward: int = 8):
+        attention = packed_attention("cuda" if torch.cuda.is_available() else "cpu")
         loaded: dict[str, object] = {}
         self.models = {}
         for name, path in models.items():  # one copy of a model scored under two names
             if path not in loaded:
-                loaded[path], self.tokenizer, self.device = load_for_inference(path, dtype, attention="sdpa")
+                loaded[path], self.tokenizer, self.device = load_for_inference(path, dtype, attention=attention)
             self.models[name] = loaded[path]
         self.pad_id = padding_id(self.tokenizer)
         self.rows_per_forward = rows_per_forward
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["prompt_ids"])
-        order = sorted(range(n), key=lambda i: sum(len(batch[c][i]) for c in TOKEN_COLUMNS))
+        shots_lengths = batch.get(SHOTS_LENGTH)
+        groups = shot_set_groups(batch["prompt_ids"], shots_lengths)
+        shared = [int(shots_lengths[g[0]]) if shots_lengths is not None else 0 for g in groups]
+        width = [sum(len(batch[c][i]) for c in TOKEN_COLUMNS for i in g) - (len(g) - 1) * s
+                 for g, s in zip(groups, shared)]  # fmt: skip
         scores = {f"{name}_{side}": [0.0] * n for name in self.models for side in ("chosen", "rejected")}
-        for start in range(0, n, self.rows_per_forward):
-            rows = order[start : start + self.rows_per_forward]
-            packed = pack(*([batch[c][i] for i in rows] for c in TOKEN_COLUMNS), self.pad_id, self.device)
+        rows: list[int] = []
+        for k, g in enumerate(sorted(range(len(groups)), key=width.__getitem__)):
+            rows += groups[g]
+            if len(rows) < self.rows_per_forward and k < len(groups) - 1:
+                continue
+            lengths = [shots_lengths[i] for i in rows] if shots_lengths is not None else None
+            packed = pack(*([batch[c][i] for i in rows] for c in TOKEN_COLUMNS), self.pad_id, self.device, lengths)
             for name, model in self.models.items():
                 with torch.no_grad():
                     logps = packed_logps(model, packed).tolist()
-                chosen, rejected = logps[: len(rows)], logps[len(rows) :]
                 for j, i in enumerate(rows):
-                    scores[f"{name}_chosen"][i], scores[f"{name}_rejected"][i] = chosen[j], rejected[j]
+                    scores[f"{name}_chosen"][i], scores[f"{name}_rejected"][i] = logps[j], logps[len(rows) + j]
+            rows = []
         return {**batch, **scores}

@@ -63,6 +63,27 @@ def test_deterministic_from_the_seed_and_independent_of_input_order():
 
 def test_default_passes():
     assert default_passes(8) == 18 and default_passes(8, "test") == 1 and default_passes(0) == 1
+    assert default_passes(8, targets=4) == 6  # each pair a target about twice: 6 passes x 4 of every 12 pairs
+    assert default_passes(3, targets=4) == 4 and default_passes(8, "test", targets=4) == 1
+
+
+def test_a_window_holds_n_shots_and_k_targets_that_share_them():
+    episodes, stats = build_episodes(make_pairs({"alice": 13, "bob": 6}), shots=3, passes=2, seed=0, targets=2)
+    by_set = {}
+    for e in episodes:
+        by_set.setdefault(e.shot_set, []).append(e)
+    assert stats.episodes == len(episodes) == 2 * 2 * (13 // 5 + 6 // 5)  # passes x K x windows of N+K
+    assert all(len(targets) == 2 for targets in by_set.values())
+    for shot_set, (first, second) in by_set.items():
+        assert first.shots == second.shots and len(first.shots) == 3 and first.user_id == second.user_id
+        window = [s.question for s in first.shots] + [first.query.question, second.query.question]
+        assert len(set(window)) == 5  # N + K distinct pairs of one user
+        assert (first.episode_id, second.episode_id) == (f"{shot_set}/0", f"{shot_set}/1")
+    one, _ = build_episodes(make_pairs({"alice": 13}), shots=3, passes=2, seed=0)
+    assert all(e.episode_id == e.shot_set for e in one)  # K = 1: today's episodes and ids
+    assert [e.episode_id for e in one] == ["alice/0/0", "alice/0/1", "alice/0/2", "alice/1/0", "alice/1/1", "alice/1/2"]
+    with pytest.raises(ValueError, match="targets_per_prompt must be >= 1"):
+        build_episodes(make_pairs({"alice": 13}), shots=3, passes=1, seed=0, targets=0)
 
 
 def test_user_less_data_needs_zero_shots():
@@ -74,13 +95,13 @@ def test_user_less_data_needs_zero_shots():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shots", [0, 3])
-def test_ray_data_gives_the_same_episodes_and_stats(local_ray, shots):
+@pytest.mark.parametrize("shots, targets", [(0, 1), (3, 1), (3, 2)])
+def test_ray_data_gives_the_same_episodes_and_stats(local_ray, shots, targets):
     pairs = make_pairs(COUNTS)
-    expected, expected_stats = build_episodes(pairs, shots=shots, passes=2, seed=3)
+    expected, expected_stats = build_episodes(pairs, shots=shots, passes=2, seed=3, targets=targets)
     ds = local_ray.data.from_items([p.as_row() for p in pairs], override_num_blocks=3)
-    rows = build_episode_dataset(ds, shots=shots, passes=2, seed=3, num_partitions=2).take_all()
+    rows = build_episode_dataset(ds, shots=shots, passes=2, seed=3, num_partitions=2, targets=targets).take_all()
     from fspo_ray.data.episodes import Episode
 
     assert sorted(repr(Episode.from_row(r)) for r in rows) == sorted(map(repr, expected))
-    assert episode_dataset_stats(ds, shots=shots, passes=2, seed=3) == expected_stats
+    assert episode_dataset_stats(ds, shots=shots, passes=2, seed=3, targets=targets) == expected_stats

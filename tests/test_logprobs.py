@@ -1,11 +1,13 @@
-"""The shared-prompt (packed) log-probs against the plain concatenated path and a per-sequence forward."""
+"""The shared-prompt (packed) log-probs against the plain concatenated path and a per-sequence forward; rows
+of one shot set packed together against the same episodes packed alone; the device mask against the mask
+as it was built on the host."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fspo_ray.logprobs import concatenated_logps, pack, packed_logps
+from fspo_ray.logprobs import concatenated_logps, pack, packed_attention_mask, packed_logps
 
 # Mixed prompt lengths (a 1-token "0-shot" prompt among them), completions of different lengths,
 # chosen longer than rejected and the other way round.
@@ -77,7 +79,7 @@ def test_layout_positions_mask_and_padding():
     batch = pack([[5, 6]], [[7, 8]], [[9]], pad_token_id=0)
     assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9]]
     assert batch.position_ids.tolist() == [[0, 1, 2, 3, 2]]  # rejected restarts at the prompt's end
-    visible = batch.attention_mask[0, 0].int().tolist()
+    visible = packed_attention_mask(batch)[0, 0].int().tolist()
     assert visible == [
         [1, 0, 0, 0, 0],
         [1, 1, 0, 0, 0],
@@ -90,10 +92,123 @@ def test_layout_positions_mask_and_padding():
     assert batch.sequence.tolist() == [0, 0, 1]
     two = pack([[5, 6, 7], [5]], [[8], [8]], [[9], [9]], pad_token_id=0)
     assert (two.tokens, two.padding) == (8, 2)
-    assert two.attention_mask[1, 0, 3:, 3:].int().tolist() == [[1, 0], [0, 1]]  # of the pads, each sees itself only
-    assert not two.attention_mask[1, 0, :3, 3:].any()  # no real token sees a pad
+    mask = packed_attention_mask(two)
+    assert mask[1, 0, 3:, 3:].int().tolist() == [[1, 0], [0, 1]]  # of the pads, each sees itself only
+    assert not mask[1, 0, :3, 3:].any()  # no real token sees a pad
+
+
+def test_layout_of_one_shot_set_with_two_targets():
+    # shots [5, 6]; target 1: prompt [7], chosen [10], rejected [13]; target 2: prompt [8, 9], [11, 12], [14]
+    batch = pack([[5, 6, 7], [5, 6, 8, 9]], [[10], [11, 12]], [[13], [14]], pad_token_id=0, shots_lengths=[2, 2])
+    assert batch.input_ids.tolist() == [[5, 6, 7, 10, 13, 8, 9, 11, 12, 14]]  # the shots once
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 3, 2, 3, 4, 5, 4]]  # each target restarts after the shots
+    assert packed_attention_mask(batch)[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0, 0],  # target 1's prompt: the shots and itself
+        [1, 1, 1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 1, 0, 0, 0, 0, 0],  # rejected 1: not chosen 1
+        [1, 1, 0, 0, 0, 1, 0, 0, 0, 0],  # target 2 never sees target 1
+        [1, 1, 0, 0, 0, 1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 0, 1, 1, 1, 1, 0],
+        [1, 1, 0, 0, 0, 1, 1, 0, 0, 1],
+    ]
+    # chosen i → i, rejected i → 2 + i; each answer's first token predicted at its own prompt's last token
+    assert batch.sequence.tolist() == [0, 2, 1, 1, 3] and batch.target.tolist() == [10, 13, 11, 12, 14]
+    assert batch.source.tolist() == [2, 2, 6, 7, 6]
+    assert (batch.examples, batch.tokens, batch.padding) == (2, 10, 0)
+
+
+def _host_mask(prompts, chosen, rejected):
+    """The mask as `pack` built it on the host before masks moved to the device (main at 95f971b): a
+    segment per token, causal, padding masked, rejected never sees chosen, a pad sees itself."""
+    rejected = rejected or [[] for _ in prompts]
+    width = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
+    segment = torch.full((len(prompts), width), 3)
+    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+        P, C, R = len(p), len(c), len(r)
+        segment[i, :P], segment[i, P : P + C], segment[i, P + C : P + C + R] = 0, 1, 2
+    query, key = segment.unsqueeze(2), segment.unsqueeze(1)
+    mask = torch.ones(width, width, dtype=torch.bool).tril() & (key != 3) & ~((query == 2) & (key == 1))
+    mask |= torch.eye(width, dtype=torch.bool) & (query == 3)
+    return mask.unsqueeze(1)
+
+
+@pytest.mark.parametrize("with_rejected", [True, False])
+def test_device_mask_equals_the_host_mask(with_rejected):
+    rejected = REJECTED if with_rejected else None
+    batch = pack(PROMPTS, CHOSEN, rejected, pad_token_id=0)
+    torch.testing.assert_close(packed_attention_mask(batch), _host_mask(PROMPTS, CHOSEN, rejected), rtol=0, atol=0)
+
+
+# Two shot sets and a lone episode: shots [5..11] shared by rows 0, 2, 3; shots [9, 8, 7] by rows 4, 5.
+SHOTS_A, SHOTS_B = [5, 6, 7, 8, 9, 10, 11], [9, 8, 7]
+SET_PROMPTS = [SHOTS_A + [12, 13], [3, 4], SHOTS_A + [14, 15, 16], SHOTS_A + [17], SHOTS_B + [12], SHOTS_B + [13, 14]]
+SET_SHOTS = [7, 0, 7, 7, 3, 3]
+SET_CHOSEN = [[20, 21, 1], [22, 1], [23, 24, 25, 26, 1], [27, 1], [28, 29, 1], [30, 1]]
+SET_REJECTED = [[31, 1], [32, 33, 34, 1], [35, 1], [36, 37, 38, 1], [39, 1], [40, 41, 42, 1]]
+
+
+def test_shot_sets_pack_into_one_row_each():
+    batch = pack(SET_PROMPTS, SET_CHOSEN, SET_REJECTED, pad_token_id=0, shots_lengths=SET_SHOTS)
+    assert batch.input_ids.shape[0] == 3 and batch.examples == 6 and batch.num_sequences == 12
+    alone = pack(SET_PROMPTS, SET_CHOSEN, SET_REJECTED, pad_token_id=0)
+    assert batch.tokens == alone.tokens - 2 * len(SHOTS_A) - len(SHOTS_B)  # each shot set's shots computed once
+
+
+@pytest.mark.parametrize("with_rejected", [True, False])
+def test_shot_set_rows_equal_separate_episodes_values_and_gradients(with_rejected):
+    """A row per shot set scores each target exactly as its own episode (today's K=1 row) and as the plain
+    path does, and gives the same gradients."""
+    rejected = SET_REJECTED if with_rejected else None
+    weights = torch.linspace(-2.0, 3.0, 12 if with_rejected else 6)
+    results = []
+    for logps_of in (
+        lambda m: packed_logps(m, pack(SET_PROMPTS, SET_CHOSEN, rejected, 0, shots_lengths=SET_SHOTS)),
+        lambda m: packed_logps(m, pack(SET_PROMPTS, SET_CHOSEN, rejected, 0)),
+        lambda m: concatenated_logps(m, SET_PROMPTS, SET_CHOSEN, SET_REJECTED, 0)[: len(weights)],
+    ):
+        model = _model().train()
+        logps = logps_of(model)
+        (logps * weights).sum().backward()
+        results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (shared, shared_grads), *others = results
+    expected = [_one_by_one(_model(), p, c) for p, c in zip(SET_PROMPTS, SET_CHOSEN)]
+    expected += [_one_by_one(_model(), p, r) for p, r in zip(SET_PROMPTS, SET_REJECTED)] if with_rejected else []
+    torch.testing.assert_close(shared.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0)
+    for values, grads in others:
+        torch.testing.assert_close(shared, values, rtol=1e-5, atol=0)
+        for name, grad in grads.items():
+            torch.testing.assert_close(shared_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_empty_prompt_is_refused():
     with pytest.raises(ValueError, match="row 1: empty prompt"):
         pack([[5], []], [[6], [6]], None, pad_token_id=0)
+
+
+@pytest.mark.slow
+def test_flex_attention_block_mask_equals_the_dense_mask():
+    """The CUDA path (FlexAttention with a BlockMask built from the same segment ids), run on the CPU: rows
+    long enough that whole 128-token blocks are skipped score as the dense SDPA path does."""
+    import random
+
+    rng = random.Random(0)
+    shots = [rng.randrange(2, 48) for _ in range(150)]
+    prompts = [shots + [rng.randrange(2, 48) for _ in range(n)] for n in (40, 3, 60)]
+    chosen = [[rng.randrange(2, 48) for _ in range(n)] + [1] for n in (50, 90, 7)]
+    rejected = [[rng.randrange(2, 48) for _ in range(n)] + [1] for n in (30, 5, 80)]
+    prompts.append([7] * 20)  # a lone episode: a second, shorter row with padding
+    chosen.append([8, 1])
+    rejected.append([9, 9, 1])
+    batch = pack(prompts, chosen, rejected, pad_token_id=0, shots_lengths=[150, 150, 150, 0])
+    block_mask = packed_attention_mask(batch, block=True)
+    assert block_mask.sparsity() > 0  # the third target's queries skip the first target's key blocks
+    scores = []
+    for attention in ("sdpa", "flex_attention"):  # FlexAttention has no backward on CPUs: values only here
+        model = _model()
+        model.set_attn_implementation(attention)
+        with torch.no_grad():
+            scores.append(packed_logps(model, batch))
+    torch.testing.assert_close(scores[1], scores[0], rtol=1e-5, atol=0)

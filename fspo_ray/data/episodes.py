@@ -1,16 +1,20 @@
 """FSPO episodes: N shots of one user in context plus one more pair of the same user as the query.
 
 Per user (fspo-method.md §1.2): order the user's pairs as they appear in the data, shuffle them with a
-generator seeded by (seed, user, pass), and cut non-overlapping windows of **N+1** pairs: pairs 0..N-1
-are the shots, pair N is the query. (The reference cuts N+2 and never uses the last pair, an
-off-by-one we do not copy.) The tail that does not fill a window is left out of that pass; R passes
-with fresh shuffles put each pair in many contexts, so few pairs end up in no episode at all, and
-those are counted. Shuffles depend only on the seed, the user id and the user's pair count, never on
-how the data is partitioned, so Ray Data and plain lists give the same episodes.
+generator seeded by (seed, user, pass), and cut non-overlapping windows of **N+K** pairs: pairs 0..N-1
+are the shots, pairs N..N+K-1 are K queries ("targets") that share those shots. Each target is an
+ordinary episode (its shots, its query pair); the K of one window carry the window's id as `shot_set`, and
+training and evaluation compute their shared shots once (logprobs.py). K = `targets`, 1 by default: windows
+of N+1, today's episodes. (The reference cuts N+2 and never uses the last pair, an off-by-one we do not
+copy.) The tail that does not fill a window is left out of that pass; R passes with fresh shuffles put
+each pair in many contexts, so few pairs end up in no episode at all, and those are counted. Shuffles
+depend only on the seed, the user id and the user's pair count, never on how the data is partitioned, so
+Ray Data and plain lists give the same episodes. At 0 shots there is nothing to share: K is taken as 1.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections import Counter, defaultdict
@@ -30,7 +34,8 @@ class Episode:
     user_description: str | None = None
     dispreferred_description: str | None = None  # of the persona the query's dispreferred answer suits
     query_source: str = ""
-    episode_id: str = ""  # "{user}/{pass}/{window}" ("{source}/{pass}" at 0 shots): stable across runs
+    episode_id: str = ""  # "{user}/{pass}/{window}" ("/{target}" added when K > 1; "{source}/{pass}" at 0 shots)
+    shot_set: str = ""  # "{user}/{pass}/{window}": the episodes with the same shots, the same window
 
     def as_row(self) -> dict[str, Any]:
         return {
@@ -41,6 +46,7 @@ class Episode:
             "dispreferred_description": self.dispreferred_description,
             "query_source": self.query_source,
             "episode_id": self.episode_id,
+            "shot_set": self.shot_set,
         }
 
     @classmethod
@@ -53,6 +59,7 @@ class Episode:
             dispreferred_description=_plain(row.get("dispreferred_description")),
             query_source=row.get("query_source", ""),
             episode_id=row.get("episode_id", ""),
+            shot_set=row.get("shot_set", ""),
         )
 
 
@@ -60,7 +67,7 @@ class Episode:
 class EpisodeStats:
     users: int = 0
     episodes: int = 0
-    users_without_episode: int = 0  # fewer than N+1 pairs
+    users_without_episode: int = 0  # fewer than N+K pairs
     pairs_in_no_episode: int = 0  # in the tail of every pass
 
     def add(self, other: EpisodeStats) -> None:
@@ -68,14 +75,19 @@ class EpisodeStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-def default_passes(shots: int, split: str = "train") -> int:
-    """R = 2(N+1) passes for training, one for evaluation; user-less data (N = 0) needs one."""
-    return 2 * (shots + 1) if split == "train" and shots > 0 else 1
+def default_passes(shots: int, split: str = "train", targets: int = 1) -> int:
+    """Passes for training: enough that each pair is a target about twice, R = ⌈2(N+K)/K⌉ (2(N+1) at K = 1,
+    the reference's); one for evaluation; user-less data (N = 0) needs one."""
+    return -(-2 * (shots + targets) // targets) if split == "train" and shots > 0 else 1
 
 
-def episode_windows(user_id: str | None, n_pairs: int, shots: int, passes: int, seed: int) -> list[list[int]]:
-    """Indices into the user's pairs (in data order) of each episode's window, shots first."""
-    width = shots + 1
+def episode_windows(
+    user_id: str | None, n_pairs: int, shots: int, passes: int, seed: int, targets: int = 1
+) -> list[list[int]]:
+    """Indices into the user's pairs (in data order) of each window: N shots, then K targets."""
+    if targets < 1:
+        raise ValueError(f"targets_per_prompt must be >= 1, got {targets}")
+    width = shots + (targets if shots else 1)
     windows = []
     for p in range(passes):
         order = list(range(n_pairs))
@@ -84,11 +96,14 @@ def episode_windows(user_id: str | None, n_pairs: int, shots: int, passes: int, 
     return windows
 
 
-def _window_stats(user_id: str | None, n_pairs: int, shots: int, passes: int, seed: int) -> EpisodeStats:
-    windows = episode_windows(user_id, n_pairs, shots, passes, seed)
+def _window_stats(
+    user_id: str | None, n_pairs: int, shots: int, passes: int, seed: int, targets: int
+) -> EpisodeStats:
+    windows = episode_windows(user_id, n_pairs, shots, passes, seed, targets)
     used = {i for w in windows for i in w}
+    episodes = sum(len(w) - shots for w in windows)
     return EpisodeStats(
-        users=1, episodes=len(windows), users_without_episode=int(not windows), pairs_in_no_episode=n_pairs - len(used)
+        users=1, episodes=episodes, users_without_episode=int(not windows), pairs_in_no_episode=n_pairs - len(used)
     )
 
 
@@ -101,8 +116,10 @@ def _check_shots(user_id: str | None, shots: int) -> None:
         )
 
 
-def user_episodes(pairs: Sequence[PreferencePair], shots: int, passes: int, seed: int) -> list[Episode]:
-    """All episodes of one user's pairs."""
+def user_episodes(
+    pairs: Sequence[PreferencePair], shots: int, passes: int, seed: int, targets: int = 1
+) -> list[Episode]:
+    """All episodes of one user's pairs: window by window, the K targets of a window one after another."""
     if not pairs:
         return []
     user_id = pairs[0].user_id
@@ -111,42 +128,53 @@ def user_episodes(pairs: Sequence[PreferencePair], shots: int, passes: int, seed
     if user_id is None:  # no user: every pair stands alone, in data order
         windows = [[i] for _ in range(passes) for i in range(len(ordered))]
     else:
-        windows = episode_windows(user_id, len(ordered), shots, passes, seed)
+        windows = episode_windows(user_id, len(ordered), shots, passes, seed, targets)
     per_pass = len(windows) // passes if passes else 0
     episodes = []
     for k, window in enumerate(windows):
-        *context, query = (ordered[i] for i in window)
-        episodes.append(
-            Episode(
-                user_id=user_id,
-                shots=tuple(Shot(p.question, p.preferred, p.dispreferred) for p in context),
-                query=Shot(query.question, query.preferred, query.dispreferred),
-                user_description=query.user_description,
-                dispreferred_description=query.dispreferred_description,
-                query_source=query.source,
-                # A 0-shot episode is its pair: name it by the pair, however the pairs were grouped.
-                episode_id=f"{user_id}/{k // per_pass}/{k % per_pass}"
-                if context
-                else f"{query.source}/{k // per_pass}",
+        context, queries = [ordered[i] for i in window[:shots]], [ordered[i] for i in window[shots:]]
+        shot_set = f"{user_id}/{k // per_pass}/{k % per_pass}"
+        for j, query in enumerate(queries):
+            if not context:  # a 0-shot episode is its pair: named by the pair, however the pairs were grouped
+                episode_id = shot_set = f"{query.source}/{k // per_pass}"
+            else:
+                episode_id = f"{shot_set}/{j}" if len(queries) > 1 else shot_set
+            episodes.append(
+                Episode(
+                    user_id=user_id,
+                    shots=tuple(Shot(p.question, p.preferred, p.dispreferred) for p in context),
+                    query=Shot(query.question, query.preferred, query.dispreferred),
+                    user_description=query.user_description,
+                    dispreferred_description=query.dispreferred_description,
+                    query_source=query.source,
+                    episode_id=episode_id,
+                    shot_set=shot_set,
+                )
             )
-        )
     return episodes
 
 
+def shot_sets(episodes: Iterable[Episode]) -> list[list[Episode]]:
+    """Consecutive episodes grouped by their shot set (the targets of one window), in order; an episode
+    without a shot set is its own."""
+    return [list(group) for _, group in itertools.groupby(episodes, key=lambda e: e.shot_set or id(e))]
+
+
 def build_episodes(
-    pairs: Iterable[PreferencePair], shots: int, passes: int, seed: int
+    pairs: Iterable[PreferencePair], shots: int, passes: int, seed: int, targets: int = 1
 ) -> tuple[list[Episode], EpisodeStats]:
-    """Episodes of every user in `pairs` (plain Python, for small data), users in first-seen order."""
+    """Episodes of every user in `pairs` (plain Python, for small data), users in first-seen order;
+    `targets` queries per window of shots (K)."""
     by_user: dict[str | None, list[PreferencePair]] = defaultdict(list)
     for pair in pairs:
         by_user[pair.user_id].append(pair)
     episodes, stats = [], EpisodeStats()
     for user_id, user_pairs in by_user.items():
-        episodes += user_episodes(user_pairs, shots, passes, seed)
+        episodes += user_episodes(user_pairs, shots, passes, seed, targets)
         if user_id is None:
             stats.add(EpisodeStats(episodes=len(user_pairs) * passes))
         else:
-            stats.add(_window_stats(user_id, len(user_pairs), shots, passes, seed))
+            stats.add(_window_stats(user_id, len(user_pairs), shots, passes, seed, targets))
     return episodes, stats
 
 
@@ -156,8 +184,11 @@ def _plain(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def build_episode_dataset(pairs_ds, shots: int, passes: int, seed: int, num_partitions: int | None = None):
-    """The same episodes on a Ray Dataset of `PreferencePair.as_row()` rows: a group-by over users.
+def build_episode_dataset(
+    pairs_ds, shots: int, passes: int, seed: int, num_partitions: int | None = None, targets: int = 1
+):
+    """The same episodes on a Ray Dataset of `PreferencePair.as_row()` rows: a group-by over users, whose
+    output keeps a window's targets together.
 
     `num_partitions` sets the group-by's shuffle width (Ray's default, 200, is far too wide for a laptop).
     """
@@ -171,13 +202,13 @@ def build_episode_dataset(pairs_ds, shots: int, passes: int, seed: int, num_part
     def group_episodes(group: dict[str, Any]) -> dict[str, list]:
         n = len(group["question"])
         pairs = [PreferencePair(**{c: _plain(group[c][i]) for c in columns}) for i in range(n)]
-        rows = [e.as_row() for e in user_episodes(pairs, shots, passes, seed)]
+        rows = [e.as_row() for e in user_episodes(pairs, shots, passes, seed, targets)]
         return {key: [r[key] for r in rows] for key in Episode.__dataclass_fields__} if rows else {}
 
     return pairs_ds.groupby("user_id", num_partitions=num_partitions).map_groups(group_episodes, batch_format="numpy")
 
 
-def episode_dataset_stats(pairs_ds, shots: int, passes: int, seed: int) -> EpisodeStats:
+def episode_dataset_stats(pairs_ds, shots: int, passes: int, seed: int, targets: int = 1) -> EpisodeStats:
     """What `build_episode_dataset` will leave out, from per-user pair counts alone.
 
     Counts are taken per block and summed here (users × blocks small numbers), which needs no shuffle.
@@ -194,7 +225,7 @@ def episode_dataset_stats(pairs_ds, shots: int, passes: int, seed: int) -> Episo
     for user_id, n_pairs in per_user.items():
         _check_shots(user_id, shots)
         stats.add(
-            _window_stats(user_id, n_pairs, shots, passes, seed)
+            _window_stats(user_id, n_pairs, shots, passes, seed, targets)
             if user_id is not None
             else EpisodeStats(episodes=n_pairs * passes)
         )

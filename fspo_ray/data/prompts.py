@@ -56,6 +56,11 @@ def example_block(index: int, shot: Shot, preferred_only: bool) -> str:
     return f"# Example {index}\n## Question \n{shot.question}\n{body}\n"
 
 
+def render_examples(shots: Sequence[Shot], preferred_only: bool) -> str:
+    """The prompt's examples, oldest first: the part of it that one user's shot set shares."""
+    return "".join(example_block(i + 1, s, preferred_only) for i, s in enumerate(shots))
+
+
 def _task_line(n_shots: int, preferred_only: bool, description_mode: DescriptionMode) -> str:
     if n_shots == 0:  # before the description modes, as the reference checks it: no examples to describe
         return TASK_WITHOUT_SHOTS
@@ -87,7 +92,7 @@ def build_prompt(
     only the answer; in "generated" mode the model writes the description itself (see `build_completion`).
     """
     _check_mode(preferred_only, description_mode)
-    examples = "".join(example_block(i + 1, s, preferred_only) for i, s in enumerate(shots))
+    examples = render_examples(shots, preferred_only)
     task = _task_line(len(shots), preferred_only, description_mode)
     prompt = f"{examples}# Task\n{task}\n## Question \n{question}\n"
     if description_mode == "teacher_forced":

@@ -4,6 +4,12 @@ Prompt and completions are tokenized separately without special tokens (no chat 
 EOS is appended to each completion. The loss and the sequence log-probs cover exactly the completion
 tokens, EOS included; the prompt is stored once per episode, not once per completion.
 
+A prompt is tokenized in two pieces joined: its examples (the shots), then the task with its question
+(`tokenize_prompt`, the one place training, evaluation and serving take prompt ids from). So every
+target of one shot set begins with the same ids, `shots_length` of them, which packing computes once
+(logprobs.py), and an episode's tokens are the same whether it is packed alone or with its shot set's
+other targets.
+
 Length policy: the reference cuts prompts and responses to fit, which can silently remove the query or
 train on empty responses. Here nothing is ever cut: while the episode is too long the oldest shot is
 dropped whole; if even the query alone does not fit, the episode is skipped. Both are counted.
@@ -12,11 +18,12 @@ dropped whole; if even the query alone does not fit, the episode is skipped. Bot
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fspo_ray.data.episodes import Episode
-from fspo_ray.data.prompts import DescriptionMode, build_completion, build_prompt, example_block
+from fspo_ray.data.prompts import DescriptionMode, build_completion, build_prompt, example_block, render_examples
 from fspo_ray.data.readers import DataError
 
 
@@ -45,6 +52,7 @@ class EpisodeText:
     chosen: str
     rejected: str
     shots_used: int  # the newest `shots_used` shots of the episode are in the prompt
+    examples: str = ""  # the prompt's beginning that shows the shots (tokenized apart from the rest)
 
 
 def render_episode(episode: Episode, style: PromptStyle = PromptStyle(), shots_dropped: int = 0) -> EpisodeText:
@@ -75,6 +83,7 @@ def render_episode(episode: Episode, style: PromptStyle = PromptStyle(), shots_d
         chosen=completion(episode.query.preferred, episode.user_description),
         rejected=completion(episode.query.dispreferred, episode.dispreferred_description),
         shots_used=len(shots),
+        examples=render_examples(shots, style.preferred_only),
     )
 
 
@@ -82,15 +91,35 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _split_ids(tokenizer, prompt: str, examples: str) -> tuple[list[int], int]:
+    if not prompt.startswith(examples):
+        raise ValueError("the prompt does not begin with its examples")
+    shots_ids = _ids(tokenizer, examples) if examples else []
+    return shots_ids + _ids(tokenizer, prompt[len(examples) :]), len(shots_ids)
+
+
+def tokenize_prompt(
+    tokenizer, shots: tuple, question: str, *, style: PromptStyle = PromptStyle(), user_description: str | None = None
+) -> tuple[list[int], int]:
+    """(the prompt's token ids, how many of them are its examples): the examples and the task with its
+    question tokenized apart and joined."""
+    prompt = build_prompt(shots, question, preferred_only=style.preferred_only, description_mode=style.description_mode,
+                          user_description=user_description)  # fmt: skip
+    return _split_ids(tokenizer, prompt, render_examples(shots, style.preferred_only))
+
+
 def tokenize_text(tokenizer, text: EpisodeText) -> dict[str, Any]:
     """The prompt's ids and each completion's ids with its EOS; a sequence is prompt + completion, so the
-    prompt is stored once and the loss's positions are those after it."""
+    prompt is stored once and the loss's positions are those after it. `shots_length`: how many of the
+    prompt's ids are its examples (the ids the targets of one shot set share)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; completions must end with one")
+    prompt_ids, shots_length = _split_ids(tokenizer, text.prompt, text.examples)
     return {
-        "prompt_ids": _ids(tokenizer, text.prompt),
+        "prompt_ids": prompt_ids,
         "chosen_ids": _ids(tokenizer, text.chosen) + [tokenizer.eos_token_id],
         "rejected_ids": _ids(tokenizer, text.rejected) + [tokenizer.eos_token_id],
+        "shots_length": shots_length,
     }
 
 
@@ -130,6 +159,38 @@ def fit_episode(
     return FittedEpisode(text, tokenize_text(tokenizer, text), fitted[1])
 
 
+def fit_shot_set(
+    episodes: Sequence[Episode],
+    tokenizer,
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    style: PromptStyle = PromptStyle(),
+) -> list[FittedEpisode | None]:
+    """The targets of one shot set (episodes with the same shots) fitted to the same shots: every one drops
+    the oldest shots that the longest of them must drop, so all begin with the same ids and pack into one
+    row; each is then exactly the ordinary episode with those shots. None for a target that no number of
+    shots makes fit (`fit_episode`'s None); a target that the shared drop would not fit (tokens need not
+    shrink with the text) keeps its own fit, and its own row."""
+    own = [
+        fit_episode(e, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, style=style)
+        for e in episodes
+    ]
+    dropped = max((f.shots_dropped for f in own if f), default=0)
+    fitted = []
+    for episode, alone in zip(episodes, own):
+        if alone is None or alone.shots_dropped == dropped:
+            fitted.append(alone)
+            continue
+        text = render_episode(episode, style, dropped)
+        tokens = tokenize_text(tokenizer, text)
+        prompt = len(tokens["prompt_ids"])
+        longer = max(len(tokens["chosen_ids"]), len(tokens["rejected_ids"]))
+        fits = prompt <= max_prompt_length and prompt + longer <= max_length
+        fitted.append(FittedEpisode(text, tokens, dropped) if fits else alone)
+    return fitted
+
+
 def fit_prompt(
     shots: tuple,
     question: str,
@@ -147,9 +208,7 @@ def fit_prompt(
     """
 
     def prompt_ids(dropped: int) -> list[int]:
-        return _ids(tokenizer, build_prompt(shots[dropped:], question, preferred_only=style.preferred_only,
-                                            description_mode=style.description_mode,
-                                            user_description=user_description))  # fmt: skip
+        return tokenize_prompt(tokenizer, shots[dropped:], question, style=style, user_description=user_description)[0]
 
     left = max_prompt_tokens - len(prompt_ids(len(shots)))
     dropped = len(shots)

@@ -2,6 +2,8 @@
 
 Held-out users' episodes are built once with the largest shot count N; for each k in the list the same
 query pair is scored with only the k newest shots in the prompt, so the curve compares like with like.
+With K targets per shot set (`targets`), the K query pairs of one shot set are scored in one packed row
+per k, the shots computed once.
 For each (episode, k), Ray Data batch inference computes the summed log-probs of the chosen and the
 rejected completion under the policy and the reference; the implicit reward r = β·(lpθ − lp_ref)
 ranks the preferred answer first or not (`rewards_eval/accuracies`), and r_w − r_l is the margin.
@@ -16,17 +18,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from fspo_ray.console import streamed_rows
-from fspo_ray.data.episodes import Episode, build_episode_dataset
+from fspo_ray.data.episodes import Episode, build_episode_dataset, shot_sets
 from fspo_ray.data.readers import read_pair_dataset
 from fspo_ray.data.synthetic import bayes_optimal_choice
-from fspo_ray.data.tokenize import PromptStyle, fit_episode, load_tokenizer
-from fspo_ray.logprobs import TOKEN_COLUMNS, CompletionScorer
+from fspo_ray.data.tokenize import PromptStyle, fit_shot_set, load_tokenizer
+from fspo_ray.logprobs import SHOTS_LENGTH, TOKEN_COLUMNS, CompletionScorer
 from fspo_ray.scheduling import replica_cpus
 
 
 @dataclass(frozen=True)
 class ShotsVariants:
-    """A Ray Data batch UDF: one episode with N shots → one tokenized row per k (its k newest shots)."""
+    """A Ray Data batch UDF: episodes with N shots → one tokenized row per (episode, k), its k newest shots;
+    the targets of a shot set fitted to the same shots for each k and kept together, so the scorer packs
+    them into one row (logprobs.py)."""
 
     shots_list: tuple[int, ...]
     tokenizer_path: str
@@ -37,43 +41,46 @@ class ShotsVariants:
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         tokenizer = load_tokenizer(self.tokenizer_path)
         out: dict[str, list] = {}
-        for i in range(len(batch["episode_id"])):
-            episode = Episode.from_row({key: batch[key][i] for key in batch})
+        episodes = [Episode.from_row({key: batch[key][i] for key in batch}) for i in range(len(batch["episode_id"]))]
+        for shot_set in shot_sets(episodes):
             for k in self.shots_list:
-                variant = dataclasses.replace(episode, shots=episode.shots[len(episode.shots) - k :])
-                fitted = fit_episode(
-                    variant, tokenizer, max_length=self.max_length, max_prompt_length=self.max_prompt_length,
-                    style=self.style,
-                )  # fmt: skip
-                row = {
-                    "k": k,
-                    "user_id": episode.user_id,
-                    "episode_id": episode.episode_id,
-                    "fits": fitted is not None,
-                    "shots_used": k - fitted.shots_dropped if fitted else 0,
-                    **{name: fitted.tokens[name] if fitted else [] for name in TOKEN_COLUMNS},
-                }
-                for key, value in row.items():
-                    out.setdefault(key, []).append(value)
+                variants = [dataclasses.replace(e, shots=e.shots[len(e.shots) - k :]) for e in shot_set]
+                fits = fit_shot_set(variants, tokenizer, max_length=self.max_length,
+                                    max_prompt_length=self.max_prompt_length, style=self.style)  # fmt: skip
+                for episode, fitted in zip(shot_set, fits):
+                    row = {
+                        "k": k,
+                        "user_id": episode.user_id,
+                        "episode_id": episode.episode_id,
+                        "fits": fitted is not None,
+                        "shots_used": k - fitted.shots_dropped if fitted else 0,
+                        **{name: fitted.tokens[name] if fitted else [] for name in TOKEN_COLUMNS},
+                        SHOTS_LENGTH: fitted.tokens[SHOTS_LENGTH] if fitted else 0,
+                    }
+                    for key, value in row.items():
+                        out.setdefault(key, []).append(value)
         return out
 
 
-def draw_order(seed: int, episode_id: str) -> str:
-    """An episode's place in the seeded random order of held-out episodes (taking the first n of it
-    samples across users, where sorting by id would take the alphabetically first ones)."""
-    return hashlib.sha256(f"{seed}:{episode_id}".encode()).hexdigest()
+def draw_order(seed: int, shot_set: str) -> str:
+    """A shot set's place in the seeded random order of held-out episodes (taking the first n of it
+    samples across users, where sorting by id would take the alphabetically first ones); at one target per
+    shot set, the shot set is the episode."""
+    return hashlib.sha256(f"{seed}:{shot_set}".encode()).hexdigest()
 
 
-def held_out_episodes(specs: list[str], *, split: str | None, users: list[str] | None, shots: int, seed: int):
-    """Held-out episodes with `shots` shots (one pass), in the seeded random order of `draw_order`: the
-    same for every measure."""
+def held_out_episodes(
+    specs: list[str], *, split: str | None, users: list[str] | None, shots: int, seed: int, targets: int = 1
+):
+    """Held-out episodes with `shots` shots (one pass), `targets` per shot set (K), in the seeded random
+    order of `draw_order` with each shot set's targets together: the same for every measure."""
     pairs = read_pair_dataset(specs, split)
     if users is not None:
         keep = set(users)
         pairs = pairs.filter(lambda row: row["user_id"] in keep)
-    episodes = build_episode_dataset(pairs, shots, passes=1, seed=seed, num_partitions=4)
-    drawn = episodes.map(lambda row: {**row, "draw": draw_order(seed, row["episode_id"])})
-    return drawn.sort("draw").drop_columns(["draw"]).materialize()
+    episodes = build_episode_dataset(pairs, shots, passes=1, seed=seed, num_partitions=4, targets=targets)
+    drawn = episodes.map(lambda row: {**row, "draw": draw_order(seed, row["shot_set"] or row["episode_id"])})
+    return drawn.sort(["draw", "episode_id"]).drop_columns(["draw"]).materialize()
 
 
 def score_shots(
@@ -92,7 +99,7 @@ def score_shots(
     """Per-(episode, k) log-probs of `episodes` (built with max(shots_list) shots), and the number of
     (episode, k) that did not fit."""
     variants = episodes.map_batches(
-        ShotsVariants(tuple(shots_list), policy_path, max_length, max_prompt_length, style), batch_size=16
+        ShotsVariants(tuple(shots_list), policy_path, max_length, max_prompt_length, style), batch_size=64
     ).materialize()
     # Materialized first, and nothing after the scorers: they may take every CPU, and then no task could run.
     fitting = variants.filter(lambda row: row["fits"]).materialize()

@@ -56,6 +56,7 @@ class EvaluateConfig:
     beta: float | None = None  # default: the run's; accuracy does not depend on it, margins do
     seed: int = 0  # seeds the held-out sample and sampling
     n_episodes: int = 256  # held-out episodes for accuracy (each scored at every k)
+    targets_per_prompt: int = 1  # K: held-out episodes per shot set, scored in one packed row (a speed knob)
     judge: str = "oracle"  # oracle | llm | none
     judge_model: str | None = None  # judge=llm: a local HF folder (or preset), or an OpenAI-compatible base URL
     judge_model_name: str = "judge"  # judge=llm with an endpoint: the model name it serves
@@ -151,7 +152,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     users = json.load(open(cfg.users_file)) if cfg.users_file else {}
     preferences = {u: v["preferences"] for u, v in users.items()}
 
-    episodes = held_out_episodes(cfg.datasets, split=cfg.split, users=cfg.users, shots=max_shots, seed=cfg.seed)
+    episodes = held_out_episodes(cfg.datasets, split=cfg.split, users=cfg.users, shots=max_shots, seed=cfg.seed,
+                                 targets=cfg.targets_per_prompt)  # fmt: skip
     rows, skipped = score_shots(
         episodes.limit(cfg.n_episodes), shots_list=shots_list, policy_path=policy, reference_path=reference,
         **lengths, style=style,

@@ -109,7 +109,8 @@ class TrainConfig:
     data_split: str | None = None  # split of save_to_disk DatasetDicts in `datasets`
     eval_split: str | None = None  # split of save_to_disk DatasetDicts in `eval_datasets`
     shots: int | None = None  # default: the first data set's format's
-    passes: int | None = None  # default: 2(N+1) (1 for 0 shots); evaluation always 1
+    passes: int | None = None  # default: ⌈2(N+K)/K⌉, 2(N+1) at K=1 (1 for 0 shots); evaluation always 1
+    targets_per_prompt: int = 1  # K: episodes sharing one window of shots, scored in one packed row (a speed knob)
     sft_target: str = "chosen"  # chosen (the paper) | both (the released code)
     description_mode: str = "none"  # none | generated | teacher_forced
     preferred_only: bool = False  # shots show the preferred answer only (the reference's preferred-only prompt)
@@ -177,8 +178,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = getattr(cfg, name)
         if value is not None and value < (0 if name == "shots" else 1):
             raise ConfigError(f"{name}={value} must be >= {0 if name == 'shots' else 1}")
-    for name in ("num_workers", "reference_concurrency", "gradient_accumulation_steps", "batch_size",
-                 "eval_batch_size", "eval_every", "max_length", "max_prompt_length", "n_eval_examples"):  # fmt: skip
+    for name in ("num_workers", "reference_concurrency", "targets_per_prompt", "gradient_accumulation_steps",
+                 "batch_size", "eval_batch_size", "eval_every", "max_length", "max_prompt_length",
+                 "n_eval_examples"):  # fmt: skip
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 1")
     if cfg.length_window < 0:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fspo_ray.logprobs import packed_attention
 from fspo_ray.models import padding_id, resolve_dtype
 from fspo_ray.train.config import TrainConfig
 from fspo_ray.train.export import export_hf_folder
@@ -75,11 +76,11 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict:
     }
 
 
-def _load_model(path: str, dtype: torch.dtype):
+def _load_model(path: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
-    # SDPA takes the packed rows' 4-D mask (logprobs.py) on CPUs and GPUs alike; flash-attention cannot.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    # An attention that takes the packed rows' masks (logprobs.py): FlexAttention on CUDA, SDPA on CPUs.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=packed_attention(device))
     for module in model.modules():  # the reference trains with dropout disabled
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -120,7 +121,7 @@ def train_loop(plan: LoopPlan) -> None:
     hf_ds = HfDeepSpeedConfig(ds_config) if cfg.stage == 3 else None
     tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_path)
     pad_id = padding_id(tokenizer)
-    policy = _load_model(plan.start_model, policy_dtype)
+    policy = _load_model(plan.start_model, policy_dtype, device)
     if cfg.activation_checkpointing:
         policy.gradient_checkpointing_enable()
     if cfg.lora.r:
@@ -138,7 +139,7 @@ def train_loop(plan: LoopPlan) -> None:
         reference = AdaptersDisabled(engine.module)
     elif cfg.loss.name != "sft" and not plan.reference_precomputed:
         reference_dtype = getattr(torch, resolve_dtype(cfg.model.reference_dtype, on_gpu))
-        reference = _load_model(plan.start_model, reference_dtype).eval().requires_grad_(False)
+        reference = _load_model(plan.start_model, reference_dtype, device).eval().requires_grad_(False)
         if cfg.stage == 3:  # shard the frozen reference too
             ref_config = {k: ds_config[k] for k in ("train_micro_batch_size_per_gpu", "bf16", "fp16")}
             ref_config["zero_optimization"] = {"stage": 3}

@@ -21,22 +21,25 @@ from fspo_ray.data.episodes import (
     build_episode_dataset,
     default_passes,
     episode_dataset_stats,
+    shot_sets,
 )
 from fspo_ray.data.readers import read_pair_dataset
-from fspo_ray.data.tokenize import PromptStyle, fit_episode, load_tokenizer
-from fspo_ray.logprobs import TOKEN_COLUMNS
+from fspo_ray.data.tokenize import PromptStyle, fit_shot_set, load_tokenizer
+from fspo_ray.logprobs import SHOTS_LENGTH, TOKEN_COLUMNS
 from fspo_ray.train.reference import ReferenceScoring, score_reference
 
 
 @dataclass(frozen=True)
 class Tokenize:
-    """A Ray Data batch UDF: fit and tokenize episodes; the ones that cannot fit are dropped (and counted
-    by the caller, as episodes built minus rows kept).
+    """A Ray Data batch UDF: fit and tokenize episodes, the targets of a shot set together (they drop the same
+    shots, tokenize.fit_shot_set); the ones that cannot fit are dropped (and counted by the caller, as
+    episodes built minus rows kept).
 
-    Each row gets its place in the shuffled order: a seeded hash (`order`) picks one of `windows` windows,
-    and inside a window rows go by length, so that consecutive rows, which share a micro-batch, are of
-    about the same length and little of a batch is padding. `fingerprint` identifies the row's tokens
-    (the key of the reference-score cache)."""
+    Each row gets its place in the shuffled order: a seeded hash of its shot set (`order`) picks one of
+    `windows` windows, and inside a window shot sets go by length (of their packed row), so that consecutive
+    rows, which share a micro-batch, are of about the same length and little of a batch is padding; a shot
+    set's targets stay next to each other (`target`), so they share a micro-batch and its packed row.
+    `fingerprint` identifies the row's tokens (the key of the reference-score cache)."""
 
     tokenizer_path: str
     max_length: int
@@ -47,29 +50,31 @@ class Tokenize:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         tokenizer = load_tokenizer(self.tokenizer_path)
-        columns = ("episode_id", "order", "window", "length", "fingerprint", "shots_dropped", *TOKEN_COLUMNS)
+        columns = ("episode_id", "order", "window", "length", "target", "fingerprint", "shots_dropped",
+                   SHOTS_LENGTH, *TOKEN_COLUMNS)  # fmt: skip
         out: dict[str, list] = {k: [] for k in columns}
-        for i in range(len(batch["episode_id"])):
-            episode = Episode.from_row({k: batch[k][i] for k in batch})
-            fitted = fit_episode(
-                episode,
-                tokenizer,
-                max_length=self.max_length,
-                max_prompt_length=self.max_prompt_length,
-                style=self.style,
-            )
-            if fitted is None:
+        episodes = [Episode.from_row({k: batch[k][i] for k in batch}) for i in range(len(batch["episode_id"]))]
+        for shot_set in shot_sets(episodes):
+            fitted = fit_shot_set(shot_set, tokenizer, max_length=self.max_length,
+                                  max_prompt_length=self.max_prompt_length, style=self.style)  # fmt: skip
+            kept = [(e, f) for e, f in zip(shot_set, fitted) if f is not None]
+            if not kept:
                 continue
-            digest = hashlib.blake2b(f"{self.seed}/{episode.episode_id}".encode(), digest_size=8).digest()
+            key = shot_set[0].shot_set or shot_set[0].episode_id
+            digest = hashlib.blake2b(f"{self.seed}/{key}".encode(), digest_size=8).digest()
             order = int.from_bytes(digest, "big") >> 1  # a seeded shuffle key, fits an int64
-            out["episode_id"].append(episode.episode_id)
-            out["order"].append(order)
-            out["window"].append(order % self.windows)
-            out["length"].append(sum(len(fitted.tokens[c]) for c in TOKEN_COLUMNS))
-            out["fingerprint"].append(token_fingerprint(*(fitted.tokens[c] for c in TOKEN_COLUMNS)))
-            out["shots_dropped"].append(fitted.shots_dropped)
-            for column in TOKEN_COLUMNS:
-                out[column].append(fitted.tokens[column])
+            shared = kept[0][1].tokens[SHOTS_LENGTH]
+            length = sum(len(f.tokens[c]) for _, f in kept for c in TOKEN_COLUMNS) - (len(kept) - 1) * shared
+            for target, (episode, f) in enumerate(kept):
+                out["episode_id"].append(episode.episode_id)
+                out["order"].append(order)
+                out["window"].append(order % self.windows)
+                out["length"].append(length)
+                out["target"].append(target)
+                out["fingerprint"].append(token_fingerprint(*(f.tokens[c] for c in TOKEN_COLUMNS)))
+                out["shots_dropped"].append(f.shots_dropped)
+                for column in (SHOTS_LENGTH, *TOKEN_COLUMNS):
+                    out[column].append(f.tokens[column])
         return out
 
 
@@ -102,8 +107,10 @@ def prepare(
     limit: int | None = None,
     length_window: int = 0,
     reference: ReferenceScoring | None = None,
+    targets: int = 1,
 ) -> PreparedData:
-    """Episodes of `specs` as `num_workers` equal shards holding a multiple of `rows_per_step` rows in all.
+    """Episodes of `specs` as `num_workers` equal shards holding a multiple of `rows_per_step` rows in all;
+    `targets` (K) episodes per shot set (episodes.py).
 
     `limit` caps the rows (n_examples, n_eval_examples): the first rows of the shuffled order are kept; rows
     beyond it or past the last whole step are left out and counted.
@@ -119,17 +126,20 @@ def prepare(
     context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     context.enable_progress_bars = False  # they flood the job's log from every worker; we print summaries
     context.execution_options.preserve_order = True  # a rank's shard must hold the same rows in the same order
-    passes = passes if passes is not None else default_passes(shots, purpose)
+    passes = passes if passes is not None else default_passes(shots, purpose, targets)
     pairs = read_pair_dataset(specs, split).materialize()
-    stats = episode_dataset_stats(pairs, shots, passes, seed)
+    stats = episode_dataset_stats(pairs, shots, passes, seed, targets)
     if stats.episodes == 0:
-        raise InputError(f"{', '.join(specs)}: no episodes ({stats.users} users, none with {shots + 1} pairs)")
+        width = shots + (targets if shots else 1)
+        raise InputError(f"{', '.join(specs)}: no episodes ({stats.users} users, none with {width} pairs)")
     partitions = max(1, min(32, pairs.num_blocks() * 2))
-    episodes = build_episode_dataset(pairs, shots, passes, seed, num_partitions=partitions)
+    episodes = build_episode_dataset(pairs, shots, passes, seed, num_partitions=partitions, targets=targets)
     windows = max(1, stats.episodes // length_window) if length_window > 1 else 1
     tokenize = Tokenize(tokenizer_path, max_length, max_prompt_length, style, seed, windows)
-    fitted = episodes.map_batches(tokenize, batch_size=64)
-    fitted = fitted.sort(["window", "length", "order"] if windows > 1 else "order").materialize()
+    # Batches of whole shot sets: the episodes come K at a time per user, so a multiple of K never cuts one.
+    fitted = episodes.map_batches(tokenize, batch_size=targets * max(1, 64 // targets))
+    fitted = fitted.sort(["window", "length", "order", "target"] if windows > 1 else ["order", "target"])
+    fitted = fitted.materialize()
     kept = fitted.count()
     usable = min(kept, limit) if limit is not None else kept
     usable -= usable % rows_per_step
@@ -155,6 +165,7 @@ def prepare(
             "shots_dropped_for_length": int(fitted.sum("shots_dropped") or 0),
             "episodes_left_out": kept - usable,  # past n_examples / n_eval_examples, or short of a whole step
             "shots": shots,
+            "targets_per_prompt": targets,
             "passes": passes,
             **({"reference_scored": scored} if reference else {}),  # 0: every score came from the cache
         },

@@ -90,6 +90,7 @@ def run_training(cfg: TrainConfig):
         seed=cfg.seed,
         num_workers=cfg.num_workers,
         reference=reference,
+        targets=cfg.targets_per_prompt,
     )
     train = prepare(
         cfg.datasets, split=cfg.data_split, passes=cfg.passes, purpose="train", rows_per_step=cfg.batch_size,

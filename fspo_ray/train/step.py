@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fspo_ray.logprobs import PackedBatch, pack, packed_logps
+from fspo_ray.logprobs import SHOTS_LENGTH, PackedBatch, pack, packed_logps
 from fspo_ray.losses import preference_loss, sft_loss
 from fspo_ray.train.reference import COLUMNS as REFERENCE_COLUMNS
 
@@ -24,10 +24,10 @@ class StepBatch:
 
 
 def collate(rows: dict[str, Any], pad_token_id: int, device: torch.device, *, with_rejected: bool) -> StepBatch:
-    """Episodes as packed rows (logprobs.py), with their precomputed reference scores if the rows carry them."""
-    packed = pack(
-        rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"] if with_rejected else None, pad_token_id, device
-    )
+    """Episodes as packed rows, one per shot set (logprobs.py), with their precomputed reference scores if the
+    rows carry them."""
+    rejected = rows["rejected_ids"] if with_rejected else None
+    packed = pack(rows["prompt_ids"], rows["chosen_ids"], rejected, pad_token_id, device, rows.get(SHOTS_LENGTH))
     reference = None
     if REFERENCE_COLUMNS[0] in rows:
         scores = [float(x) for column in REFERENCE_COLUMNS for x in rows[column]]
@@ -45,7 +45,7 @@ def batch_loss(policy, reference, batch: StepBatch, loss_cfg, sft_target: str, s
     precomputed reference scores (or for SFT)."""
     logps = packed_logps(policy, batch.packed)
     if loss_cfg.name == "sft":
-        n = len(batch.packed.input_ids)
+        n = batch.packed.examples
         chosen = logps[:n]
         loss = sft_loss(logps if sft_target == "both" else chosen)
         metrics = {f"logps_{split}/chosen": (chosen.detach().sum(), n), f"loss/{split}": (loss.detach() * n, n)}
