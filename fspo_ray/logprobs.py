@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 
 from fspo_ray.losses import IGNORE_INDEX, sequence_logps
-from fspo_ray.models import load_for_inference, padding_id
 
 # The columns a tokenized episode carries: prompt ids, and each completion's ids with its EOS; and how many
 # of the prompt's ids are the shots (tokenize.py), which the targets of one shot set share.
@@ -216,6 +215,9 @@ class CompletionScorer:
     """
 
     def __init__(self, models: dict[str, str], dtype: str = "auto", rows_per_forward: int = 8):
+        # Here, not at the top: packing needs torch alone (benchmarks/gpu_step.py runs it on a bare GPU box).
+        from fspo_ray.models import load_for_inference, padding_id
+
         attention = packed_attention("cuda" if torch.cuda.is_available() else "cpu")
         loaded: dict[str, object] = {}
         self.models = {}

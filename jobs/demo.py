@@ -23,7 +23,8 @@ class DemoConfig:
     pairs_per_user: int = 16  # labelled preference pairs per user
     dims_per_user: int = 1  # properties each user cares about (synthetic.py)
     shots: int = 3  # preference pairs in each prompt
-    passes: int = 3  # training episodes per user = passes * pairs_per_user / (shots + 1)
+    passes: int = 3  # training episodes per user = passes * K * (pairs_per_user // (shots + K))
+    targets_per_prompt: int = 1  # K: episodes sharing one window of shots, in training and evaluation (speed)
     preferred_only: bool = True  # shots show the preferred answer only (the reference's preferred-only prompt)
     batch_size: int = 8  # episodes per optimizer step
     max_length: int = 512  # prompt + completion tokens
@@ -87,6 +88,7 @@ def _demo(cfg: DemoConfig, out: str, log: str) -> dict:
               f"max_prompt_length={cfg.max_prompt_length}", f"storage_path={out}/runs", "zero_stage=2",
               "optimizer=AdamW", "warmup_steps=5", f"lr_schedule={cfg.lr_schedule}", "n_eval_examples=64",
               "eval_batch_size=32", f"length_window={cfg.length_window}",
+              f"targets_per_prompt={cfg.targets_per_prompt}",
               f"lora.r={cfg.lora_r}", f"lora.alpha={cfg.lora_alpha}", f"seed={cfg.seed}"]  # fmt: skip
     answers = "preferred answers" if cfg.sft_target == "chosen" else "preferred and dispreferred answers"
     _step(f"2/5 few-shot SFT on the {answers} (2 Ray Train workers, DeepSpeed ZeRO-2)")
@@ -103,6 +105,7 @@ def _demo(cfg: DemoConfig, out: str, log: str) -> dict:
     report = evaluate(EvaluateConfig(
         model=ipo.run_dir, datasets=[data["test"]], users_file=data["users"], out=os.path.join(out, "eval"),
         max_shots=cfg.shots, n_episodes=cfg.eval_episodes, n_queries=cfg.eval_queries, seed=cfg.seed,
+        targets_per_prompt=cfg.targets_per_prompt,
         baselines=["bayes_optimal"],
         overwrite=True,  # the demo's own folder: a re-run evaluates again
     ))  # fmt: skip

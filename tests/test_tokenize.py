@@ -64,8 +64,8 @@ def test_skipped_when_even_the_query_alone_does_not_fit(byte_tokenizer):
 
 def test_fit_prompt_drops_exactly_what_the_plain_scan_drops():
     """The linear fit (each shot tokenized once, newest first) against the definition: the fewest oldest
-    shots dropped so that the whole prompt (its examples, then its task and question) fits. A BPE with merges, so tokens do
-    straddle the shots' edges; budgets from 0 to past the whole history, for both prompt styles."""
+    shots dropped so that the whole prompt (its examples, then its task and question) fits. A BPE with
+    merges, so tokens do straddle the shots' edges; budgets from 0 to past the whole history, for both prompt styles."""
     import random
 
     from fspo_ray.data.prompts import build_prompt
@@ -101,7 +101,8 @@ def test_a_shot_sets_targets_drop_the_same_shots_and_equal_their_own_episodes(by
     """The targets of one shot set are fitted to the shots the longest of them keeps; each then has exactly
     the tokens of its own episode with those shots (what K=1 packs), and all begin with the same ids."""
     shots = tuple(Shot(f"question {i}", f"good {i}", f"bad {i}") for i in range(3))
-    queries = [Shot("short?", "yes", "no"), Shot("a much longer question " + "than the other one " * 8 + "?", "yes", "no")]
+    longer = "a much longer question " + "than the other one " * 8 + "?"
+    queries = [Shot("short?", "yes", "no"), Shot(longer, "yes", "no")]
     targets = [Episode("u", shots, q, shot_set="u/0/0", episode_id=f"u/0/0/{j}") for j, q in enumerate(queries)]
     longest = render_episode(targets[1], shots_dropped=1)
     limits = dict(max_length=10_000, max_prompt_length=len(longest.prompt.encode()))

@@ -238,3 +238,21 @@ def test_precomputed_reference_scores_replace_the_reference_model():
         assert precomputed[1][key][0].item() == pytest.approx(value.item(), rel=1e-4, abs=1e-5), key
     with pytest.raises(ValueError, match="needs a reference model or precomputed reference scores"):
         batch_loss(policy, None, _batch(), LossConfig(name="dpo"), "chosen", "train")
+
+
+def test_a_shot_sets_episodes_share_one_packed_row_and_keep_their_loss():
+    """Rows that say their prompts begin with the same shots (`shots_length`, numpy as Ray Data hands them
+    over) run as one packed row, with every loss and metric of the two separate rows."""
+    import numpy as np
+
+    columns = {c: np.array([np.array(v) for v in values] + [None], dtype=object)[:-1] for c, values in ROWS.items()}
+    shared = _batch({**columns, "shots_length": np.array([1, 1])})
+    assert shared.packed.input_ids.shape[0] == 1 and _batch().packed.input_ids.shape[0] == 2
+    policy, reference = _model(0), _model(1)
+    for loss_cfg, target in ((LossConfig(name="ipo", beta=0.1), "chosen"), (LossConfig(name="sft"), "both")):
+        alone = batch_loss(policy, reference, _batch(), loss_cfg, target, "train")
+        together = batch_loss(policy, reference, shared, loss_cfg, target, "train")
+        assert together[0].item() == pytest.approx(alone[0].item(), rel=1e-5)
+        for key, (value, count) in alone[1].items():
+            assert together[1][key][1] == count == 2, key
+            assert together[1][key][0].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key
