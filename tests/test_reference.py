@@ -27,6 +27,19 @@ def _rows(prepared):
     return [row for shard in prepared.shards for row in shard.iter_rows()]
 
 
+def _assert_scores_are_the_plain_paths(rows, model):
+    """The on-the-fly reference: the same model, every row through the plain concatenated path."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(model, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        expected = concatenated_logps(
+            reference, *([list(r[c]) for r in rows] for c in ("prompt_ids", "chosen_ids", "rejected_ids")), 0
+        )
+    got = torch.tensor([r["reference_chosen"] for r in rows] + [r["reference_rejected"] for r in rows])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+
+
 def test_precomputed_reference_equals_the_reference_on_the_fly_and_is_cached(local_ray, tmp_path):
     users = write_synthetic(str(tmp_path / "users"), n_train_users=8, n_test_users=2, pairs_per_user=12)
     model = build_tiny_model(str(tmp_path / "tiny"), seed=3)
@@ -39,16 +52,7 @@ def test_precomputed_reference_equals_the_reference_on_the_fly_and_is_cached(loc
     rows = _rows(scored)
     assert [r["episode_id"] for r in rows] == [r["episode_id"] for r in _rows(plain)]  # same rows, same order
 
-    from transformers import AutoModelForCausalLM
-
-    # the on-the-fly reference: the same model, every row through the plain concatenated path
-    reference = AutoModelForCausalLM.from_pretrained(model, attn_implementation="sdpa").eval()
-    with torch.no_grad():
-        expected = concatenated_logps(
-            reference, *([list(r[c]) for r in rows] for c in ("prompt_ids", "chosen_ids", "rejected_ids")), 0
-        )
-    got = torch.tensor([r["reference_chosen"] for r in rows] + [r["reference_rejected"] for r in rows])
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    _assert_scores_are_the_plain_paths(rows, model)
 
     again = _prepare(users, model, scoring)  # a re-run scores nothing: every score comes from the cache
     assert again.stats["reference_scored"] == 0
@@ -100,13 +104,4 @@ def test_a_shot_sets_targets_stay_together_and_are_scored_exactly(local_ray, tmp
             shared = first["shots_length"]
             assert shared == second["shots_length"] > 0
             assert list(first["prompt_ids"][:shared]) == list(second["prompt_ids"][:shared])
-    rows = _rows(prepared)
-    from transformers import AutoModelForCausalLM
-
-    reference = AutoModelForCausalLM.from_pretrained(model, attn_implementation="sdpa").eval()
-    with torch.no_grad():
-        expected = concatenated_logps(
-            reference, *([list(r[c]) for r in rows] for c in ("prompt_ids", "chosen_ids", "rejected_ids")), 0
-        )
-    got = torch.tensor([r["reference_chosen"] for r in rows] + [r["reference_rejected"] for r in rows])
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    _assert_scores_are_the_plain_paths(_rows(prepared), model)
