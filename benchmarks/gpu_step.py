@@ -243,12 +243,14 @@ def main(argv=None) -> dict:
     if dtype != torch.float32:
         result["agreement"]["torch.float32"] = agreement(policy, check, device, torch.float32)
     plain = next(r for r in table if r["variant"] == "plain")["episode_tokens_per_s"]
-    print(f"\n{'variant':<20} {'s/step':>8} {'episode tok/s':>14} {'× plain':>8} {'tokens run':>10} {'MFU':>6} {'peak GB':>8}")
+    print(f"\n{'variant':<20} {'s/step':>8} {'episode tok/s':>14} {'× plain':>8} {'tokens run':>10} {'MFU':>6} "
+          f"{'peak GB':>8}")  # fmt: skip
     for row in table:
         mfu = f"{row['mfu']:6.1%}" if row["mfu"] is not None else "     -"
         memory = f"{row['peak_memory_gb']:8.1f}" if row["peak_memory_gb"] is not None else "       -"
         print(f"{row['variant']:<20} {row['step_s']:8.3f} {row['episode_tokens_per_s']:14.0f} "
-              f"{row['episode_tokens_per_s'] / plain:8.2f} {row['tokens_run_per_step']:10d} {mfu} {memory}")  # fmt: skip
+              f"{row['episode_tokens_per_s'] / plain:8.2f} {row['tokens_run_per_step']:10d} {mfu} "
+              f"{memory}")  # fmt: skip
     print("log-prob agreement:", json.dumps(result["agreement"], indent=1))
     if args.out:
         with open(args.out, "w") as f:
