@@ -18,7 +18,8 @@ The mask is never built on the host: a row carries two small id tensors (`branch
 target, padding; `part`: prompt, chosen, rejected), and `packed_attention_mask` turns them, on the model's
 device, into what its attention takes: a FlexAttention `BlockMask` on CUDA, which skips the blocks a row's
 tokens never see (one target's keys for another's queries), or a dense boolean for SDPA elsewhere (the
-CPU path, which the tests check against the same predicate). `packed_attention` names the kernel a model
+CPU path; the tests check it against the mask as it was built on the host, and FlexAttention's scores
+against SDPA's). `packed_attention` names the kernel a model
 that scores packed rows should be loaded with. Flash-attention's varlen kernels cannot express "rejected
 skips chosen". We chose one packed row over a prompt forward whose KV cache the completions extend:
 transformers drops the cache under gradient checkpointing, and the mask works the same under every ZeRO stage.
