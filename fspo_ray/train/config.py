@@ -20,6 +20,9 @@ TRAINER_ZERO_STAGE = {
     "TensorParallelTrainer": 3,  # DeepSpeed training has no tensor parallelism; ZeRO-3 shards instead
 }
 
+# The reference scores' cache, shared by the runs under one storage_path (train/reference.py).
+REFERENCE_CACHE = "reference_logps"
+
 # Keys of the seed's config that have no effect here, and why (accepted so its command lines run).
 IGNORED_SEED_KEYS = {
     "sample_during_eval": "sampling during evaluation is the evaluation job's work (jobs.evaluate)",
@@ -211,6 +214,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"eval_batch_size={cfg.eval_batch_size} must be a multiple of num_workers={cfg.num_workers}")
     if cfg.max_prompt_length > cfg.max_length:
         raise ConfigError(f"max_prompt_length={cfg.max_prompt_length} exceeds max_length={cfg.max_length}")
+    if cfg.exp_name == REFERENCE_CACHE:
+        raise ConfigError(f"exp_name={REFERENCE_CACHE} is the reference scores' cache beside the runs: choose another")
     if cfg.offload_params and cfg.stage != 3:
         raise ConfigError("offload_params=true needs zero_stage=3")
     if cfg.n_examples is None and not cfg.n_epochs:
