@@ -5,7 +5,7 @@ Gradient accumulation is exact under every ZeRO stage: one optimizer step over t
 exports the weights one step over the same 8 episodes in one batch exports. ZeRO-3 advances its
 micro-step, which makes it add a micro-batch's gradient to the last one's instead of overwriting it, in
 the engine's forward: a step that called the model's submodules directly exported the update of the last
-micro-batch alone (77% off here). And the reference computed beside the policy is the start model, under
+micro-batch alone (82% off here). And the reference computed beside the policy is the start model, under
 ZeRO-3 too (sharded with the policy, or the policy with its LoRA adapters off).
 """
 
