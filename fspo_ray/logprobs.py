@@ -1,15 +1,16 @@
 """Summed completion log-probs, with each prompt computed once (prefix sharing, arXiv 2410.20305).
 
 An FSPO prompt holds N of a user's pairs and is far longer than the completions that follow it. The plain
-way (`concatenated_logps`) runs prompt+chosen and prompt+rejected as two rows, so every prompt token is
-computed twice per model. `packed_logps` runs one row per episode instead:
+way (`plain_logps`) runs prompt+chosen and prompt+rejected as two rows, so every prompt token is computed
+twice per model. `packed_logps` runs one row per episode instead:
 
     tokens       [ prompt .......... | chosen ...... | rejected .... | pad ]
     position ids   0 1 ... P-1         P ... P+C-1     P ... P+R-1     0 ...
 
 with a 4-D attention mask in which every token sees the prompt and the earlier tokens of its own
 completion, and rejected never sees chosen. Each completion therefore sits exactly where it would after
-the prompt alone (same positions, same visible keys): the log-probs equal the plain path's.
+the prompt alone (same positions, same visible keys): the log-probs equal the plain path's. Sliding-window
+layers (Mistral, Qwen2, Gemma) get the same mask cut to their window, counted in positions.
 
 We chose one packed row over a prompt forward whose KV cache the two completions extend: transformers
 drops the cache under gradient checkpointing, and the mask works the same under every ZeRO stage. The
@@ -18,10 +19,18 @@ kernel on GPU); flash-attention's varlen form cannot express "rejected skips cho
 
 The LM head and the log-softmax run only at the positions that predict a completion token: a prompt
 position never produces a vocabulary-sized row (for a 49k vocabulary that is most of a forward's cost).
+That skips the model's own forward, so each family's head rules (soft-capping, logit scaling) are
+repeated here (`LOGITS`); a family not listed there is scored through its own forward instead.
+
+In training the policy is a `CompletionLogps` module handed to DeepSpeed, so every forward goes through the
+engine: ZeRO-3 counts micro-steps and hooks its backward there (a forward that called the model's
+submodules directly made gradient accumulation keep only the last micro-batch).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,8 +40,13 @@ import torch.nn.functional as F
 from fspo_ray.losses import IGNORE_INDEX, sequence_logps
 from fspo_ray.models import load_for_inference, padding_id
 
+logger = logging.getLogger(__name__)
+
 # The columns a tokenized episode carries: prompt ids, and each completion's ids with its EOS.
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+# Raise when the scores this module computes for the same model and tokens change: cached reference
+# scores (train/reference.py) are keyed on it.
+SCORER_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -43,6 +57,7 @@ class PackedBatch:
     source: torch.Tensor  # (N,) flat index into B·L of the hidden state that predicts each completion token
     target: torch.Tensor  # (N,) the completion token predicted there
     sequence: torch.Tensor  # (N,) which completion the token belongs to: chosen i → i, rejected i → B + i
+    lengths: tuple[tuple[int, int, int], ...]  # each row's (prompt, chosen, rejected) token counts
     num_sequences: int
     tokens: int  # real (non-padding) tokens
     padding: int  # padding tokens
@@ -92,56 +107,107 @@ def pack(
         source=torch.tensor(source, dtype=torch.long, device=device),
         target=torch.tensor(target, dtype=torch.long, device=device),
         sequence=torch.tensor(sequence, dtype=torch.long, device=device),
+        lengths=tuple((len(p), len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)),
         num_sequences=2 * rows if with_rejected else rows,
         tokens=real,
         padding=rows * width - real,
     )
 
 
-def _unwrap(model):
-    """The Hugging Face model inside a DeepSpeed engine (its submodules carry ZeRO-3's gather hooks)."""
-    return getattr(model, "module", model)
+def _softcap(config, logits: torch.Tensor) -> torch.Tensor:
+    cap = config.final_logit_softcapping
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+# What each family's *ForCausalLM.forward does to its LM head's output (transformers 5.19), which the packed
+# path repeats at the positions it keeps. Every family here is tested against its own forward
+# (tests/test_logprobs.py); one not listed is scored by its own forward (plain_logps).
+LOGITS = {
+    "llama": lambda config, logits: logits,
+    "mistral": lambda config, logits: logits,
+    "qwen2": lambda config, logits: logits,
+    "qwen3": lambda config, logits: logits,
+    "gemma2": _softcap,
+    "gemma3_text": _softcap,
+    "granite": lambda config, logits: logits / config.logits_scaling,
+    "cohere": lambda config, logits: logits * config.logit_scale,
+}
+
+
+@functools.cache
+def _packs(model_type: str, bidirectional: bool) -> bool:
+    """Whether the packed path reproduces this family; says once per process when it does not."""
+    if model_type in LOGITS and not bidirectional:
+        return True
+    logger.warning(f"model type {model_type!r}{' (bidirectional attention)' if bidirectional else ''}: the packed "
+                   f"forward knows {', '.join(LOGITS)}; scoring through the model's own forward instead (each "
+                   "prompt computed twice)")  # fmt: skip
+    return False
+
+
+def _layer_masks(config, batch: PackedBatch):
+    """The packed mask as the decoder takes it: with sliding-window layers, cut to their window (in positions,
+    as each completion would sit after its prompt alone) — one mask when every layer slides (Mistral), a
+    {layer type: mask} dict when some do (Qwen2, Gemma)."""
+    window = getattr(config, "sliding_window", None)
+    types = set(getattr(config, "layer_types", None) or ())
+    if window is None or (types and "sliding_attention" not in types):
+        return batch.attention_mask
+    distance = batch.position_ids.unsqueeze(2) - batch.position_ids.unsqueeze(1)  # query's minus key's
+    windowed = batch.attention_mask & (distance < window).unsqueeze(1)
+    if not types or types == {"sliding_attention"}:
+        return windowed
+    return {"full_attention": batch.attention_mask, "sliding_attention": windowed}
 
 
 def packed_logps(model, batch: PackedBatch) -> torch.Tensor:
-    """Σ log π(completion token | prompt, earlier completion tokens) per completion: (chosen..., rejected...)."""
-    model = _unwrap(model)
+    """Σ log π(completion token | prompt, earlier completion tokens) per completion: (chosen..., rejected...),
+    under a Hugging Face causal LM (or PEFT around one); families `LOGITS` does not list go the plain way."""
+    config = model.config
+    if not _packs(config.model_type, bool(getattr(config, "use_bidirectional_attention", False))):
+        return plain_logps(model, batch)
     hidden = model.get_decoder()(
         input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
+        attention_mask=_layer_masks(config, batch),
         position_ids=batch.position_ids,
         use_cache=False,
     ).last_hidden_state
-    logits = model.get_output_embeddings()(hidden.flatten(0, 1)[batch.source]).float()
-    token_logps = -F.cross_entropy(logits, batch.target, reduction="none")
+    logits = model.get_output_embeddings()(hidden.flatten(0, 1)[batch.source])
+    token_logps = -F.cross_entropy(LOGITS[config.model_type](config, logits).float(), batch.target, reduction="none")
     sums = torch.zeros(batch.num_sequences, dtype=token_logps.dtype, device=token_logps.device)
     return sums.index_add(0, batch.sequence, token_logps)
 
 
-def concatenated_logps(
-    model,
-    prompts: Sequence[Sequence[int]],
-    chosen: Sequence[Sequence[int]],
-    rejected: Sequence[Sequence[int]],
-    pad_token_id: int,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """The plain path, the one `packed_logps` is tested against: prompt+chosen and prompt+rejected as
-    separate right-padded rows, full logits, then the completion tokens' log-probs summed."""
-    sequences = [list(p) + list(c) for p, c in zip(prompts, chosen)] + [
-        list(p) + list(r) for p, r in zip(prompts, rejected)
-    ]
-    prompt_lengths = [len(p) for p in prompts] * 2
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, (tokens, start) in enumerate(zip(sequences, prompt_lengths)):
-        input_ids[i, : len(tokens)] = torch.tensor(tokens)
-        labels[i, start : len(tokens)] = torch.tensor(tokens[start:])
-        attention_mask[i, : len(tokens)] = 1
-    logits = _unwrap(model)(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-    return sequence_logps(logits, labels.to(device))
+def plain_logps(model, batch: PackedBatch) -> torch.Tensor:
+    """The plain path, the one `packed_logps` is tested against: prompt+chosen and prompt+rejected as separate
+    right-padded rows through the model's own forward, full logits, then each completion's log-probs summed."""
+    ids = batch.input_ids
+    rows = [ids[i, : P + C] for i, (P, C, _) in enumerate(batch.lengths)]
+    if batch.num_sequences > len(batch.lengths):  # with rejected
+        rows += [torch.cat([ids[i, :P], ids[i, P + C : P + C + R]]) for i, (P, C, R) in enumerate(batch.lengths)]
+    starts = [P for P, _, _ in batch.lengths] * (len(rows) // len(batch.lengths))
+    # Padding is masked and unlabelled: any id will do.
+    input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=0)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, (row, start) in enumerate(zip(rows, starts)):
+        labels[i, start : len(row)] = row[start:]
+        attention_mask[i, : len(row)] = 1
+    return sequence_logps(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
+
+
+class CompletionLogps(torch.nn.Module):
+    """A causal LM whose forward is `packed_logps` of a PackedBatch: what training hands to
+    `deepspeed.initialize`, so the engine's own forward (micro-step counting, ZeRO-3's gathers and backward
+    hooks, offload) runs every training step. Call it as `module(batch=...)`: ZeRO-3's module hooks look only
+    at positional inputs, and a PackedBatch is not a tensor."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm  # a Hugging Face causal LM, or PEFT around one
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        return packed_logps(self.lm, batch)
 
 
 class CompletionScorer:

@@ -74,7 +74,8 @@ def test_oracle_judge_is_order_consistent_on_a_clear_preference():
 @pytest.mark.slow
 def test_a_lone_batch_inference_replica_runs_on_every_cpu(local_ray):
     """Ray gives a replica as many torch threads as CPUs it asked for: one replica on the 2-CPU Ray asks
-    for both (with one it left a core idle, and evaluation took twice as long); two share them out."""
+    for both (with one it left a core idle, and evaluation took twice as long); two share them out. Each
+    pass is sized the moment the one before it returns, while its replica is still handing its CPUs back."""
     import ray.data
 
     from fspo_ray.scheduling import replica_cpus
@@ -83,11 +84,12 @@ def test_a_lone_batch_inference_replica_runs_on_every_cpu(local_ray):
         def __call__(self, batch: dict) -> dict:
             return {"threads": [torch.get_num_threads()] * len(batch["id"])}
 
-    assert (replica_cpus(1, on_gpu=False), replica_cpus(2, on_gpu=False), replica_cpus(1, on_gpu=True)) == (2, 1, 1)
     # Materialized first, as evaluation does: a replica holding every CPU leaves none for upstream tasks.
-    rows = ray.data.range(4).materialize().map_batches(TorchThreads, concurrency=1,
-                                                       num_cpus=replica_cpus(1, on_gpu=False))  # fmt: skip
-    assert {row["threads"] for row in rows.take_all()} == {2}
+    inputs = ray.data.range(4).materialize()
+    for attempt in range(3):
+        rows = inputs.map_batches(TorchThreads, concurrency=1, num_cpus=replica_cpus(1, on_gpu=False)).take_all()
+        assert {row["threads"] for row in rows} == {2}, f"pass {attempt}"
+    assert (replica_cpus(2, on_gpu=False), replica_cpus(1, on_gpu=True)) == (1, 1)
 
 
 @pytest.mark.slow
