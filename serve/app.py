@@ -37,6 +37,7 @@ from fspo_ray.data.tokenize import PromptStyle, fit_prompt
 from fspo_ray.engines import Sampling
 from fspo_ray.runinfo import read_run_info
 from fspo_ray.serve.api import (
+    MAX_NEW_TOKENS,
     ErrorBody,
     PersonalizeRequest,
     PersonalizeResponse,
@@ -49,12 +50,16 @@ from serve.generator import Generator
 logger = logging.getLogger("ray.serve")
 
 class PersonalizationAPI(FastAPI):
+    max_new_tokens = MAX_NEW_TOKENS  # the served limit (the ingress sets it from its config)
+
     def openapi(self) -> dict:
         """FastAPI documents the bodies it parses itself; /v1/personalize parses its own, after the key and
-        size checks, so its schema joins the document here."""
+        size checks, so its schema joins the document here, with the limit this server sets."""
         if self.openapi_schema is None:
             schema = super().openapi()
             request = PersonalizeRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            tokens = request["properties"]["max_new_tokens"]
+            tokens["maximum"], tokens["default"] = self.max_new_tokens, min(tokens["default"], self.max_new_tokens)
             schema["components"]["schemas"].update(request.pop("$defs", {}), PersonalizeRequest=request)
         return self.openapi_schema
 
@@ -65,7 +70,8 @@ api = PersonalizationAPI(
 )
 ERRORS = {
     401: {"model": ErrorBody, "description": "Missing or wrong API key (`Authorization: Bearer <key>`)."},
-    413: {"model": ErrorBody, "description": "The body is over the size limit, or the query alone does not fit."},
+    413: {"model": ErrorBody, "description": "The body is over the size limit, or the query alone does not fit the"
+                                             " prompt budget (`detail` names the limits)."},
     422: {"model": ValidationErrorBody, "description": "A field is invalid; `loc` names it."},
     500: {"model": ErrorBody, "description": "The server failed on this request alone; `error_id` is in the log."},
     503: {"model": ErrorBody, "description": "Overloaded: retry after the `Retry-After` header's seconds."},
@@ -102,14 +108,21 @@ class AdmittedStream(StreamingResponse):
 @serve.ingress(api)
 class Personalizer:
     async def __init__(self, generator: DeploymentHandle, api_key_env: str = "FSPO_API_KEY",
-                       max_requests_per_replica: int = 32, max_body_bytes: int = 4 * 2**20):  # fmt: skip
+                       max_requests_per_replica: int = 32, max_body_bytes: int = 4 * 2**20,
+                       max_new_tokens_limit: int = MAX_NEW_TOKENS, base_max_prompt_length: int = 1024):  # fmt: skip
         from ray.util import metrics
         from transformers import AutoTokenizer
 
         self.generator = generator
         engine = await generator.status.remote()  # the model as the engine resolved it: one build of a preset
         path, self.backend, self.max_model_len = engine["model_path"], engine["backend"], engine["max_model_len"]
-        self.style = PromptStyle.from_run_info(read_run_info(path))  # the prompt the model was trained on
+        info = read_run_info(path)
+        self.style = PromptStyle.from_run_info(info)  # the prompt the model was trained on
+        # and its length limits (fit_episode's): a model without a run takes base_max_prompt_length tokens of
+        # prompt and leaves the rest of its context to the answer.
+        self.max_length = min(info.get("max_length", self.max_model_len), self.max_model_len)
+        self.max_prompt_length = min(info.get("max_prompt_length", base_max_prompt_length), self.max_length)
+        self.max_new_tokens_limit = api.max_new_tokens = min(max_new_tokens_limit, MAX_NEW_TOKENS)
         self.tokenizer = AutoTokenizer.from_pretrained(path)  # the engine's: prompts go to it as token ids
         self.model_name = os.path.basename(os.path.dirname(path)) if path.endswith("LATEST") else os.path.basename(path)
         api_key = os.environ.get(api_key_env) or None
@@ -202,15 +215,17 @@ class Personalizer:
 
     async def _personalize(self, request: PersonalizeRequest, started: float):
         style = self.style
-        self._check_style(request)
+        self._check_request(request)
         shots = tuple(Shot(s.question.strip(), s.preferred.strip(), s.dispreferred.strip()) for s in request.history)
-        budget = self.max_model_len - request.max_new_tokens
+        # Training's rule (fit_episode): prompt <= max_prompt_length, and room for the answer within max_length.
+        budget = min(self.max_prompt_length, self.max_length - request.max_new_tokens)
         # Off the event loop: a long history takes a while to tokenize, and health checks must not wait.
         fitted = await asyncio.to_thread(fit_prompt, shots, request.query.strip(), self.tokenizer, budget,
                                          style=style, user_description=request.user_description)  # fmt: skip
-        if fitted is None:
-            raise HTTPException(413, f"the query alone does not fit the model's context of {self.max_model_len}"
-                                     f" tokens with max_new_tokens={request.max_new_tokens}")  # fmt: skip
+        if fitted is None:  # refused before any prefill: a long query is a client's mistake, not the engine's work
+            raise HTTPException(413, f"the query does not fit: this model's prompts hold at most {max(budget, 0)}"
+                                     f" tokens (max_prompt_length={self.max_prompt_length}; max_length="
+                                     f"{self.max_length} minus max_new_tokens={request.max_new_tokens})")  # fmt: skip
         prompt, dropped = fitted
         sampling = Sampling(request.max_new_tokens, request.temperature, request.top_p, request.seed)
         meta = {"prompt_tokens": len(prompt), "shots_used": len(shots) - dropped, "shots_dropped": dropped}
@@ -225,11 +240,16 @@ class Personalizer:
         meta["cached_prompt_tokens"] = generation.cached_prompt_tokens
         return self._response(generation.text, generation.completion_tokens, replica, request, style, meta, started)
 
-    def _check_style(self, request: PersonalizeRequest) -> None:
+    def _check_request(self, request: PersonalizeRequest) -> None:
         """The prompt is always the one the model was trained on: a request that asks for another is a 422
-        naming the field, not a prompt the model never saw."""
+        naming the field, not a prompt the model never saw; so is one that asks for more tokens than this
+        server generates (its limit is also the most a request gets by default)."""
         mode, wrong = self.style.description_mode, None
-        if mode == "teacher_forced" and not request.user_description:
+        if "max_new_tokens" not in request.model_fields_set:  # the default, within this server's limit
+            request.max_new_tokens = min(request.max_new_tokens, self.max_new_tokens_limit)
+        if request.max_new_tokens > self.max_new_tokens_limit:
+            wrong = ("max_new_tokens", f"at most {self.max_new_tokens_limit} on this server")
+        elif mode == "teacher_forced" and not request.user_description:
             wrong = ("user_description", "required: this model was trained with the user's description given")
         elif mode != "teacher_forced" and request.user_description:
             wrong = ("user_description", f"this model was trained with description_mode={mode}: it takes none")
@@ -291,7 +311,8 @@ class Personalizer:
         yield "data: [DONE]\n\n"
 
 
-ENGINE_ARGS = ("model", "backend", "stall_timeout_s", "probe_timeout_s")  # Generator's; the rest are Personalizer's
+ENGINE_ARGS = ("model", "backend", "stall_timeout_s", "probe_timeout_s", "max_model_len", "kv_cache_gib",
+               "gpu_memory_utilization")  # Generator's; the rest are Personalizer's
 
 
 def build_app(**args):

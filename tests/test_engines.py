@@ -54,16 +54,48 @@ def test_a_stream_ends_when_the_engine_stops_producing(engine):
     a waiting stream after the stall timeout; the probe reports the same engine as wedged."""
     engine.lock.acquire()
     try:
-        engine.last_token = time.monotonic() - 100
-        with pytest.raises(EngineStalled, match="no token for 0.5 s"):
+        engine.last_progress = time.monotonic() - 100
+        with pytest.raises(EngineStalled, match="no progress for 0.5 s"):
             asyncio.run(asyncio.wait_for(collect(engine.stream(prompt(engine, "Hi?"), Sampling(4), 0.5)), 30))
         problem = asyncio.run(engine.probe(timeout_s=5, stall_timeout_s=5))
-        assert problem is not None and "generating, but no token for 10" in problem
-        engine.last_token = time.monotonic()  # busy and producing: healthy
+        assert problem is not None and "generating, but no progress for 10" in problem
+        engine.last_progress = time.monotonic()  # busy and producing: healthy
         assert asyncio.run(engine.probe(timeout_s=5, stall_timeout_s=5)) is None
     finally:
         engine.lock.release()
     assert asyncio.run(engine.probe(timeout_s=5, stall_timeout_s=5)) is None  # idle: a one-token generate works
+
+
+def test_a_slow_prefill_is_progress_not_a_stall(engine):
+    """A prompt whose prefill takes over a second without a token (each of the tiny model's layers slowed
+    to 0.3 s on the prompt's pass): a stream with a 0.5 s stall timeout waits it out and answers, and the
+    probe meanwhile finds the engine busy, not wedged. Only a stamp per layer can tell: no token comes."""
+    prefilling = []
+
+    def slow_prefill(module, args):
+        if args[0].shape[1] > 1:  # the prompt's pass; each decoding step has one position
+            prefilling.append(1)
+            time.sleep(0.3)
+
+    while engine.generating:  # a stream an earlier test left still ends its generate
+        time.sleep(0.01)
+    layers = engine.model.get_decoder().layers
+    assert len(layers) >= 2  # else the prefill would be one stall-length wait, which a token stamp also covers
+    hooks = [layer.register_forward_pre_hook(slow_prefill) for layer in layers]
+
+    async def stream_and_probe():
+        stream = asyncio.create_task(collect(engine.stream(prompt(engine, "Hi?"), Sampling(4), 0.5)))
+        while not prefilling:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.6)  # past the stall timeout, still in the prefill
+        return await engine.probe(timeout_s=5, stall_timeout_s=0.5), await stream
+
+    try:
+        problem, pieces = asyncio.run(asyncio.wait_for(stream_and_probe(), 30))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(prefilling) >= len(layers) and problem is None and pieces
 
 
 def test_closing_a_stream_stops_its_generate(engine):
