@@ -42,6 +42,7 @@ class Generation:
     text: str
     completion_tokens: int
     cached_prompt_tokens: int = 0  # found in the engine's prefix cache (vLLM; transformers caches nothing)
+    finish_reason: str = "stop"  # "stop": the model ended it (EOS); "length": max_new_tokens ended it
 
 
 class EngineStalled(RuntimeError):
@@ -137,7 +138,8 @@ class TransformersEngine:
         for row in output[:, ids.shape[1] :].tolist():
             tokens = row[: row.index(self.eos)] if self.eos in row else row
             n = len(tokens) + (1 if self.eos in row else 0)
-            results.append(Generation(self.tokenizer.decode(tokens, skip_special_tokens=True), n))
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            results.append(Generation(text, n, finish_reason="stop" if self.eos in row else "length"))
         return results
 
     def generate_many(self, prompts: list[list[int]], samplings: list[Sampling]) -> list[Generation | Exception]:
@@ -322,7 +324,8 @@ class VLLMEngine:
         async for output in self._outputs(prompt, sampling):
             last = output
         completion = last.outputs[0]
-        return Generation(completion.text, len(completion.token_ids), last.num_cached_tokens or 0)
+        return Generation(completion.text, len(completion.token_ids), last.num_cached_tokens or 0,
+                          completion.finish_reason or "stop")  # fmt: skip
 
     async def generate_all(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation | Exception]:
         """All at once: the engine batches them continuously."""

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 
 import httpx
@@ -33,7 +34,7 @@ TRAINED_MAX_NEW_TOKENS = 200  # the trained app's server-side limit on what a re
 
 
 def service_app(model: str, backend: str, cpus: float, env: dict | None = None, generator: dict | None = None,
-                **ingress):  # fmt: skip
+                ingress_replicas: int = 1, **ingress):  # fmt: skip
     """Our application as serve/config.yaml deploys it (an ingress and its engine deployment), test-sized;
     `generator` overrides the engine deployment's options."""
     from serve.app import Personalizer
@@ -41,7 +42,9 @@ def service_app(model: str, backend: str, cpus: float, env: dict | None = None, 
 
     engine = Generator.options(**{"ray_actor_options": {"num_cpus": cpus}, **(generator or {})}).bind(model, backend)
     runtime_env = {"runtime_env": {"env_vars": env}} if env else {}
-    return Personalizer.options(ray_actor_options={"num_cpus": 0, **runtime_env}).bind(engine, **ingress)
+    ingress.setdefault("store_url", f"sqlite://{tempfile.mkdtemp()}/histories.db")  # not the user's own
+    return Personalizer.options(num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0, **runtime_env}
+                                ).bind(engine, **ingress)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -390,16 +393,18 @@ def fuzz(url: str, examples: int, clients: int = 1, key: str = KEY) -> dict:
     settings = hypothesis.settings(max_examples=examples, deadline=None, database=None,
                                    suppress_health_check=list(hypothesis.HealthCheck))  # fmt: skip
     for operation in map(lambda result: result.ok(), schema.get_all_operations()):
-        post = operation.method.upper() == "POST"  # GET /healthz takes no input, so it has no invalid one
-        for mode in list(schemathesis.GenerationMode) if post else [schemathesis.GenerationMode.POSITIVE]:
+        takes_input = operation.method.upper() != "GET" or "{" in operation.path or operation.query.items
+        # (GET /healthz and /v1/models take no input, so they have no invalid one)
+        for mode in list(schemathesis.GenerationMode) if takes_input else [schemathesis.GenerationMode.POSITIVE]:
             strategy = operation.as_strategy(generation_mode=mode)
             settings(hypothesis.given(strategy)(lambda case: cases.append(case)))()
 
     def send(case) -> tuple[int | None, str | None]:
         if isinstance(case.body, dict):  # a valid or absent length becomes 8; an invalid one is kept
-            tokens = case.body.get("max_new_tokens", 256)
+            field = next((f for f in ("max_completion_tokens", "max_tokens") if f in case.body), "max_new_tokens")
+            tokens = case.body.get(field, 256)
             if type(tokens) in (int, float) and 8 < tokens <= 1024 and tokens == int(tokens):
-                case.body["max_new_tokens"] = 8
+                case.body[field] = 8
             if case.meta.generation.mode == schemathesis.GenerationMode.POSITIVE:
                 case.body.pop("rationalize", None)
                 case.body.pop("user_description", None)

@@ -1,7 +1,7 @@
 """The personalization API's request, response and error bodies, validated by pydantic.
 
 Limits keep one request from holding a replica hostage: a body outside them is answered 422, naming
-the field. A history longer than the model's context is not an error: its oldest shots are dropped
+the field. A history longer than the run's prompt budget is not an error: its oldest shots are dropped
 whole (reported in `shots_dropped`), exactly as training drops them. Error bodies never echo what was
 sent: a client's 50 MB mistake gets a few hundred bytes back.
 """
@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from fspo_ray.serve.store import USER_ID
 
 MAX_HISTORY = 64
 MAX_TEXT_CHARS = 8_000
@@ -26,7 +28,18 @@ def _integral(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+def _greedy_or_samplable(value: float) -> float:
+    if 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+    return value
+
+
 WholeNumber = Annotated[int, BeforeValidator(_integral)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, description=f"0: greedy; else ≥ {MIN_TEMPERATURE:g}",
+                                     json_schema_extra={"anyOf": [{"const": 0}, {"minimum": MIN_TEMPERATURE}]}),
+                        AfterValidator(_greedy_or_samplable)]  # fmt: skip
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(_integral)]
+USER_ID_PATTERN = f"^{USER_ID.pattern}$"  # also a pair's id: letters, digits and ._@:-, at most 128
 
 
 class PreferenceExample(BaseModel):
@@ -46,25 +59,18 @@ class PersonalizeRequest(BaseModel):
     history: list[PreferenceExample] = Field(default_factory=list, max_length=MAX_HISTORY)
     query: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     user_description: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
-    user_id: str | None = Field(default=None, min_length=1, max_length=256, description=(
-        "keeps this user's requests on one engine replica, where their history is cached; without it,"
-        " requests whose prompts start with the same shot are kept together"))
+    user_id: str | None = Field(default=None, pattern=USER_ID_PATTERN, description=(
+        "the user: their stored pairs (POST /v1/users/{user_id}/preferences) come before `history`, and their"
+        " requests stay on one engine replica, where their history is cached; without it, requests whose"
+        " prompts start with the same shot are kept together"))
     # Models trained with description_mode=generated write a description of the user, then the answer
     # (always; `rationalize` may say so); teacher_forced ones need `user_description`; others take neither.
     rationalize: bool = False
     max_new_tokens: WholeNumber = Field(default=256, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description=f"0: greedy; else ≥ {MIN_TEMPERATURE:g}",
-                               json_schema_extra={"anyOf": [{"const": 0}, {"minimum": MIN_TEMPERATURE}]})
+    temperature: Temperature = 0.0
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(_integral)] | None = None
+    seed: Seed | None = None
     stream: bool = False
-
-    @field_validator("temperature")
-    @classmethod
-    def _greedy_or_samplable(cls, value: float) -> float:
-        if 0 < value < MIN_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
-        return value
 
 
 class Usage(BaseModel):
@@ -116,3 +122,73 @@ def validation_error_body(errors: list[dict[str, Any]]) -> dict:
     while shown and len(json.dumps({"detail": shown, "errors_not_shown": 99}).encode()) > MAX_ERROR_BYTES:
         shown.pop()
     return {"detail": shown, "errors_not_shown": len(errors) - len(shown)}
+
+
+# -- stored histories and feedback --
+
+PairId = Annotated[str, Field(pattern=USER_ID_PATTERN)]
+
+
+class PairIn(PreferenceExample):
+    id: PairId | None = Field(default=None, description=(
+        "the client's id for the pair: the same id again with the same content stores nothing (a safe retry), with"
+        " other content is a 409; without it the id is a digest of the content, so a retry is safe too"))
+
+
+class AppendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    pairs: list[PairIn] = Field(min_length=1, max_length=MAX_HISTORY)
+
+
+class AppendResponse(BaseModel):
+    user_id: str
+    ids: list[str] = Field(description="each pair's id, in the order sent")
+    added: int = Field(description="pairs stored now; the others were stored before, by these ids")
+
+
+class PairOut(BaseModel):
+    id: str
+    question: str
+    preferred: str
+    dispreferred: str
+    source: str = Field(description='"api" (appended) or "feedback"')
+    created: float = Field(description="when it was stored, in seconds since the epoch")
+
+
+class PairsPage(BaseModel):
+    user_id: str
+    pairs: list[PairOut] = Field(description="newest first")
+    next_before: int | None = Field(description="pass as `before` for the next page; null on the last")
+
+
+class DeletedResponse(BaseModel):
+    user_id: str
+    pairs_deleted: int
+
+
+class FeedbackRequest(BaseModel):
+    """Which of two answers the user preferred: both texts and the question, or the ids of two answers the
+    service returned to this user (`chat.completion` ids); stored as a new pair of their history."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    user_id: str = Field(pattern=USER_ID_PATTERN)
+    question: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
+    preferred: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
+    dispreferred: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
+    preferred_id: PairId | None = None
+    dispreferred_id: PairId | None = None
+    id: PairId | None = Field(default=None, description="the pair's id, as in POST /v1/users/{user_id}/preferences")
+
+    @model_validator(mode="after")
+    def _texts_or_ids(self) -> FeedbackRequest:
+        texts = (self.question, self.preferred, self.dispreferred)
+        ids = (self.preferred_id, self.dispreferred_id)
+        if all(texts) == any(texts) and all(ids) == any(ids) and all(texts) != all(ids):
+            return self
+        raise ValueError("give question, preferred and dispreferred, or preferred_id and dispreferred_id")
+
+
+class FeedbackResponse(BaseModel):
+    user_id: str
+    id: str
+    added: bool = Field(description="false: this pair was stored before (a retry)")
