@@ -6,7 +6,8 @@ prefixes (a user's history is the same prefix request after request); the transf
 one generate at a time on its model, batching requests that share sampling settings, and caches
 nothing across requests.
 
-Both engines keep one request's failure to itself, end a stream whose engine makes no progress for
+A stream yields the answer's text piece by piece, then one `Generation`: the whole text, its length in
+tokens and why it ended. Both engines keep one request's failure to itself, end a stream whose engine makes no progress for
 `stall_timeout_s`, stop generating when a stream's consumer goes away, and answer `probe()` with what is
 wrong with them, so a server can tell a wedged engine from a busy one. Progress is any work the engine
 does, not only tokens: a long prompt's prefill stamps it layer by layer (transformers) or step by step
@@ -133,9 +134,12 @@ class TransformersEngine:
     def generate_batch(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]:
         """Prompts of one sampling setting, left-padded into one generate call."""
         ids, mask = self._left_padded(prompts)
-        output = self._generate(ids, mask, sampling)
+        return self._generations(self._generate(ids, mask, sampling), ids.shape[1])
+
+    def _generations(self, output, prompt_width: int) -> list[Generation]:
+        """generate's output rows (prompts left-padded to `prompt_width`) as answers, EOS counted."""
         results = []
-        for row in output[:, ids.shape[1] :].tolist():
+        for row in output[:, prompt_width:].tolist():
             tokens = row[: row.index(self.eos)] if self.eos in row else row
             n = len(tokens) + (1 if self.eos in row else 0)
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -170,16 +174,17 @@ class TransformersEngine:
     async def generate_all(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation | Exception]:
         return await asyncio.to_thread(self.generate_many, prompts, [sampling] * len(prompts))
 
-    async def stream(self, prompt: list[int], sampling: Sampling, stall_timeout_s: float) -> AsyncIterator[str]:
+    async def stream(self, prompt: list[int], sampling: Sampling, stall_timeout_s: float
+                     ) -> AsyncIterator[str | Generation]:  # fmt: skip
         from transformers import AsyncTextIteratorStreamer
 
         streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, timeout=stall_timeout_s,
                                              skip_special_tokens=True)  # fmt: skip
-        cancel, failure = threading.Event(), []
+        cancel, failure, output = threading.Event(), [], []
 
         def run() -> None:
             try:
-                self._generate(*self._left_padded([prompt]), sampling, streamer, cancel)
+                output.append(self._generate(*self._left_padded([prompt]), sampling, streamer, cancel))
             except Exception as error:  # handed to the consumer, which would otherwise wait for the end forever
                 failure.append(error)
                 with contextlib.suppress(RuntimeError):  # the consumer's event loop may be gone already
@@ -187,7 +192,8 @@ class TransformersEngine:
 
         # Its own thread, not the event loop's executor: a stream waits for the model's lock, and a
         # few waiting streams must not starve everything else that runs in the executor.
-        threading.Thread(target=run, daemon=True).start()
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
         try:
             while True:
                 try:
@@ -200,8 +206,10 @@ class TransformersEngine:
                     raise EngineStalled(f"the engine made no progress for {stall_timeout_s:g} s") from None
                 if piece:
                     yield piece
+            await asyncio.to_thread(thread.join)  # the streamer ends a moment before generate returns
             if failure:
                 raise failure[0]
+            yield self._generations(output[0], len(prompt))[0]
         finally:
             cancel.set()  # the consumer is gone or done: stop at the next token
 
@@ -320,25 +328,27 @@ class VLLMEngine:
             await outputs.aclose()
 
     async def generate(self, prompt: list[int], sampling: Sampling) -> Generation:
-        last = None
-        async for output in self._outputs(prompt, sampling):
-            last = output
-        completion = last.outputs[0]
-        return Generation(completion.text, len(completion.token_ids), last.num_cached_tokens or 0,
-                          completion.finish_reason or "stop")  # fmt: skip
+        async with contextlib.aclosing(self.stream(prompt, sampling, None)) as pieces:
+            async for last in pieces:
+                pass
+        return last
 
     async def generate_all(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation | Exception]:
         """All at once: the engine batches them continuously."""
         return await asyncio.gather(*(self.generate(p, sampling) for p in prompts), return_exceptions=True)
 
-    async def stream(self, prompt: list[int], sampling: Sampling, stall_timeout_s: float) -> AsyncIterator[str]:
-        sent = 0
+    async def stream(self, prompt: list[int], sampling: Sampling, stall_timeout_s: float
+                     ) -> AsyncIterator[str | Generation]:  # fmt: skip
+        sent, last = 0, None
         async with contextlib.aclosing(self._outputs(prompt, sampling, stall_timeout_s)) as outputs:
-            async for output in outputs:
-                text = output.outputs[0].text
+            async for last in outputs:
+                text = last.outputs[0].text
                 if len(text) > sent:
                     yield text[sent:]
                     sent = len(text)
+        completion = last.outputs[0]
+        yield Generation(completion.text, len(completion.token_ids), last.num_cached_tokens or 0,
+                         completion.finish_reason or "stop")  # fmt: skip
 
     async def probe(self, timeout_s: float, stall_timeout_s: float) -> str | None:
         """None if the engine is alive and a one-token request finishes within `timeout_s`, or — when the

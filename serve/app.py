@@ -36,7 +36,7 @@ from ray.serve.handle import DeploymentHandle
 
 from fspo_ray.data.prompts import Shot, answer_start, strip_completion_header
 from fspo_ray.data.tokenize import PromptStyle, fit_prompt
-from fspo_ray.engines import Sampling
+from fspo_ray.engines import Generation, Sampling
 from fspo_ray.runinfo import read_run_info
 from fspo_ray.serve.api import (
     MAX_HISTORY,
@@ -271,6 +271,9 @@ class Personalizer(OpenAIRoutes, HistoryRoutes):
                 if answer.replica is None:  # the engine's first item names its replica
                     answer.replica = piece
                     continue
+                if isinstance(piece, Generation):  # and its last one is the whole answer
+                    answer.completion_tokens, answer.finish_reason = piece.completion_tokens, piece.finish_reason
+                    continue
                 if first:
                     first = False
                     self.first_token.observe(time.perf_counter() - started, tags=self.tags)
@@ -284,8 +287,6 @@ class Personalizer(OpenAIRoutes, HistoryRoutes):
                     shown = len(answer.text)
         finally:
             pieces.cancel()  # the client left (or the stream ended): the engine stops generating
-        answer.completion_tokens = len(self.tokenizer(answer.text, add_special_tokens=False)["input_ids"])
-        answer.max_new_tokens = prompt.sampling.max_new_tokens
 
     def _count(self, completion_tokens: int, started: float) -> None:
         self.requests.inc(tags={"status": "200", **self.tags})

@@ -63,9 +63,9 @@ class Generator:
         return await asyncio.to_thread(self.engine.generate_many, prompts, samplings)
 
     async def stream(self, prompt: list[int], sampling: Sampling, affinity_key: str | None = None
-                     ) -> AsyncIterator[str]:  # fmt: skip
-        """This replica's id, then the answer's text piece by piece; cancelled (its client left), the engine
-        stops generating."""
+                     ) -> AsyncIterator[str | Generation]:  # fmt: skip
+        """This replica's id, then the answer's text piece by piece, then the whole `Generation`; cancelled
+        (its client left), the engine stops generating."""
         yield self.replica
         async with contextlib.aclosing(self.engine.stream(prompt, sampling, self.stall_timeout_s)) as pieces:
             async for piece in pieces:

@@ -55,7 +55,7 @@ api = PersonalizationAPI(
 @api.exception_handler(RequestValidationError)
 async def _invalid_parameter(request, error: RequestValidationError) -> JSONResponse:
     """A path or query parameter FastAPI checks: our 422 body, which never echoes the input."""
-    return JSONResponse(validation_error_body(list(error.errors())), status_code=422)
+    return JSONResponse(validation_error_body(list(error.errors()), where=()), status_code=422)
 
 
 ERRORS = {
@@ -100,13 +100,9 @@ class Prompt:
 @dataclass
 class Answer:
     """What a streamed answer has come to so far: the whole generated text, and the replica writing it;
-    once it ends, its length in tokens (the text tokenized again) out of the `max_new_tokens` asked for."""
+    once it ends, its length in tokens and why it ended (the engine's count, EOS included)."""
 
     text: str = ""
     replica: str | None = None
     completion_tokens: int = 0
-    max_new_tokens: int = 0
-
-    @property
-    def finish_reason(self) -> str:
-        return "length" if self.completion_tokens >= self.max_new_tokens else "stop"
+    finish_reason: str = "stop"

@@ -145,7 +145,8 @@ def test_feedback_by_texts_and_by_answer_ids_becomes_pairs(service):
     assert by_ids["added"] and by_texts["added"] and not again["added"] and again["id"] == by_texts["id"]
     rows = sql(service["store"], "SELECT question, preferred, dispreferred, source FROM pairs WHERE user_id = ?"
                                  " ORDER BY seq", "cy")  # fmt: skip
-    assert rows == [(QUERY, answers[1].choices[0].message.content, answers[0].choices[0].message.content, "feedback"),
+    texts = [answer.choices[0].message.content.strip() for answer in answers]
+    assert rows == [(QUERY, texts[1], texts[0], "feedback"),
                     ("Tea or coffee?", "Tea.", "Coffee.", "feedback")]  # fmt: skip
     unknown = call(service, "POST", "/v1/feedback", json={"user_id": "cy", "preferred_id": "chatcmpl-nope",
                                                           "dispreferred_id": answers[0].id})  # fmt: skip

@@ -111,11 +111,12 @@ def _short(text: str, limit: int = MAX_ERROR_TEXT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def validation_error_body(errors: list[dict[str, Any]]) -> dict:
+def validation_error_body(errors: list[dict[str, Any]], where: tuple[str, ...] = ("body",)) -> dict:
     """pydantic's errors as a 422 body of at most MAX_ERROR_BYTES: where and what, never the input (it
-    may be huge, or not encodable as JSON at all)."""
+    may be huge, or not encodable as JSON at all). `where` goes before each error's `loc` (FastAPI's own
+    errors, for path and query parameters, say it themselves)."""
     shown = [
-        {"loc": ["body", *(x if isinstance(x, int) else _short(str(x), 40) for x in e["loc"][:6])],
+        {"loc": [*where, *(x if isinstance(x, int) else _short(str(x), 40) for x in e["loc"][:6])],
          "msg": _short(e["msg"]), "type": _short(e["type"], 40)}
         for e in errors[:10]
     ]  # fmt: skip

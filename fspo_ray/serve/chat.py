@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fspo_ray.serve.api import (
     MAX_HISTORY,
@@ -69,15 +69,16 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
 
-    @model_validator(mode="after")
-    def _has_a_question(self) -> ChatRequest:
-        if not any(m.role == "user" and m.text.strip() for m in self.messages):
-            raise ValueError("messages: no user message with text: its last one is the question")
-        return self
+    @field_validator("messages")
+    @classmethod
+    def _has_a_question(cls, messages: list[Message]) -> list[Message]:
+        if not any(m.role == "user" for m in messages):
+            raise ValueError("no user message: the last one is the question")
+        return messages
 
     @property
     def query(self) -> str:
-        return next(m.text for m in reversed(self.messages) if m.role == "user" and m.text.strip())
+        return next(m.text for m in reversed(self.messages) if m.role == "user")
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
