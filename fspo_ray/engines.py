@@ -7,11 +7,11 @@ one generate at a time on its model, batching requests that share sampling setti
 nothing across requests.
 
 A stream yields the answer's text piece by piece, then one `Generation`: the whole text, its length in
-tokens and why it ended. Both engines keep one request's failure to itself, end a stream whose engine makes no progress for
-`stall_timeout_s`, stop generating when a stream's consumer goes away, and answer `probe()` with what is
-wrong with them, so a server can tell a wedged engine from a busy one. Progress is any work the engine
-does, not only tokens: a long prompt's prefill stamps it layer by layer (transformers) or step by step
-(vLLM), so a slow but legal request is never taken for a wedge.
+tokens and why it ended. Both engines keep one request's failure to itself, end a stream whose engine
+makes no progress for `stall_timeout_s`, stop generating when a stream's consumer goes away, and answer
+`probe()` with what is wrong with them, so a server can tell a wedged engine from a busy one. Progress
+is any work the engine does, not only tokens: a long prompt's prefill stamps it layer by layer
+(transformers) or step by step (vLLM), so a slow but legal request is never taken for a wedge.
 """
 
 from __future__ import annotations
@@ -329,9 +329,7 @@ class VLLMEngine:
 
     async def generate(self, prompt: list[int], sampling: Sampling) -> Generation:
         async with contextlib.aclosing(self.stream(prompt, sampling, None)) as pieces:
-            async for last in pieces:
-                pass
-        return last
+            return [piece async for piece in pieces][-1]  # the last is the whole Generation
 
     async def generate_all(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation | Exception]:
         """All at once: the engine batches them continuously."""
