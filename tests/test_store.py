@@ -173,3 +173,24 @@ def test_a_writer_killed_mid_write_leaves_the_store_consistent(store_url):
     store = open_store(store_url)
     store.append("ada", [pair(0)])
     assert store.recent("ada", 1)[0].pair_id == "p0"
+
+
+def test_the_export_is_canonical_jsonl_split_by_user_that_training_reads(store_url, tmp_path):
+    """Every stored pair once, each user's pairs all in one file, read back by training's reader as written."""
+    from fspo_ray.data.readers import read_pairs
+    from jobs.export_preferences import main as export
+
+    store = open_store(store_url)
+    users = [f"user{u}" for u in range(12)]
+    for u, user in enumerate(users):
+        store.append(user, [pair(i, question=f"Q{u}.{i}? 漢字") for i in range(3)])
+    counts = export([f"store={store_url}", f"out={tmp_path / 'out'}", "test_fraction=0.5"])
+    read = {split: list(read_pairs(str(tmp_path / "out" / f"{split}.jsonl"))) for split in ("train", "test")}
+    by_user = {split: {p.user_id for p in pairs} for split, pairs in read.items()}
+    assert by_user["train"] | by_user["test"] == set(users) and not by_user["train"] & by_user["test"]
+    assert by_user["train"] and by_user["test"]  # 12 users at 0.5: both sides have some
+    assert counts == {"train_pairs": 3 * len(by_user["train"]), "test_pairs": 3 * len(by_user["test"]),
+                      "train_users": len(by_user["train"]), "test_users": len(by_user["test"])}  # fmt: skip
+    ada = [p for pairs in read.values() for p in pairs if p.user_id == "user3"]
+    assert [(p.question, p.preferred, p.dispreferred) for p in ada] == [(f"Q3.{i}? 漢字", f"yes {i}", f"no {i}")
+                                                                      for i in range(3)]  # fmt: skip
