@@ -1,7 +1,7 @@
 """The personalization service against hostile clients, measured: the requests that once crashed,
 wedged or blocked it, queries over the prompt budget, a 300-request burst, recovery after them, and
-(with --fuzz) thousands of schema-fuzzed requests from concurrent clients beside long queries. Loopback
-only, bounded.
+(with --fuzz) thousands of schema-fuzzed requests to every endpoint in /openapi.json (with the admin key,
+which may call them all) from concurrent clients beside long queries. Loopback only, bounded.
 
     python benchmarks/serve_hostile.py --backend transformers [--model RUN_OR_HF_FOLDER]
     python benchmarks/serve_hostile.py --backend vllm
@@ -30,7 +30,7 @@ import httpx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the app, and the suite's fuzz driver
 
-KEY = "bench-key"
+KEY, ADMIN = "bench-key", "bench-admin-key"
 SHOT = {"question": "How do I rest?", "preferred": "Certainly. Sleep. That is all.", "dispreferred": "Yo! Sleep!"}
 # Legal bodies whose query alone is over any prompt budget this app has: 8,000 CJK characters (about 8,000
 # tokens on SmolLM2), 3,000 digits (one token each), 8,000 characters of words. Once they were prefilled.
@@ -166,7 +166,7 @@ def fuzz_run(url: str, examples: int, clients: int, results: list) -> None:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         sender = pool.submit(long_client)
         try:
-            fuzzed = fuzz(url, examples, clients=clients, key=KEY)
+            fuzzed = fuzz(url, examples, clients=clients, key=ADMIN)  # it may call every endpoint
         finally:
             stop.set()
             sender.result()
@@ -206,9 +206,11 @@ def main() -> None:
     from serve.app import build_app
 
     model = args.model or build_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"FSPO_KEY": KEY}})
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"FSPO_KEY": KEY, "FSPO_ADMIN": ADMIN}})  # fmt: skip
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    app = build_app(model=model, backend=args.backend, api_key_env="FSPO_KEY",
+    app = build_app(model=model, backend=args.backend, api_key_env="FSPO_KEY", admin_key_env="FSPO_ADMIN",
+                    store_url=os.path.join(tempfile.mkdtemp(), "histories.db"),
                     max_new_tokens_limit=args.max_new_tokens_limit)  # fmt: skip
     serve.run(app, name="fspo", route_prefix="/")
     results: list = []
