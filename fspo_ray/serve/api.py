@@ -39,6 +39,7 @@ Temperature = Annotated[float, Field(ge=0.0, le=2.0, description=f"0: greedy; el
                                      json_schema_extra={"anyOf": [{"const": 0}, {"minimum": MIN_TEMPERATURE}]}),
                         AfterValidator(_greedy_or_samplable)]  # fmt: skip
 Seed = Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(_integral)]
+NewTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS), BeforeValidator(_integral)]  # (OpenAI's max_tokens)
 USER_ID_PATTERN = f"^{USER_ID.pattern}$"  # also a pair's id: letters, digits and ._@:-, at most 128
 
 

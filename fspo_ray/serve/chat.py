@@ -15,13 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fspo_ray.serve.api import (
     MAX_HISTORY,
-    MAX_NEW_TOKENS,
     MAX_TEXT_CHARS,
     USER_ID_PATTERN,
+    NewTokens,
     PreferenceExample,
     Seed,
     Temperature,
-    WholeNumber,
 )
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -60,8 +59,8 @@ class ChatRequest(BaseModel):
     preferences: list[PreferenceExample] = Field(default_factory=list, max_length=MAX_HISTORY, description=(
         "more of the user's preferences, after the stored ones (an OpenAI client sends them with extra_body)"))
     user_description: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
-    max_tokens: WholeNumber | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
-    max_completion_tokens: WholeNumber | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    max_tokens: NewTokens | None = None
+    max_completion_tokens: NewTokens | None = None
     temperature: Temperature = 0.0
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: Seed | None = None
