@@ -50,7 +50,7 @@ from fspo_ray.serve.chat import error_body
 from fspo_ray.serve.store import StoreError, open_store
 from serve.generator import Generator
 from serve.histories import HistoryRoutes
-from serve.ingress import ERRORS, AdmittedStream, Answer, Prompt, api, parsed_body
+from serve.ingress import ERRORS, AdmittedStream, Answer, PersonalizationAPI, Prompt, api, parsed_body
 from serve.openai_routes import OpenAIRoutes
 
 logger = logging.getLogger("ray.serve")
@@ -89,7 +89,8 @@ class Personalizer(OpenAIRoutes, HistoryRoutes):
         # prompt and leaves the rest of its context to the answer.
         self.max_length = min(info.get("max_length", self.max_model_len), self.max_model_len)
         self.max_prompt_length = min(info.get("max_prompt_length", base_max_prompt_length), self.max_length)
-        self.max_new_tokens_limit = api.max_new_tokens = min(max_new_tokens_limit, MAX_NEW_TOKENS)
+        # (on the class: Serve serves a copy of `api`, whose OpenAPI document must show the limit too)
+        self.max_new_tokens_limit = PersonalizationAPI.max_new_tokens = min(max_new_tokens_limit, MAX_NEW_TOKENS)
         self.tokenizer = AutoTokenizer.from_pretrained(path)  # the engine's: prompts go to it as token ids
         self.model_name = os.path.basename(os.path.dirname(path)) if path.endswith("LATEST") else os.path.basename(path)
         self.keys = {role: (os.environ.get(env) or "").encode() or None
