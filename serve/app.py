@@ -122,7 +122,8 @@ class Personalizer:
         # prompt and leaves the rest of its context to the answer.
         self.max_length = min(info.get("max_length", self.max_model_len), self.max_model_len)
         self.max_prompt_length = min(info.get("max_prompt_length", base_max_prompt_length), self.max_length)
-        self.max_new_tokens_limit = api.max_new_tokens = min(max_new_tokens_limit, MAX_NEW_TOKENS)
+        # (on the class: Serve serves a pickled copy of `api`, whose OpenAPI document must show it too)
+        self.max_new_tokens_limit = PersonalizationAPI.max_new_tokens = min(max_new_tokens_limit, MAX_NEW_TOKENS)
         self.tokenizer = AutoTokenizer.from_pretrained(path)  # the engine's: prompts go to it as token ids
         self.model_name = os.path.basename(os.path.dirname(path)) if path.endswith("LATEST") else os.path.basename(path)
         api_key = os.environ.get(api_key_env) or None
