@@ -93,6 +93,7 @@ class Personalizer(OpenAIRoutes, HistoryRoutes):
         self.max_new_tokens_limit = PersonalizationAPI.max_new_tokens = min(max_new_tokens_limit, MAX_NEW_TOKENS)
         self.tokenizer = AutoTokenizer.from_pretrained(path)  # the engine's: prompts go to it as token ids
         self.model_name = os.path.basename(os.path.dirname(path)) if path.endswith("LATEST") else os.path.basename(path)
+        PersonalizationAPI.served_model = self.model_name
         self.keys = {role: (os.environ.get(env) or "").encode() or None
                      for role, env in (("user", api_key_env), ("admin", admin_key_env))}  # fmt: skip
         self.store = open_store(store_url, max_pairs_per_user=max_pairs_per_user)

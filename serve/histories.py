@@ -93,14 +93,15 @@ class HistoryRoutes:
         the training data `python -m jobs.export_preferences` writes out."""
 
         async def record(request: FeedbackRequest, _) -> FeedbackResponse:
-            if request.preferred_id:
+            if request.answers:
                 (question, preferred), (other, dispreferred) = await asyncio.gather(
-                    asyncio.to_thread(self.store.answer, request.user_id, request.preferred_id),
-                    asyncio.to_thread(self.store.answer, request.user_id, request.dispreferred_id))
+                    asyncio.to_thread(self.store.answer, request.user_id, request.answers.preferred),
+                    asyncio.to_thread(self.store.answer, request.user_id, request.answers.dispreferred))
                 if question != other:
                     return self._error(422, "the two answers were to different questions")
             else:
-                question, preferred, dispreferred = request.question, request.preferred, request.dispreferred
+                question, preferred, dispreferred = (request.pair.question, request.pair.preferred,
+                                                     request.pair.dispreferred)
             question, preferred, dispreferred = question.strip(), preferred.strip(), dispreferred.strip()
             pair = StoredPair(request.id or content_id(question, preferred, dispreferred), question, preferred,
                               dispreferred, source="feedback")  # fmt: skip

@@ -17,6 +17,7 @@ from fspo_ray.serve.api import MAX_NEW_TOKENS, ErrorBody, ValidationErrorBody, v
 
 class PersonalizationAPI(FastAPI):
     max_new_tokens = MAX_NEW_TOKENS  # the served limit (the ingress sets it from its config)
+    served_model: str | None = None  # the model's id, the one value chat's `model` may take
     bodies: dict[str, type[BaseModel]] = {}  # the request bodies our routes parse themselves
 
     def openapi(self) -> dict:
@@ -34,6 +35,8 @@ class PersonalizationAPI(FastAPI):
                             limit["maximum"] = self.max_new_tokens
                         if isinstance(tokens.get("default"), int):
                             tokens["default"] = min(tokens["default"], self.max_new_tokens)
+                if name == "ChatRequest" and self.served_model:
+                    body["properties"]["model"]["enum"] = [self.served_model]
                 schema["components"]["schemas"].update(body.pop("$defs", {}), **{name: body})
         return self.openapi_schema
 

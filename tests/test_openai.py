@@ -136,20 +136,18 @@ def test_feedback_by_texts_and_by_answer_ids_becomes_pairs(service):
     client = service["client"]
     answers = [client.chat.completions.create(model="trained", messages=[{"role": "user", "content": QUERY}],
                                               user="cy", max_tokens=n) for n in (2, 6)]  # fmt: skip
-    by_ids = call(service, "POST", "/v1/feedback", json={"user_id": "cy", "preferred_id": answers[1].id,
-                                                         "dispreferred_id": answers[0].id}).json()  # fmt: skip
-    by_texts = call(service, "POST", "/v1/feedback", json={"user_id": "cy", "question": "Tea or coffee?",
-                                                           "preferred": "Tea.", "dispreferred": "Coffee."}).json()
-    again = call(service, "POST", "/v1/feedback", json={"user_id": "cy", "question": "Tea or coffee?",
-                                                        "preferred": "Tea.", "dispreferred": "Coffee."}).json()
+    by_ids = call(service, "POST", "/v1/feedback", json={"user_id": "cy", "answers": {
+        "preferred": answers[1].id, "dispreferred": answers[0].id}}).json()  # fmt: skip
+    tea = {"user_id": "cy", "pair": {"question": "Tea or coffee?", "preferred": "Tea.", "dispreferred": "Coffee."}}
+    by_texts, again = (call(service, "POST", "/v1/feedback", json=tea).json() for _ in range(2))
     assert by_ids["added"] and by_texts["added"] and not again["added"] and again["id"] == by_texts["id"]
     rows = sql(service["store"], "SELECT question, preferred, dispreferred, source FROM pairs WHERE user_id = ?"
                                  " ORDER BY seq", "cy")  # fmt: skip
     texts = [answer.choices[0].message.content.strip() for answer in answers]
     assert rows == [(QUERY, texts[1], texts[0], "feedback"),
                     ("Tea or coffee?", "Tea.", "Coffee.", "feedback")]  # fmt: skip
-    unknown = call(service, "POST", "/v1/feedback", json={"user_id": "cy", "preferred_id": "chatcmpl-nope",
-                                                          "dispreferred_id": answers[0].id})  # fmt: skip
+    unknown = call(service, "POST", "/v1/feedback", json={"user_id": "cy", "answers": {
+        "preferred": "chatcmpl-nope", "dispreferred": answers[0].id}})  # fmt: skip
     assert unknown.status_code == 404 and "chatcmpl-nope" in small_json_error(unknown)["detail"]
 
 

@@ -401,8 +401,9 @@ def fuzz(url: str, examples: int, clients: int = 1, key: str = KEY) -> dict:
             settings(hypothesis.given(strategy)(lambda case: cases.append(case)))()
 
     def send(case) -> tuple[int | None, str | None]:
-        if isinstance(case.body, dict):  # a valid or absent length becomes 8; an invalid one is kept
-            field = next((f for f in ("max_completion_tokens", "max_tokens") if f in case.body), "max_new_tokens")
+        generates = {"/v1/personalize": "max_new_tokens", "/v1/chat/completions": "max_tokens"}.get(case.path)
+        if generates and isinstance(case.body, dict):  # a valid or absent length becomes 8; an invalid one is kept
+            field = "max_completion_tokens" if "max_completion_tokens" in case.body else generates
             tokens = case.body.get(field, 256)
             if type(tokens) in (int, float) and 8 < tokens <= 1024 and tokens == int(tokens):
                 case.body[field] = 8

@@ -168,26 +168,29 @@ class DeletedResponse(BaseModel):
     pairs_deleted: int
 
 
-class FeedbackRequest(BaseModel):
-    """Which of two answers the user preferred: both texts and the question, or the ids of two answers the
-    service returned to this user (`chat.completion` ids); stored as a new pair of their history."""
-
+class AnswerIds(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+    preferred: PairId
+    dispreferred: PairId
+
+
+class FeedbackRequest(BaseModel):
+    """Which of two answers the user preferred, stored as a new pair of their history: the texts (`pair`),
+    or the ids of two answers the service returned to this user (`answers`: `chat.completion` ids)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "oneOf": [{"required": ["pair"]}, {"required": ["answers"]}]})  # fmt: skip
     user_id: str = Field(pattern=USER_ID_PATTERN)
-    question: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
-    preferred: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
-    dispreferred: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
-    preferred_id: PairId | None = None
-    dispreferred_id: PairId | None = None
+    # Either one, not null: absent is None (its default), but a client's explicit null is a 422.
+    pair: PreferenceExample = None  # type: ignore[assignment]
+    answers: AnswerIds = None  # type: ignore[assignment]
     id: PairId | None = Field(default=None, description="the pair's id, as in POST /v1/users/{user_id}/preferences")
 
     @model_validator(mode="after")
-    def _texts_or_ids(self) -> FeedbackRequest:
-        texts = (self.question, self.preferred, self.dispreferred)
-        ids = (self.preferred_id, self.dispreferred_id)
-        if all(texts) == any(texts) and all(ids) == any(ids) and all(texts) != all(ids):
-            return self
-        raise ValueError("give question, preferred and dispreferred, or preferred_id and dispreferred_id")
+    def _pair_or_answers(self) -> FeedbackRequest:
+        if (self.pair is None) == (self.answers is None):
+            raise ValueError("give either pair (the texts) or answers (the ids of two answers), not both")
+        return self
 
 
 class FeedbackResponse(BaseModel):

@@ -53,7 +53,8 @@ class StreamOptions(BaseModel):
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     model: str = Field(min_length=1, max_length=256)
-    messages: list[Message] = Field(min_length=1, max_length=MAX_HISTORY)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_HISTORY, json_schema_extra={
+        "contains": {"type": "object", "properties": {"role": {"const": "user"}}, "required": ["role"]}})
     user: str | None = Field(default=None, pattern=USER_ID_PATTERN, description=(
         "the user whose stored preference history personalizes the answer (POST /v1/users/{user_id}/preferences)"))
     preferences: list[PreferenceExample] = Field(default_factory=list, max_length=MAX_HISTORY, description=(

@@ -129,8 +129,8 @@ $("ask-form").addEventListener("submit", async (event) => {
 for (const [which, other] of [["personalized", "base"], ["base", "personalized"]]) {
   $(`prefer-${which}`).addEventListener("click", async () => {
     try {
-      const saved = await call("POST", "/v1/feedback", { user_id: state.user, question: state.question,
-        preferred: state.answers[which], dispreferred: state.answers[other] });
+      const saved = await call("POST", "/v1/feedback", { user_id: state.user, pair: { question: state.question,
+        preferred: state.answers[which], dispreferred: state.answers[other] } });
       $(`answer-${which}`).classList.add("chosen");
       for (const button of ["personalized", "base"]) $(`prefer-${button}`).disabled = true;
       state.added.push({ question: state.question, preferred: state.answers[which], dispreferred: state.answers[other] });
