@@ -384,6 +384,7 @@ def fuzz(url: str, examples: int, clients: int = 1, key: str = KEY) -> dict:
     pytest 9, so the strategies are driven directly: the cases are drawn first, then sent.) The status of
     each answer, and each failure: a check that failed, or a connection dropped or timed out."""
     import requests
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
 
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     cases = []
@@ -407,8 +408,8 @@ def fuzz(url: str, examples: int, clients: int = 1, key: str = KEY) -> dict:
             response = case.call(headers={"Authorization": f"Bearer {key}"}, timeout=300)
         except requests.RequestException as e:
             return None, f"{case.method} {case.path}: {type(e).__name__}"
-        try:
-            case.validate_response(response)
+        try:  # a valid request may still be refused, as documented: a 413 for a question over the prompt budget
+            case.validate_response(response, excluded_checks=[positive_data_acceptance])
             if response.status_code >= 400:
                 assert response.headers["content-type"] == ["application/json"], response.headers["content-type"]
                 assert len(response.content) <= 4096, len(response.content)
