@@ -139,3 +139,38 @@ def test_choices_make_the_answer_the_models_likelier_choice(tmp_path):
     expected = ["m" if logits[m] > logits[big_m] else "M" for logits in last]
     assert set(expected) == {"m", "M"}  # the prompts do move the model's choice
     assert asyncio.run(generator({"prompt": prompts}))["text"] == expected
+
+
+def test_vllm_streams_wait_through_engine_steps_and_stall_without_them():
+    """vLLM's side, with a stand-in for its AsyncLLM (its steps stamp progress as the engine's stat logger
+    does): a first token after 1 s of steps (a chunked prefill) is no stall at a 0.3 s timeout, and the
+    stream ends with the whole Generation; the same wait without steps is one."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from fspo_ray.engines import VLLMEngine
+
+    vllm = object.__new__(VLLMEngine)  # no engine started: the stand-in below is the AsyncLLM
+    vllm.tokens_generated, vllm.per_request_seeds, vllm.last_progress = 0, False, time.monotonic()
+
+    class Prefilling:
+        def __init__(self, steps: bool):
+            self.steps = steps
+
+        def generate(self, prompt, params, request_id):
+            async def outputs():
+                for _ in range(10):
+                    await asyncio.sleep(0.1)
+                    if self.steps:
+                        vllm.last_progress = time.monotonic()
+                completion = SimpleNamespace(text="Hello", token_ids=[7, 8], finish_reason="length")
+                yield SimpleNamespace(outputs=[completion], num_cached_tokens=0)
+
+            return outputs()
+
+    vllm.engine = Prefilling(steps=True)
+    pieces = asyncio.run(collect(vllm.stream([1, 2, 3], Sampling(2), 0.3)))
+    assert pieces == ["Hello", Generation("Hello", 2, 0, "length")]
+    vllm.engine = Prefilling(steps=False)
+    with pytest.raises(EngineStalled, match="no progress for 0.3 s"):
+        asyncio.run(collect(vllm.stream([1, 2, 3], Sampling(2), 0.3)))
