@@ -89,11 +89,14 @@ class Personalizer(OpenAIRoutes, HistoryRoutes):
         # prompt and leaves the rest of its context to the answer.
         self.max_length = min(info.get("max_length", self.max_model_len), self.max_model_len)
         self.max_prompt_length = min(info.get("max_prompt_length", base_max_prompt_length), self.max_length)
-        # (on the class: Serve serves a copy of `api`, whose OpenAPI document must show the limit too)
-        self.max_new_tokens_limit = PersonalizationAPI.max_new_tokens = min(max_new_tokens_limit, MAX_NEW_TOKENS)
+        # The OpenAPI document shows the limit and the model: set on this module's app and on its class, as
+        # the app Serve serves may be either (a pickled copy of it).
+        self.max_new_tokens_limit = min(max_new_tokens_limit, MAX_NEW_TOKENS)
+        for served in (api, PersonalizationAPI):
+            served.max_new_tokens = self.max_new_tokens_limit
         self.tokenizer = AutoTokenizer.from_pretrained(path)  # the engine's: prompts go to it as token ids
         self.model_name = os.path.basename(os.path.dirname(path)) if path.endswith("LATEST") else os.path.basename(path)
-        PersonalizationAPI.served_model = self.model_name
+        api.served_model = PersonalizationAPI.served_model = self.model_name
         self.keys = {role: (os.environ.get(env) or "").encode() or None
                      for role, env in (("user", api_key_env), ("admin", admin_key_env))}  # fmt: skip
         self.store = open_store(store_url, max_pairs_per_user=max_pairs_per_user)

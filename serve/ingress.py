@@ -12,20 +12,31 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from fspo_ray.engines import Sampling
-from fspo_ray.serve.api import MAX_NEW_TOKENS, ErrorBody, ValidationErrorBody, validation_error_body
+from fspo_ray.serve.api import (
+    MAX_NEW_TOKENS,
+    AppendRequest,
+    ErrorBody,
+    FeedbackRequest,
+    PersonalizeRequest,
+    ValidationErrorBody,
+    validation_error_body,
+)
+from fspo_ray.serve.chat import ChatRequest
+
+# The request bodies our routes parse themselves (after the key and size checks), for the OpenAPI document.
+BODIES = {model.__name__: model for model in (PersonalizeRequest, ChatRequest, AppendRequest, FeedbackRequest)}
 
 
 class PersonalizationAPI(FastAPI):
     max_new_tokens = MAX_NEW_TOKENS  # the served limit (the ingress sets it from its config)
     served_model: str | None = None  # the model's id, the one value chat's `model` may take
-    bodies: dict[str, type[BaseModel]] = {}  # the request bodies our routes parse themselves
 
     def openapi(self) -> dict:
         """FastAPI documents the bodies it parses itself; our routes parse theirs, after the key and size
         checks, so their schemas join the document here, with the limit this server sets."""
         if self.openapi_schema is None:
             schema = super().openapi()
-            for name, model in self.bodies.items():
+            for name, model in BODIES.items():
                 body = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 for field in ("max_new_tokens", "max_tokens", "max_completion_tokens"):
                     if field in body["properties"]:
@@ -42,8 +53,7 @@ class PersonalizationAPI(FastAPI):
 
 
 def parsed_body(model: type[BaseModel]) -> dict:
-    """A route's `openapi_extra` for a JSON body it parses itself."""
-    PersonalizationAPI.bodies[model.__name__] = model
+    """A route's `openapi_extra` for a JSON body it parses itself (one of BODIES)."""
     return {"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}  # fmt: skip
 
