@@ -145,7 +145,7 @@ def test_two_writers_appending_at_once_lose_and_duplicate_nothing(store_url):
 KILLED_WRITER = """
 import sys
 from fspo_ray.serve.store import StoredPair, open_store
-store, batch = open_store(sys.argv[1]), 0
+store, batch = open_store(sys.argv[1], max_pairs_per_user=10**9), 0  # no limit: it writes until killed
 while True:  # batches of 5 pairs, each one transaction, until killed
     store.append("ada", [StoredPair(f"b{batch}-{i}", "Q?", "yes " * 200, "no") for i in range(5)])
     batch += 1
