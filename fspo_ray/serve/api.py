@@ -21,6 +21,7 @@ MAX_NEW_TOKENS = 1_024
 MIN_TEMPERATURE = 1e-3  # below it sampling overflows in fp32 (transformers) or is greedy anyway (vLLM)
 MAX_ERROR_BYTES = 4_096
 MAX_ERROR_TEXT = 160
+NO_NUL = r"^[^\x00]*$"  # a NUL character is no text (and PostgreSQL cannot store one)
 
 
 def _integral(value: Any) -> Any:
@@ -47,9 +48,9 @@ class PreferenceExample(BaseModel):
     """One labelled preference of the user: the question, the answer they preferred, the one they did not."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    question: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
-    preferred: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
-    dispreferred: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    question: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, pattern=NO_NUL)
+    preferred: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, pattern=NO_NUL)
+    dispreferred: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, pattern=NO_NUL)
 
 
 class PersonalizeRequest(BaseModel):
@@ -58,8 +59,8 @@ class PersonalizeRequest(BaseModel):
     # through can be tokenized.
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     history: list[PreferenceExample] = Field(default_factory=list, max_length=MAX_HISTORY)
-    query: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
-    user_description: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
+    query: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, pattern=NO_NUL)
+    user_description: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS, pattern=NO_NUL)
     user_id: str | None = Field(default=None, pattern=USER_ID_PATTERN, description=(
         "the user: their stored pairs (POST /v1/users/{user_id}/preferences) come before `history`, and their"
         " requests stay on one engine replica, where their history is cached; without it, requests whose"

@@ -9,13 +9,14 @@ Errors are `{"error": {"message", "type", "param", "code"}}`, as OpenAI's client
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fspo_ray.serve.api import (
     MAX_HISTORY,
     MAX_TEXT_CHARS,
+    NO_NUL,
     USER_ID_PATTERN,
     NewTokens,
     PreferenceExample,
@@ -31,13 +32,14 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
-    text: str = Field(max_length=MAX_TEXT_CHARS)
+    text: str = Field(max_length=MAX_TEXT_CHARS, pattern=NO_NUL)
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] = Field(max_length=MAX_TEXT_CHARS)
+    content: Annotated[str, Field(max_length=MAX_TEXT_CHARS, pattern=NO_NUL)] | list[TextPart] = Field(
+        max_length=MAX_TEXT_CHARS)
     name: str | None = Field(default=None, max_length=64)
 
     @property
@@ -59,7 +61,7 @@ class ChatRequest(BaseModel):
         "the user whose stored preference history personalizes the answer (POST /v1/users/{user_id}/preferences)"))
     preferences: list[PreferenceExample] = Field(default_factory=list, max_length=MAX_HISTORY, description=(
         "more of the user's preferences, after the stored ones (an OpenAI client sends them with extra_body)"))
-    user_description: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
+    user_description: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS, pattern=NO_NUL)
     max_tokens: NewTokens | None = None
     max_completion_tokens: NewTokens | None = None
     temperature: Temperature = 0.0
