@@ -24,7 +24,7 @@ class GenerateDataConfig:
     model: str = "smollm2-135m"  # writes the answers: a preset or local HF folder (its chat template is used)
     judge_model: str | None = None  # labels pairs: preset, HF folder or http(s):// OpenAI-compatible URL (null: model)
     judge: str = "auto"  # likelihood | generative | auto (likelihood for a local judge_model, generative for a URL)
-    judge_margin: float = 0.05  # likelihood judge: a pair's score (nats per token) must pass ± this, else undecided
+    judge_margin: float = 0.03  # likelihood judge: a pair's score (nats per token) must pass ± this, else undecided
     judge_model_name: str = "judge"  # judge_model is an endpoint: the model name it serves
     judge_api_key_env: str = "OPENAI_API_KEY"  # judge_model is an endpoint: the variable holding its API key
     judge_temperature: float = 0.0  # generative judge, local: the sampling temperature over {m, M} (0: greedy)
