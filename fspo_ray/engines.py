@@ -373,6 +373,15 @@ def make_engine(backend: str, model_path: str, max_model_len: int | None = None,
     return TransformersEngine(model_path, max_model_len)
 
 
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """The model's input for `prompt`: with `chat`, a user message in the model's chat template (where it
+    has one), answered by the assistant; otherwise the text as it is, without BOS, as in training."""
+    if chat and tokenizer.chat_template:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)  # fmt: skip
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
 class BatchGenerator:
     """A Ray Data actor holding one engine (batch inference): continues each row's `prompt` and adds its
     `text`, `completion_tokens` and `error` (None, or why that prompt failed: its batch-mates are unaffected).
@@ -390,15 +399,9 @@ class BatchGenerator:
         if ids and all(len(i) == 1 for i in ids):
             self.sampling = replace(sampling, max_new_tokens=1, allowed_token_ids=tuple(i[0] for i in ids))
 
-    def _ids(self, prompt: str) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        if self.chat and tokenizer.chat_template:
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                   add_generation_prompt=True)  # fmt: skip
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-
     async def __call__(self, batch: dict) -> dict:
-        results = await self.engine.generate_all([self._ids(p) for p in batch["prompt"]], self.sampling)
+        ids = [prompt_ids(self.engine.tokenizer, p, self.chat) for p in batch["prompt"]]
+        results = await self.engine.generate_all(ids, self.sampling)
         failed = [isinstance(r, Exception) for r in results]
         return {
             **batch,
