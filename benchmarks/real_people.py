@@ -46,6 +46,8 @@ class Recipe:
     max_length: int = 1024  # prompt + completion tokens (8 full shots of GD6UK: ~750)
     max_prompt_length: int = 960  # prompt tokens
     batch_size: int = 8  # episodes per optimizer step over the 2 workers
+    accumulation: int = 2  # micro-batches per step: a worker holds batch_size / (2 × this) episodes at once
+    # (4 full 8-shot episodes at once took 9-10 GB a worker, the CPU attention's masks and weights above all)
     lora_r: int = 16  # LoRA rank on every linear layer
     lora_alpha: float = 32.0  # LoRA scale
     sft_examples: int = 160  # few-shot SFT episodes (0: IPO starts from, and is referenced to, the base model)
@@ -83,7 +85,8 @@ def train_stage(recipe: Recipe, out: str, name: str, loss: str, shots: int, exam
 
     common = [f"model={recipe.model}", f"datasets=[{out}/train.jsonl]", f"shots={shots}", f"passes={recipe.passes}",
               f"preferred_only={recipe.preferred_only}", f"description_mode={recipe.description_mode}",
-              f"batch_size={recipe.batch_size}", f"max_length={recipe.max_length}",
+              f"batch_size={recipe.batch_size}", f"gradient_accumulation_steps={recipe.accumulation}",
+              f"max_length={recipe.max_length}",
               f"max_prompt_length={recipe.max_prompt_length}", f"storage_path={out}/runs", "zero_stage=2",
               "optimizer=AdamW", "warmup_steps=2", "lr_schedule=cosine", "length_window=0",
               f"lora.r={recipe.lora_r}", f"lora.alpha={recipe.lora_alpha}", f"seed={recipe.seed}",

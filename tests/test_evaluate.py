@@ -216,7 +216,7 @@ def test_a_local_judge_model_gives_its_own_choice_between_m_and_M(local_ray, tra
         description = described[x["user_id"]]["description"]
         said = [verdict(x["question"], x["fspo"], x["base"], description),
                 verdict(x["question"], x["base"], x["fspo"], description)]  # fmt: skip
-        assert x["verdicts_system_first_then_opponent_first"]["fspo"] == said  # the letters themselves, not only tallies
+        assert x["verdicts_system_first_then_opponent_first"]["fspo"] == said  # the letters, not only tallies
         tally[{("m", "M"): "win", ("M", "m"): "loss"}.get(tuple(said))] += 1
     assert (result["wins"], result["losses"], result["dropped_inconsistent"]) == (tally["win"], tally["loss"],
                                                                                   tally[None])

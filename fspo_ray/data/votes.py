@@ -73,7 +73,8 @@ def _thoughts(path: str) -> tuple[dict[str, dict], dict[str, str]]:
 
 def read_vote_log(folder: str) -> tuple[list[tuple[int, str, dict]], dict[str, int]]:
     """([(row number, where, canonical pair fields)], {why skipped: rows}) of one round's folder."""
-    votes, (thoughts, questions) = _one_file(folder, "_preference.csv"), _thoughts(_one_file(folder, "_verbatim_map.csv"))
+    votes = _one_file(folder, "_preference.csv")
+    thoughts, questions = _thoughts(_one_file(folder, "_verbatim_map.csv"))
     pairs, skipped = [], Counter()
     for number, row in _rows(votes, VOTE_COLUMNS):
         where = f"{votes} row {number}"

@@ -76,8 +76,8 @@ def embed_texts(texts: Sequence[str], model_path: str, use_gpu: bool, batch_size
 
     unique = sorted(set(texts), key=len)
     rows = ray.data.from_items([{"text": t} for t in unique]).materialize()  # nothing upstream of the replica
-    embedded = rows.map_batches(AnswerEmbedder, fn_constructor_args=(model_path,), batch_size=batch_size,
-                                concurrency=1, num_cpus=replica_cpus(1, use_gpu), num_gpus=1 if use_gpu else 0)  # fmt: skip
+    embedded = rows.map_batches(AnswerEmbedder, fn_constructor_args=(model_path,), batch_size=batch_size, concurrency=1,
+                                num_cpus=replica_cpus(1, use_gpu), num_gpus=1 if use_gpu else 0)  # fmt: skip
     return {row["text"]: torch.as_tensor(row["embedding"]) for row in embedded.iter_rows()}
 
 

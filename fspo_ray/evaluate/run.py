@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from omegaconf import MISSING
 
-from fspo_ray.config import ConfigError, refuse_overwrite
+from fspo_ray.config import ConfigError, InputError, refuse_overwrite
 from fspo_ray.console import streamed_rows
 from fspo_ray.data.episodes import Episode
 from fspo_ray.data.prompts import strip_completion_header
@@ -66,7 +66,7 @@ class EvaluateConfig:
     users: list[str] | None = None  # evaluate only these users
     users_file: str | None = None  # users.json of synthetic users: their true preferences (judge=oracle, bayes_optimal)
     shots: list[int] | None = None  # default: 0, 1, 2, 4, ... up to max_shots
-    max_shots: int | None = None  # default: the format's
+    max_shots: int | None = None  # default: the largest of `shots`, else the format's
     beta: float | None = None  # default: the run's; accuracy does not depend on it, margins do
     seed: int = 0  # seeds the held-out sample and sampling
     n_episodes: int = 256  # held-out episodes for accuracy (each scored at every k)
@@ -158,7 +158,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     lengths = {"max_length": cfg.max_length if cfg.max_length is not None else info.get("max_length", 1024),
                "max_prompt_length": cfg.max_prompt_length if cfg.max_prompt_length is not None
                else info.get("max_prompt_length", 896)}  # fmt: skip
-    max_shots = cfg.max_shots if cfg.max_shots is not None else default_shots(cfg.datasets[0], cfg.split)
+    max_shots = cfg.max_shots if cfg.max_shots is not None else max(cfg.shots) if cfg.shots else \
+        default_shots(cfg.datasets[0], cfg.split)
     shots_list = _shots_list(cfg, max_shots)
     trained = PromptStyle.from_run_info(info)
     style = PromptStyle(
@@ -171,6 +172,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     preferences = {u: v["preferences"] for u, v in users.items()}
 
     episodes = held_out_episodes(cfg.datasets, split=cfg.split, users=cfg.users, shots=max_shots, seed=cfg.seed)
+    if episodes.count() == 0:
+        raise InputError(f"{', '.join(cfg.datasets)}: no held-out episode of {max_shots} shots (no user has "
+                         f"{max_shots + 1} pairs{' among users=' if cfg.users else ''}); lower max_shots")
     reads_base = {"few_shot_base", "base_implicit_reward"} & set(cfg.baselines)
     scoring = dict(**lengths, batch_size=cfg.batch_size, concurrency=cfg.concurrency, use_gpu=use_gpu)
     rows, skipped = score_shots(
