@@ -112,6 +112,20 @@ def train_recipe(recipe: Recipe, out: str, prefix: str, shots: int, sft_examples
         return train_stage(recipe, out, f"{prefix}ipo", "ipo", shots, ipo_examples, archive)
 
 
+def wait_for_free_cpus(timeout_s: float = 120.0) -> None:
+    """Until training's workers have given their CPUs back: a scoring replica asks for the CPUs free when it
+    starts and runs one torch thread per CPU it got (one, if it starts while they are still held)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        if time.monotonic() > deadline:
+            print(f"note: {ray.available_resources().get('CPU', 0)} CPUs free of {ray.cluster_resources()['CPU']}; "
+                  "scoring may run on fewer threads", flush=True)  # fmt: skip
+            return
+        time.sleep(1.0)
+
+
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a Global Dialogues round's folder (*_preference.csv, ...)")
@@ -165,6 +179,7 @@ def main(argv: list[str]) -> dict:
         population = train_recipe(recipe, out, "population_", 0, recipe.population_sft_examples,
                                   recipe.population_ipo_examples, times)  # fmt: skip
         with times("evaluation"):
+            wait_for_free_cpus()
             report = evaluate(EvaluateConfig(
                 model=fspo, datasets=[spec], users=test_people, out=os.path.join(out, "eval"),
                 shots=recipe.eval_shots, max_shots=max(recipe.eval_shots), n_episodes=recipe.eval_episodes,
