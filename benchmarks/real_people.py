@@ -50,16 +50,16 @@ class Recipe:
     # (4 full 8-shot episodes at once took 9-10 GB a worker, the CPU attention's masks and weights above all)
     lora_r: int = 16  # LoRA rank on every linear layer
     lora_alpha: float = 32.0  # LoRA scale
-    sft_examples: int = 160  # few-shot SFT episodes (0: IPO starts from, and is referenced to, the base model)
+    sft_examples: int = 96  # few-shot SFT episodes (0: IPO starts from, and is referenced to, the base model)
     sft_lr: float = 2e-3  # SFT learning rate
     sft_target: str = "chosen"  # SFT on the voted-for answer (the paper) | both
-    ipo_examples: int = 160  # few-shot IPO episodes
-    ipo_lr: float = 7.5e-4  # IPO learning rate
+    ipo_examples: int = 128  # few-shot IPO episodes
+    ipo_lr: float = 1e-3  # IPO learning rate
     ipo_beta: float = 0.1  # IPO beta
     ipo_sft_weight: float = 0.0  # the preferred answer's NLL added to IPO (answers are scored, not generated)
-    population_sft_examples: int = 160  # the 0-shot population model's SFT episodes
-    population_ipo_examples: int = 160  # its IPO episodes
-    eval_episodes: int = 96  # held-out target pairs, each scored at every k by every system
+    population_sft_examples: int = 240  # the 0-shot population model's SFT episodes (~0.4 s each: short prompts)
+    population_ipo_examples: int = 240  # its IPO episodes
+    eval_episodes: int = 64  # held-out target pairs, each scored at every k by every system (~19 s each)
     eval_shots: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])  # k on the curve
 
 
