@@ -142,7 +142,7 @@ def main(argv: list[str]) -> dict:
     os.makedirs(out)
 
     from fspo_ray.console import job_console
-    from fspo_ray.data.readers import read_pairs
+    from fspo_ray.data.readers import read_pairs, skipped_rows
     from fspo_ray.evaluate.baselines import ACCURACY_BASELINES
     from fspo_ray.evaluate.run import EvaluateConfig, evaluate
     from jobs.evaluate import summary
@@ -169,8 +169,9 @@ def main(argv: list[str]) -> dict:
         with open(os.path.join(out, "split.json"), "w") as f:
             json.dump({"seed": recipe.seed, "train": train_people, "test": test_people}, f, indent=1)
         n_train = write_training_pairs(pairs, set(train_people), os.path.join(out, "train.jsonl"))
+        skipped = skipped_rows([spec])
         print(f"{len(train_people)} training people ({n_train} votes), {len(test_people)} held out "
-              f"({len(pairs) - n_train} votes)", flush=True)  # fmt: skip
+              f"({len(pairs) - n_train} votes); rows skipped: {skipped}", flush=True)  # fmt: skip
 
     log = os.path.join(out, "real_people.log")
     print(f"Ray's and the libraries' output: {log}", flush=True)
@@ -188,8 +189,9 @@ def main(argv: list[str]) -> dict:
                 base_model=recipe.model, seed=recipe.seed,
             ))  # fmt: skip
     stages["total"] = time.perf_counter() - started
-    result = {"recipe": asdict(recipe), "data": spec, "people": {"train": len(train_people), "test": len(test_people)},
-              "stages_s": stages, "evaluation": report}  # fmt: skip
+    result = {"recipe": asdict(recipe), "data": spec, "rows_skipped": skipped,
+              "people": {"train": len(train_people), "test": len(test_people)}, "stages_s": stages,
+              "evaluation": report}  # fmt: skip
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(result, f, indent=1)
     shutil.copy(os.path.join(out, "eval", "accuracy_vs_shots.png"), os.path.join(out, "accuracy_vs_shots.png"))
