@@ -99,6 +99,9 @@ def score_shots(
     # Materialized first, and nothing after the scorers: they may take every CPU, and then no task could run.
     fitting = variants.filter(lambda row: row["fits"]).materialize()
     n_fitting = fitting.count()
+    # A block a batch: each replica task then ends with its batch, so the bar and Ray Data's no-progress watchdog
+    # (30 min) see every batch. As one block, 320 full 8-shot SmolLM2 variants were one task the watchdog stopped.
+    fitting = fitting.repartition(max(1, math.ceil(n_fitting / batch_size))).materialize()
     skipped = variants.count() - n_fitting
     scored = fitting.map_batches(
         CompletionScorer,
