@@ -22,7 +22,7 @@ from fspo_ray.data.episodes import (
     default_passes,
     episode_dataset_stats,
 )
-from fspo_ray.data.readers import read_pair_dataset
+from fspo_ray.data.readers import read_pair_dataset, skipped_rows
 from fspo_ray.data.tokenize import PromptStyle, fit_episode, load_tokenizer
 from fspo_ray.logprobs import TOKEN_COLUMNS
 from fspo_ray.train.reference import ReferenceScoring, score_reference
@@ -156,6 +156,7 @@ def prepare(
             "episodes_left_out": kept - usable,  # past n_examples / n_eval_examples, or short of a whole step
             "shots": shots,
             "passes": passes,
+            "rows_skipped": skipped_rows(specs, split),  # rows that hold no preference (a vote log's "I'm not sure")
             **({"reference_scored": scored} if reference else {}),  # 0: every score came from the cache
         },
     )
