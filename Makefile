@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast clean bench bench-setup-trl
+.PHONY: setup demo test test-fast clean bench bench-setup-trl bench-real-people
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,14 @@ bench: setup bench-setup-trl
 	$(PY) benchmarks/serve_hostile.py --backend vllm
 	$(PY) benchmarks/serve_latency.py
 	$(PY) benchmarks/serve_latency.py --engines transformers --layouts 1 2-affinity --levels 1 8 --rounds 1
+
+# Real people (docs/real-people.md): one Global Dialogues round's votes, FSPO on SmolLM2 + LoRA beside the
+# baselines, on held-out people; about an hour on 2 cores. The round is read where it lies (not copied).
+DATA ?= ../shared/data/global-dialogues-gd6uk
+OUT ?= runs/real-people
+
+bench-real-people: setup
+	$(PY) benchmarks/real_people.py --data $(DATA) --out $(OUT)
 
 demo: setup
 	$(PY) -m jobs.demo config=jobs/demo.yaml

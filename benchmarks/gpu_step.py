@@ -11,7 +11,7 @@ task and question, ~35-token answers; K targets to a shot set, a batch of whole 
   a BlockMask built on the GPU from the rows' segment ids (what training picks on CUDA);
 - `multi-target sdpa`: the same rows, SDPA with the dense mask built on the GPU;
 - `shared flex`: one row per episode ([prompt | chosen | rejected], K=1);
-- `plain`: prompt+chosen and prompt+rejected as two rows, full logits (fspo_ray.logprobs.concatenated_logps);
+- `plain`: prompt+chosen and prompt+rejected as two rows, full logits (fspo_ray.logprobs.plain_logps);
 - `trl-style`: the same two rows per episode, the LM head only at answer positions (TRL 1.16's DPOTrainer).
 
 It reports each variant's median step time, episode tokens per second (prompt + chosen + rejected of every
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fspo_ray from this checkout
 
-from fspo_ray.logprobs import concatenated_logps, pack, packed_attention_mask, packed_logps  # noqa: E402
+from fspo_ray.logprobs import pack, packed_attention_mask, packed_logps, plain_logps  # noqa: E402
 from fspo_ray.losses import preference_loss  # noqa: E402
 
 # Peak dense bf16 tensor FLOP/s by device name (vendor data sheets, without sparsity).
@@ -96,7 +96,7 @@ def logps_of(variant: str, model, rows: list[dict], device) -> torch.Tensor:
     """Chosen..., rejected... log-probs of `rows` the way `variant` computes them."""
     prompts, chosen, rejected = _columns(rows)
     if variant == "plain":
-        return concatenated_logps(model, prompts, chosen, rejected, 0, device)
+        return plain_logps(model, pack(prompts, chosen, rejected, 0, device))
     if variant == "trl-style":
         return trl_style_logps(model, prompts, chosen, rejected, device)
     shots = [r["shots_length"] for r in rows] if variant.startswith("multi-target") else None

@@ -1,30 +1,40 @@
 """The personalization service against hostile clients, measured: the requests that once crashed,
-wedged or blocked it, a 300-request burst, and recovery after them. Loopback only, bounded.
+wedged or blocked it, queries over the prompt budget, a 300-request burst, recovery after them, and
+(with --fuzz) thousands of schema-fuzzed requests to every endpoint in /openapi.json (with the admin key,
+which may call them all) from concurrent clients beside long queries. Loopback only, bounded.
 
     python benchmarks/serve_hostile.py --backend transformers [--model RUN_OR_HF_FOLDER]
     python benchmarks/serve_hostile.py --backend vllm
+    python benchmarks/serve_hostile.py --model smollm2-135m --fuzz 1000 --out benchmarks/results-serve-fuzz-smollm2.json
 
-Starts its own Ray and Serve app (the tiny model unless --model is given), prints one line per check
-and writes them to --out. The schema fuzzing runs in the test suite (`FSPO_FUZZ_EXAMPLES=1000 pytest
-tests/test_serve.py tests/test_serve_vllm.py -k fuzz` sends about 2,000 requests per engine).
+Starts its own Ray and Serve app (the tiny model unless --model is given; serve/config.yaml's limits, but
+`max_new_tokens_limit`, which --max-new-tokens-limit sets so that a fuzz run's answers stay short), prints
+one line per check and writes them to --out. `--fuzz N` draws N examples per operation and mode (about 2N
+requests for each POST operation).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import os
 import sys
 import tempfile
+import threading
 import time
 
 import httpx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the app, and the suite's fuzz driver
 
-KEY = "bench-key"
+KEY, ADMIN = "bench-key", "bench-admin-key"
 SHOT = {"question": "How do I rest?", "preferred": "Certainly. Sleep. That is all.", "dispreferred": "Yo! Sleep!"}
+# Legal bodies whose query alone is over any prompt budget this app has: 8,000 CJK characters (about 8,000
+# tokens on SmolLM2), 3,000 digits (one token each), 8,000 characters of words. Once they were prefilled.
+LONG_QUERIES = ["漢字" * 4000, "0" * 3000, "why " * 2000]
 
 
 def check(results: list, name: str, ok: bool, **measured) -> None:
@@ -62,6 +72,17 @@ async def run(url: str, results: list) -> None:
                 status, ok = type(e).__name__, False
             check(results, f"a 50 MB body {name}: refused, small JSON", ok, status=status,
                   seconds=round(time.perf_counter() - started, 2))  # fmt: skip
+
+        for stream in (False, True):
+            seconds, statuses = [], []
+            for query in LONG_QUERIES:
+                started = time.perf_counter()
+                r = await post(json.dumps({"query": query, "max_new_tokens": 16, "stream": stream}))
+                seconds.append(time.perf_counter() - started)
+                statuses.append(r.status_code)
+            check(results, f"queries over the prompt budget{' (streamed)' if stream else ''}: 413 JSON in < 1 s",
+                  statuses == [413] * len(LONG_QUERIES) and max(seconds) < 1, statuses=statuses,
+                  max_seconds=round(max(seconds), 3))  # fmt: skip
 
         lower_case = {**auth, "Authorization": f"bearer {KEY}"}
         lower = await post(json.dumps({"query": "Hi?", "max_new_tokens": 2}), lower_case)
@@ -118,11 +139,63 @@ async def run(url: str, results: list) -> None:
         check(results, "no replica restarted", now == replica, replica_before=replica, replica_after=now)
 
 
+def fuzz_run(url: str, examples: int, clients: int, results: list) -> None:
+    """Schema-fuzzed requests from `clients` concurrent clients (the suite's driver), while one more client
+    sends long queries in turn, plain and streamed: no answer >= 500, no dropped connection, every answer
+    as documented, long queries refused with 413 in < 1 s, and the same engine replica throughout."""
+    import httpx as sync_http
+    from test_serve import fuzz
+
+    replica = sync_http.get(f"{url}/healthz", timeout=60).json()["replica"]
+    stop, long_answers = threading.Event(), []
+
+    def long_client() -> None:
+        with sync_http.Client(base_url=url, timeout=300, headers={"Authorization": f"Bearer {KEY}"}) as client:
+            while not stop.is_set():
+                for query in LONG_QUERIES:
+                    for stream in (False, True):
+                        started = time.perf_counter()
+                        try:
+                            r = client.post("/v1/personalize", json={"query": query, "stream": stream,
+                                                                     "max_new_tokens": 16})  # fmt: skip
+                            long_answers.append((r.status_code, time.perf_counter() - started))
+                        except sync_http.HTTPError as e:
+                            long_answers.append((type(e).__name__, time.perf_counter() - started))
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        sender = pool.submit(long_client)
+        try:
+            fuzzed = fuzz(url, examples, clients=clients, key=ADMIN)  # it may call every endpoint
+        finally:
+            stop.set()
+            sender.result()
+    seconds = time.perf_counter() - started
+    statuses = fuzzed["statuses"]
+    dropped = [f for f in fuzzed["failures"] if "->" not in f]
+    check(results, f"{len(statuses) + len(dropped)} fuzzed requests from {clients} clients: none >= 500, none"
+                   " dropped, every answer as documented",
+          not fuzzed["failures"] and max(statuses) < 500, seconds=round(seconds),
+          counts={str(s): statuses.count(s) for s in sorted(set(statuses))}, dropped=len(dropped),
+          failures=fuzzed["failures"][:5], failures_total=len(fuzzed["failures"]))  # fmt: skip
+    long_statuses, long_seconds = [status for status, _ in long_answers], max(s for _, s in long_answers)
+    check(results, "long queries meanwhile: 413 JSON in < 1 s, plain and streamed",
+          set(long_statuses) == {413} and long_seconds < 1, sent=len(long_answers),
+          statuses=sorted(set(map(str, long_statuses))), max_seconds=round(long_seconds, 3))  # fmt: skip
+    now = sync_http.get(f"{url}/healthz", timeout=60).json()["replica"]
+    check(results, "no replica restarted during the fuzzing", now == replica, replica_before=replica,
+          replica_after=now)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     parser.add_argument("--model", default=None, help="a run or HF folder; default: the tiny model, built here")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--fuzz", type=int, default=0, help="examples per operation and mode (0: no fuzzing)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent fuzzing clients")
+    parser.add_argument("--max-new-tokens-limit", type=int, default=16, help="the server's max_new_tokens_limit")
+    parser.add_argument("--skip-checks", action="store_true", help="only the fuzzing")
     parser.add_argument("--out", default=None, help="JSON results (default benchmarks/results-serve-<backend>.json)")
     args = parser.parse_args()
 
@@ -133,18 +206,27 @@ def main() -> None:
     from serve.app import build_app
 
     model = args.model or build_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"FSPO_KEY": KEY}})
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"FSPO_KEY": KEY, "FSPO_ADMIN": ADMIN}})  # fmt: skip
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    app = build_app(model=model, backend=args.backend, api_key_env="FSPO_KEY")  # serve/config.yaml's limits
+    app = build_app(model=model, backend=args.backend, api_key_env="FSPO_KEY", admin_key_env="FSPO_ADMIN",
+                    store_url=os.path.join(tempfile.mkdtemp(), "histories.db"),
+                    max_new_tokens_limit=args.max_new_tokens_limit)  # fmt: skip
     serve.run(app, name="fspo", route_prefix="/")
     results: list = []
+    url = f"http://127.0.0.1:{args.port}"
     try:
-        asyncio.run(run(f"http://127.0.0.1:{args.port}", results))
+        if not args.skip_checks:
+            asyncio.run(run(url, results))
+        if args.fuzz:
+            fuzz_run(url, args.fuzz, args.clients, results)
     finally:
         serve.shutdown()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), f"results-serve-{args.backend}.json")
     with open(out, "w") as f:
-        json.dump({"backend": args.backend, "model": args.model or "tiny (random)", "checks": results}, f, indent=1)
+        json.dump({"backend": args.backend, "model": args.model or "tiny (random)", "fuzz_examples": args.fuzz,
+                   "clients": args.clients, "max_new_tokens_limit": args.max_new_tokens_limit,
+                   "date": time.strftime("%Y-%m-%d"), "checks": results}, f, indent=1)  # fmt: skip
     print(f"{sum(r['ok'] for r in results)}/{len(results)} checks passed; written to {out}")
 
 

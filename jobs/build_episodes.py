@@ -16,7 +16,7 @@ from omegaconf import MISSING
 
 from fspo_ray.config import ConfigError, parse_overrides, refuse_overwrite, run_job
 from fspo_ray.data.episodes import build_episodes, default_passes
-from fspo_ray.data.readers import default_shots, read_pairs
+from fspo_ray.data.readers import default_shots, read_pairs, skipped_rows
 from fspo_ray.data.tokenize import PromptStyle, episode_record, fit_episode, render_episode
 
 
@@ -37,7 +37,7 @@ class BuildEpisodesConfig:
     max_prompt_length: int = 2048  # with tokenizer: prompt tokens
 
 
-def main(argv: list[str]) -> dict[str, int]:
+def main(argv: list[str]) -> dict:
     cfg = parse_overrides(BuildEpisodesConfig, argv)
     refuse_overwrite(cfg.out, cfg.overwrite)
     shots = cfg.shots if cfg.shots is not None else default_shots(cfg.data, cfg.split)
@@ -75,12 +75,14 @@ def main(argv: list[str]) -> dict[str, int]:
         "users": stats.users,
         "users_without_episode": stats.users_without_episode,
         "pairs_in_no_episode": stats.pairs_in_no_episode,
+        "rows_skipped": skipped_rows([cfg.data], cfg.split),
     }
+    not_pairs = "".join(f"; rows skipped ({why}): {n}" for why, n in sorted(summary["rows_skipped"].items()))
     print(
         f"wrote {written} episodes ({shots} shots, {passes} passes) of {stats.users} users to {cfg.out}; "
         f"dropped for length: {shots_dropped} shots, {skipped} episodes; "
         f"users with fewer than {shots + 1} pairs: {stats.users_without_episode}; "
-        f"pairs in no episode: {stats.pairs_in_no_episode}"
+        f"pairs in no episode: {stats.pairs_in_no_episode}{not_pairs}"
     )
     return summary
 

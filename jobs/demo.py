@@ -101,12 +101,14 @@ def _demo(cfg: DemoConfig, out: str, log: str) -> dict:
                               "exp_name=ipo", f"model.archive={sft.run_dir}", "eval_every=1000"])  # fmt: skip
     run_training(ipo)
 
-    _step("4/5 evaluation on held-out users: accuracy over shots, oracle win rate vs the base model")
+    # The win rate's opponent is the SFT model: on task but not personalized (the base model answers nothing
+    # the oracle could prefer, so a win over it says little).
+    _step("4/5 evaluation on held-out users: accuracy over shots, oracle win rate vs the SFT model")
     report = evaluate(EvaluateConfig(
         model=ipo.run_dir, datasets=[data["test"]], users_file=data["users"], out=os.path.join(out, "eval"),
         max_shots=cfg.shots, n_episodes=cfg.eval_episodes, n_queries=cfg.eval_queries, seed=cfg.seed,
         targets_per_prompt=cfg.targets_per_prompt,
-        baselines=["bayes_optimal"],
+        baselines=["bayes_optimal"], pref_ft=sft.run_dir, opponent="pref_ft",
         overwrite=True,  # the demo's own folder: a re-run evaluates again
     ))  # fmt: skip
     print(summary(report))

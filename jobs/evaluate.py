@@ -29,14 +29,33 @@ def summary(report: dict) -> str:
         low, high = gain["ci"]
         lines.append(f"learning from shots: {gain['points']:+.1f} points of accuracy at {gain['k']} shots over 0 shots "
                      f"[95% CI {low:+.1f}, {high:+.1f}] on the same {gain['n']} episodes")  # fmt: skip
-    for name, result in report.get("win_rate_vs_base", {}).items():
-        if name != "examples":
+    systems = report.get("systems_by_shots", {})
+    if systems:
+        ks = [row["k"] for row in systems["fspo"]]
+        n = systems["fspo"][0]["n"]
+        lines.append(f"\nsystems on the same {n} target pairs at every k (accuracy; gain at {ks[-1]} shots over 0, "
+                     "95% CI of the paired difference):")  # fmt: skip
+        lines.append(f"{'system':<22}" + "".join(f"k={k:<6}" for k in ks) + "gain")
+        for name, rows in systems.items():
+            gain = rows[-1].get("gain_over_0")
+            shown = f"{gain['points']:+.1f} [{gain['ci'][0]:+.1f}, {gain['ci'][1]:+.1f}]" if gain else ""
+            lines.append(f"{name:<22}" + "".join(f"{row['accuracy']:<8.3f}" for row in rows) + shown)
+    for key in (k for k in report if k.startswith("win_rate_vs_")):
+        opponent = key.removeprefix("win_rate_vs_")
+        for name, result in report[key].items():
+            if name == "examples":
+                continue
             low, high = result["ci"]
+            if "ties" in result:  # judge=votes: the people's own votes decide
+                lines.append(f"win rate vs {opponent}, {name}, judged by each person's own vote at {result['k']} "
+                             f"shots: {result['win_rate']:.3f} [{low:.3f}, {high:.3f}] ({result['wins']} wins, "
+                             f"{result['losses']} losses, {result['ties']} pairs both ranked alike)")  # fmt: skip
+                continue
             lines.append(
-                f"win rate vs base, {name}: {result['win_rate']:.3f} [{low:.3f}, {high:.3f}] "
+                f"win rate vs {opponent}, {name}: {result['win_rate']:.3f} [{low:.3f}, {high:.3f}] "
                 f"({result['wins']} wins, {result['losses']} losses, {result['dropped_inconsistent']} dropped)"
-                + (f"; on task: {result['on_task']:.0%} vs base {result['base_on_task']:.0%}" if "on_task" in result
-                   else "")
+                + (f"; on task: {result['on_task']:.0%} vs {opponent} {result[f'{opponent}_on_task']:.0%}"
+                   if "on_task" in result else "")
             )  # fmt: skip
     return "\n".join(lines)
 

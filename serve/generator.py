@@ -26,15 +26,17 @@ from fspo_ray.models import resolve_model
 )
 class Generator:
     def __init__(self, model: str, backend: str = "auto", stall_timeout_s: float = 30.0,
-                 probe_timeout_s: float = 10.0):  # fmt: skip
+                 probe_timeout_s: float = 10.0, max_model_len: int | None = None, kv_cache_gib: float | None = None,
+                 gpu_memory_utilization: float = 0.9):  # fmt: skip
         self.model_path = resolve_model(model)
-        self.engine = make_engine(backend, self.model_path)
+        self.engine = make_engine(backend, self.model_path, max_model_len, kv_cache_gib, gpu_memory_utilization)
         self.stall_timeout_s, self.probe_timeout_s = stall_timeout_s, probe_timeout_s
         self.problem: str | None = None  # what the last health probe found wrong
         self.replica = serve.get_replica_context().replica_id.unique_id
 
     async def check_health(self) -> None:
-        """A wedged engine is replaced instead of answering nothing forever."""
+        """A wedged engine is replaced instead of answering nothing forever; a busy one (a long prefill
+        included) is left alone."""
         self.problem = await self.engine.probe(self.probe_timeout_s, self.stall_timeout_s)
         if self.problem:
             raise RuntimeError(f"engine unhealthy: {self.problem}")
@@ -61,9 +63,9 @@ class Generator:
         return await asyncio.to_thread(self.engine.generate_many, prompts, samplings)
 
     async def stream(self, prompt: list[int], sampling: Sampling, affinity_key: str | None = None
-                     ) -> AsyncIterator[str]:  # fmt: skip
-        """This replica's id, then the answer's text piece by piece; cancelled (its client left), the engine
-        stops generating."""
+                     ) -> AsyncIterator[str | Generation]:  # fmt: skip
+        """This replica's id, then the answer's text piece by piece, then the whole `Generation`; cancelled
+        (its client left), the engine stops generating."""
         yield self.replica
         async with contextlib.aclosing(self.engine.stream(prompt, sampling, self.stall_timeout_s)) as pieces:
             async for piece in pieces:

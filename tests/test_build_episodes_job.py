@@ -88,6 +88,7 @@ def test_episode_lines_hold_the_exact_prompt_and_completions(tmp_path, data, pas
         "shots_dropped_for_length": 0,
         "users": 3,
         "users_without_episode": 1,
+        "rows_skipped": {},  # JSONL rows are all pairs (a vote log's non-preferences: test_readers.py)
     }
     used = {(line["user_id"], s["question"]) for line in lines for s in [*line["shots"], line["query"]]}
     assert in_no_episode == len(data) - len(used)

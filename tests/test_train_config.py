@@ -140,6 +140,12 @@ def test_unknown_trainer_rejected():
         parse("trainer=MegatronTrainer")
 
 
+def test_offload_optimizer_needs_a_zero_stage():
+    with pytest.raises(ConfigError, match="offload_optimizer=true needs zero_stage 1, 2 or 3"):
+        parse("offload_optimizer=true")  # BasicTrainer: stage 0
+    assert parse("offload_optimizer=true", "zero_stage=1").offload_optimizer is True
+
+
 def test_offload_params_needs_stage_3():
     with pytest.raises(ConfigError, match="offload_params.*zero_stage=3"):
         parse("offload_params=true", "zero_stage=2")

@@ -1,5 +1,5 @@
-"""Training on a local Ray in this process: a worker killed mid-run. (SFT then IPO on synthetic users, and the
-HF export served, run in test_demo.py.)"""
+"""Training on a local Ray in this process: a worker killed mid-run, and the stage after it sized on every CPU.
+(SFT then IPO on synthetic users, and the HF export served, run in test_demo.py.)"""
 
 import json
 import os
@@ -10,6 +10,7 @@ import time
 import pytest
 
 from fspo_ray.data.synthetic import write_synthetic
+from fspo_ray.scheduling import replica_cpus
 from fspo_ray.train.config import parse_train_config
 from fspo_ray.train.run import run_training
 
@@ -51,6 +52,9 @@ def test_killed_worker_restarts_from_the_last_checkpoint(local_ray, users, tmp_p
     killer = threading.Thread(target=_kill_one_worker_after_checkpoint, args=(cfg.run_dir, killed))
     killer.start()
     run_training(cfg)
+    # The next stage's batch-inference replica, sized the moment training returns (its workers are still
+    # handing their CPUs back), asks for both of the 2-CPU Ray's CPUs: one would leave a core idle.
+    assert replica_cpus(1, on_gpu=False) == 2
     killer.join()
     assert killed, "no worker was killed"
 

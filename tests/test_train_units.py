@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from fspo_ray.config import InputError
+from fspo_ray.logprobs import CompletionLogps
 from fspo_ray.models import archive_to_folder, build_tiny_model, load_policy_state, resolve_archive, resolve_model
 from fspo_ray.train.config import LossConfig, parse_train_config
 from fspo_ray.train.loop import deepspeed_config
@@ -124,16 +125,17 @@ def _batch(rows=ROWS, with_rejected=True):
 
 
 def _model(seed):
+    """A tiny random Llama as batch_loss calls it: in the CompletionLogps training hands to DeepSpeed."""
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=20, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
-    return LlamaForCausalLM(config)
+    return CompletionLogps(LlamaForCausalLM(config))
 
 
 def _logp(model, prompt, completion):
     """Σ log p(completion_t | prompt, completion_<t), from one unpadded forward."""
     tokens = prompt + completion
     with torch.no_grad():
-        logps = F.log_softmax(model(input_ids=torch.tensor([tokens])).logits[0].double(), -1)
+        logps = F.log_softmax(model.lm(input_ids=torch.tensor([tokens])).logits[0].double(), -1)
     return sum(logps[len(prompt) + t - 1, token].item() for t, token in enumerate(completion))
 
 

@@ -40,6 +40,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for(what: str, happened, timeout: float = 300) -> None:
+    """Until `happened()` is true: the test waits for events, never for a span of time (a busy box is slow).
+    The timeout only turns a hang into a failure."""
+    deadline = time.monotonic() + timeout
+    while not happened():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.2)
+
+
 class TwoNodeCluster:
     """A head and a worker node started with `ray start`, torn down by process id."""
 
@@ -116,6 +125,11 @@ class TwoNodeCluster:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(victims, timeout=10)
+
+    def wait_dead(self, node_id: str) -> None:
+        """Until the GCS has marked the node dead (it notices a lost raylet by its missed health checks)."""
+        dead = lambda: any(n["node_id"] == node_id and n["state"] == "DEAD" for n in self.state("nodes"))  # noqa: E731
+        _wait_for(f"node {node_id} marked dead", dead)
 
     def stop(self) -> None:
         import psutil
@@ -223,14 +237,16 @@ def test_a_node_lost_mid_run_costs_no_episode_and_no_accuracy(cluster, users, un
     seen_before = _train_workers(cluster)
     job = cluster.submit(*_train_args(users, tmp_path, "lost"))
     run_dir = tmp_path / "lost"
-    deadline = time.monotonic() + 300
-    while not (run_dir / "checkpoint_manager_snapshot.json").exists():  # Ray Train wrote a checkpoint
-        assert job.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
-        time.sleep(0.2)
+    def checkpointed() -> bool:  # Ray Train wrote a checkpoint
+        assert job.poll() is None, "no checkpoint before the run ended"
+        return (run_dir / "checkpoint_manager_snapshot.json").exists()
+
+    _wait_for("a checkpoint", checkpointed)
     lost_node = cluster.nodes["worker"]
     cluster.kill("worker")
     # Fixed scaling with one worker a node (STRICT_SPREAD): the run waits for a second node, then resumes.
-    time.sleep(5)
+    # The new node joins once the cluster knows the old one is gone.
+    cluster.wait_dead(lost_node)
     cluster.nodes["worker"] = cluster.start("worker")
     assert cluster.nodes["worker"] != lost_node
     out = _finish(job)
@@ -296,15 +312,10 @@ def _replica_nodes(cluster: TwoNodeCluster) -> dict[str, list[str]]:
             for name, d in apps["fspo"]["deployments"].items()}  # fmt: skip
 
 
-def _wait_for_replicas(cluster: TwoNodeCluster, timeout: float) -> dict[str, list[str]]:
+def _wait_for_replicas(cluster: TwoNodeCluster, timeout: float) -> None:
     both = sorted(cluster.nodes.values())
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        nodes = _replica_nodes(cluster)
-        if nodes and all(n == both for n in nodes.values()):
-            return nodes
-        time.sleep(1)
-    raise TimeoutError(f"replicas not one on each node: {_replica_nodes(cluster)}")
+    placed = lambda: (nodes := _replica_nodes(cluster)) and all(n == both for n in nodes.values())  # noqa: E731
+    _wait_for("replicas one on each node", placed, timeout)
 
 
 def test_serving_survives_losing_a_node_and_recovers_its_replicas(cluster, users, uninterrupted, tmp_path):
@@ -336,18 +347,23 @@ def test_serving_survives_losing_a_node_and_recovers_its_replicas(cluster, users
                 results.append((sent, time.monotonic(), status))
                 n += 1
 
+    def answered(since: float, count: int):
+        """Whether `count` requests sent after `since` have their answer (of any status)."""
+        return lambda: sum(sent >= since for sent, _, _ in list(results)) >= count
+
     clients = [threading.Thread(target=client, args=(k,)) for k in range(4)]
     for t in clients:
         t.start()
     try:
-        time.sleep(5)
-        killed_at = time.monotonic()
+        _wait_for("requests answered before the loss", answered(0, 20))
+        killed_at, lost_node = time.monotonic(), cluster.nodes["worker"]
         cluster.kill("worker")
-        time.sleep(20)  # the node is gone: the head's replicas answer alone
+        cluster.wait_dead(lost_node)  # the node is gone: the head's replicas answer alone
+        _wait_for("requests answered with the node gone", answered(time.monotonic(), 20))
         returned_at = time.monotonic()
         cluster.nodes["worker"] = cluster.start("worker")
         _wait_for_replicas(cluster, 240)  # Serve starts the lost replicas again, on the returned node
-        time.sleep(3)
+        _wait_for("requests answered after the return", answered(time.monotonic(), 20))
     finally:
         stop.set()
         for t in clients:

@@ -4,6 +4,7 @@ A data set is named by a spec, `[format:]path`:
 
     roleplay:/data/roleplay.parquet     elix:/data/elix_train.jsonl    review_8shot:/data/reviews/
     dpo_json:/data/sampled.json         canonical:/data/mine.jsonl     /data/mine.jsonl (inferred)
+    global_dialogues:/data/GD6UK/       (a vote-log folder: fspo_ray/data/votes.py)
 
 Containers: JSONL (`.jsonl`), Parquet (`.parquet`), a directory written by `datasets`' `save_to_disk`
 (a Dataset, or a DatasetDict with `split=`), and for `dpo_json` the DPO codebase's single JSON object.
@@ -11,7 +12,8 @@ Without a format prefix the format is inferred from the first row's columns (eli
 columns; name `review_4shot`/`review_8shot` explicitly).
 
 Every text is stripped of surrounding whitespace, as the reference does. A malformed row raises
-`DataError` naming the file, the row and the field; nothing is skipped.
+`DataError` naming the file, the row and the field; nothing is skipped, except where a format's rows hold
+no preference (a vote log's "I'm not sure"): those are counted (`skipped_rows`) and reported.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import Any
 from fspo_ray.config import InputError
 
 # Default shots per episode for each format (fspo-method.md §1.1); user-less data has no context.
-DEFAULT_SHOTS = {"roleplay": 8, "elix": 4, "review_4shot": 4, "review_8shot": 8, "dpo_json": 0, "canonical": 4}
+DEFAULT_SHOTS = {"roleplay": 8, "elix": 4, "review_4shot": 4, "review_8shot": 8, "dpo_json": 0, "canonical": 4,
+                 "global_dialogues": 8}
 FORMATS = tuple(DEFAULT_SHOTS)
 
 # A pair's position in its data set, packed into one int for deterministic ordering: file, then row.
@@ -85,7 +88,7 @@ def _text(row: dict, field: str, where: str, *, optional: bool = False) -> str |
     if isinstance(value, int) and not isinstance(value, bool) and field in ("user_id", "level", "scorer_level"):
         value = str(value)  # numeric user ids are ids all the same
     if not isinstance(value, str):
-        raise DataError(f"{where}: field {field!r} must be a string, got {_show(value)}")
+        raise DataError(f"{where}: field {field!r} must be a string, got {show(value)}")
     value = value.strip()
     if not value:
         if optional:
@@ -94,7 +97,7 @@ def _text(row: dict, field: str, where: str, *, optional: bool = False) -> str |
     return value
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -124,7 +127,7 @@ def _scored_pair(describe: Callable[[str], str]) -> Callable[[dict, str], dict]:
         if isinstance(label, float) and label.is_integer():
             label = int(label)
         if label not in (0, 1) or isinstance(label, bool):
-            raise DataError(f"{where}: field 'label' must be 0 (response_x preferred) or 1, got {_show(label)}")
+            raise DataError(f"{where}: field 'label' must be 0 (response_x preferred) or 1, got {show(label)}")
         x, y = _text(row, "response_x", where), _text(row, "response_y", where)
         level_x, level_y = _text(row, "level_x", where, optional=True), _text(row, "level_y", where, optional=True)
         losing_level = level_y if label == 0 else level_x
@@ -212,7 +215,7 @@ def raw_rows(path: str, split: str | None) -> Iterator[tuple[int, dict]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path} row {number}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path} row {number}: expected a JSON object, got {_show(row)}")
+                raise DataError(f"{path} row {number}: expected a JSON object, got {show(row)}")
             yield number, row
 
 
@@ -229,23 +232,23 @@ def _dpo_json_rows(path: str) -> Iterator[tuple[str, dict]]:
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object mapping prompts to {{responses, pairs, sft_target}}")
     for number, (prompt, entry) in enumerate(data.items(), start=1):
-        where = f"{path} prompt #{number} ({_show(prompt)})"
+        where = f"{path} prompt #{number} ({show(prompt)})"
         if not isinstance(entry, dict):
-            raise DataError(f"{where}: expected an object with responses and pairs, got {_show(entry)}")
+            raise DataError(f"{where}: expected an object with responses and pairs, got {show(entry)}")
         responses, pairs = entry.get("responses"), entry.get("pairs")
         if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
-            raise DataError(f"{where}: field 'responses' must be a list of strings, got {_show(responses)}")
+            raise DataError(f"{where}: field 'responses' must be a list of strings, got {show(responses)}")
         if not isinstance(pairs, list):
-            raise DataError(f"{where}: field 'pairs' must be a list of [preferred, dispreferred], got {_show(pairs)}")
+            raise DataError(f"{where}: field 'pairs' must be a list of [preferred, dispreferred], got {show(pairs)}")
         if "sft_target" in entry and not isinstance(entry["sft_target"], str):
-            raise DataError(f"{where}: field 'sft_target' must be a string, got {_show(entry['sft_target'])}")
+            raise DataError(f"{where}: field 'sft_target' must be a string, got {show(entry['sft_target'])}")
         for k, pair in enumerate(pairs):
             ok = isinstance(pair, list) and len(pair) == 2
             ok = ok and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(responses) for i in pair)
             if not ok or pair[0] == pair[1]:
                 raise DataError(
                     f"{where}: pairs[{k}] must be two different indices into {len(responses)} responses, "
-                    f"got {_show(pair)}"
+                    f"got {show(pair)}"
                 )
             yield (
                 f"{where} pairs[{k}]",
@@ -266,6 +269,10 @@ def resolve_format(spec: str, split: str | None = None) -> str:
         return parsed.format
     if parsed.path.endswith(".json"):
         return "dpo_json"
+    from fspo_ray.data.votes import is_vote_log  # votes.py builds on this module
+
+    if is_vote_log(parsed.path):
+        return "global_dialogues"
     first = next(raw_rows(parsed.path, split), None)
     if first is None:
         raise DataError(f"{parsed.path}: holds no rows")
@@ -287,6 +294,15 @@ def read_pairs(
             fields = {k: _text(row, k, where) for k in ("question", "preferred", "dispreferred")}
             yield PreferencePair(user_id=None, **fields, source=where, order=(file_index << _ROW_BITS) | number)
         return
+    if fmt == "global_dialogues":
+        from fspo_ray.data.votes import read_vote_log
+
+        if split is not None:
+            raise DataError(f"{path}: a vote-log folder has no splits; drop split={split}")
+        for number, where, fields in read_vote_log(path)[0]:
+            if keep is None or fields["user_id"] in keep:
+                yield PreferencePair(**fields, source=where, order=(file_index << _ROW_BITS) | number)
+        return
     normalize = _NORMALIZERS[fmt]
     for number, row in raw_rows(path, split):
         where = f"{path} row {number}"
@@ -307,6 +323,18 @@ def read_pair_dataset(specs: list[str], split: str | None):
         resolve_format(spec, split)  # fail here, with the reader's message, rather than inside a task
     items = [{"spec": spec, "file_index": i} for i, spec in enumerate(specs)]
     return ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_file)
+
+
+def skipped_rows(specs: list[str], split: str | None = None) -> dict[str, int]:
+    """{why: rows} that the data sets hold but that are no preference pair (only vote logs have such rows)."""
+    from fspo_ray.data.votes import read_vote_log
+
+    total: dict[str, int] = {}
+    for spec in specs:
+        if resolve_format(spec, split) == "global_dialogues":
+            for why, n in read_vote_log(DataSpec.parse(spec).path)[1].items():
+                total[why] = total.get(why, 0) + n
+    return total
 
 
 def default_shots(spec: str, split: str | None = None) -> int:

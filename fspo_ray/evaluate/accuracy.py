@@ -95,8 +95,10 @@ def score_shots(
     batch_size: int = 8,
     concurrency: int = 1,
     use_gpu: bool = False,
+    more_models: dict[str, str] | None = None,
 ) -> tuple[list[dict], int]:
-    """Per-(episode, k) log-probs of `episodes` (built with max(shots_list) shots), and the number of
+    """Per-(episode, k) log-probs of `episodes` (built with max(shots_list) shots) under the policy, the
+    reference and `more_models` ({name: path}: columns `{name}_chosen`, `{name}_rejected`), and the number of
     (episode, k) that did not fit."""
     variants = episodes.map_batches(
         ShotsVariants(tuple(shots_list), policy_path, max_length, max_prompt_length, style), batch_size=64
@@ -104,10 +106,13 @@ def score_shots(
     # Materialized first, and nothing after the scorers: they may take every CPU, and then no task could run.
     fitting = variants.filter(lambda row: row["fits"]).materialize()
     n_fitting = fitting.count()
+    # A block a batch: each replica task then ends with its batch, so the bar and Ray Data's no-progress watchdog
+    # (30 min) see every batch. As one block, 320 full 8-shot SmolLM2 variants were one task the watchdog stopped.
+    fitting = fitting.repartition(max(1, math.ceil(n_fitting / batch_size))).materialize()
     skipped = variants.count() - n_fitting
     scored = fitting.map_batches(
         CompletionScorer,
-        fn_constructor_kwargs={"models": {"policy": policy_path, "reference": reference_path}},
+        fn_constructor_kwargs={"models": {"policy": policy_path, "reference": reference_path, **(more_models or {})}},
         batch_size=batch_size,
         concurrency=concurrency,
         num_cpus=replica_cpus(concurrency, use_gpu),
@@ -182,8 +187,13 @@ def gain_over_zero_shots(rows: list[dict], beta: float) -> dict | None:
         margin = (row["policy_chosen"] - row["reference_chosen"]) - (row["policy_rejected"] - row["reference_rejected"])
         right[row["episode_id"], int(row["k"])] = beta * margin > 0
     both = [e for e, k in right if k == ks[-1] and (e, 0) in right]
-    differences = [100.0 * (right[e, ks[-1]] - right[e, 0]) for e in both]
+    mean, ci = paired_interval([100.0 * (right[e, ks[-1]] - right[e, 0]) for e in both])
+    return {"k": ks[-1], "n": len(both), "points": mean, "ci": ci}
+
+
+def paired_interval(differences: list[float]) -> tuple[float, list[float]]:
+    """The mean of paired differences and its normal 95% interval."""
     n = len(differences)
     mean = sum(differences) / n
     sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1)) if n > 1 else 0.0
-    return {"k": ks[-1], "n": n, "points": mean, "ci": [mean - 1.96 * sd / math.sqrt(n), mean + 1.96 * sd / math.sqrt(n)]}
+    return mean, [mean - 1.96 * sd / math.sqrt(n), mean + 1.96 * sd / math.sqrt(n)]

@@ -1,4 +1,4 @@
-"""The evaluation job: accuracy over shots and win rates vs the base model, written as a report.
+"""The evaluation job: accuracy over shots beside baselines, and win rates against an opponent, as a report.
 
 Output folder: `report.json` (everything, with the config), `per_user.csv` (accuracy per user and k,
 wins/losses per user and system), `accuracy_vs_shots.png` (the meta-learning curve with 95% intervals).
@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, field
 
 from omegaconf import MISSING
 
-from fspo_ray.config import ConfigError, refuse_overwrite
+from fspo_ray.config import ConfigError, InputError, refuse_overwrite
 from fspo_ray.console import streamed_rows
 from fspo_ray.data.episodes import Episode
 from fspo_ray.data.prompts import strip_completion_header
-from fspo_ray.data.readers import default_shots
+from fspo_ray.data.readers import default_shots, read_pairs, skipped_rows
 from fspo_ray.data.synthetic import on_task
 from fspo_ray.data.tokenize import PromptStyle, fit_episode, load_tokenizer
 from fspo_ray.engines import Sampling, batch_generate, vllm_usable
@@ -29,6 +29,14 @@ from fspo_ray.evaluate.accuracy import (
     score_shots,
     wilson_interval,
 )
+from fspo_ray.evaluate.baselines import (
+    ACCURACY_BASELINES,
+    TextModelSettings,
+    changed_by_shots,
+    compare_systems,
+    fold_of,
+    head_to_head,
+)
 from fspo_ray.evaluate.winrate import Comparison, oracle_judge
 from fspo_ray.judge import Judge, endpoint_judge, judge_both_orders, judge_prompt, parse_verdict
 from fspo_ray.models import resolve_model
@@ -36,7 +44,9 @@ from fspo_ray.runinfo import read_run_info
 from fspo_ray.scheduling import resolve_use_gpu
 
 SYSTEMS = ("fspo", "few_shot_base", "pref_ft", "oracle_prompt")  # answer generators, in win rates
-BASELINES = (*SYSTEMS[1:], "bayes_optimal")  # bayes_optimal: the ideal reader's accuracy, synthetic users only
+# bayes_optimal: the ideal reader's accuracy, synthetic users only; the accuracy baselines: baselines.py
+BASELINES = tuple(dict.fromkeys((*SYSTEMS[1:], "bayes_optimal", *ACCURACY_BASELINES)))
+JUDGES = ("oracle", "llm", "votes", "none")
 
 
 @dataclass
@@ -46,22 +56,27 @@ class EvaluateConfig:
     out: str = "eval"  # output folder: report.json, per_user.csv, accuracy_vs_shots.png
     overwrite: bool = False  # replace what `out` already holds
     reference: str | None = None  # default: the run's reference (its fspo_run.json), else `base_model`
-    base_model: str | None = None  # default: the run's `model=`; the opponent in every win rate
-    pref_ft: str | None = None  # the SFT checkpoint, for the pref_ft baseline
+    base_model: str | None = None  # default: the run's `model=`; the base of few_shot_base, text_model, opponent=base
+    pref_ft: str | None = None  # the SFT checkpoint, for the pref_ft baseline (and opponent=pref_ft)
+    population_model: str | None = None  # the same recipe trained with 0 shots (run folder): population_model
+    population: list[str] | None = None  # votes popularity and text_model learn from; default: 2 folds of the evaluated
+    population_l2: float = 1.0  # text_model: L2 strength of the population's logistic regression
+    person_l2: float = 10.0  # text_model: pull of a person's weights toward the population's
     split: str | None = None  # split of save_to_disk DatasetDicts in `datasets`
     users: list[str] | None = None  # evaluate only these users
     users_file: str | None = None  # users.json of synthetic users: their true preferences (judge=oracle, bayes_optimal)
     shots: list[int] | None = None  # default: 0, 1, 2, 4, ... up to max_shots
-    max_shots: int | None = None  # default: the format's
+    max_shots: int | None = None  # default: the largest of `shots`, else the format's
     beta: float | None = None  # default: the run's; accuracy does not depend on it, margins do
     seed: int = 0  # seeds the held-out sample and sampling
     n_episodes: int = 256  # held-out episodes for accuracy (each scored at every k)
     targets_per_prompt: int = 1  # K: held-out episodes per shot set, scored in one packed row (a speed knob)
-    judge: str = "oracle"  # oracle | llm | none
+    judge: str = "oracle"  # oracle | llm | votes (real people: their own vote on each target pair) | none
+    opponent: str = "base"  # win rates against: base | pref_ft | a baseline | a model folder; judge=votes: a baseline
     judge_model: str | None = None  # judge=llm: a local HF folder (or preset), or an OpenAI-compatible base URL
     judge_model_name: str = "judge"  # judge=llm with an endpoint: the model name it serves
     judge_api_key_env: str = "OPENAI_API_KEY"  # judge=llm with an endpoint: the variable holding its API key
-    baselines: list[str] = field(default_factory=list)  # few_shot_base, pref_ft, oracle_prompt, bayes_optimal
+    baselines: list[str] = field(default_factory=list)  # generated: few_shot_base pref_ft oracle_prompt; see BASELINES
     n_queries: int = 64  # held-out queries for win rates
     max_new_tokens: int = 64  # tokens generated per answer for win rates
     max_length: int | None = None  # default: the run's (training's limits), else 1024
@@ -118,8 +133,8 @@ def _local_llm_judge(cfg: EvaluateConfig, comparisons: list[tuple[str, str, str,
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
-    if cfg.judge not in ("oracle", "llm", "none"):
-        raise ConfigError(f"judge={cfg.judge} is not one of oracle, llm, none")
+    if cfg.judge not in JUDGES:
+        raise ConfigError(f"judge={cfg.judge} is not one of {', '.join(JUDGES)}")
     if cfg.backend not in ("auto", "vllm", "transformers"):
         raise ConfigError(f"backend={cfg.backend} is not one of auto, vllm, transformers")
     unknown = set(cfg.baselines) - set(BASELINES)
@@ -134,13 +149,18 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     base = resolve_model(cfg.base_model or info.get("base_model") or policy)
     reference = resolve_model(cfg.reference or info.get("reference") or base)
     pref_ft = resolve_model(cfg.pref_ft) if cfg.pref_ft else None  # every model checked before any work
-    if "pref_ft" in cfg.baselines and not pref_ft:
-        raise ConfigError("baselines=[pref_ft] needs pref_ft=<the SFT run or HF folder>")
+    if ("pref_ft" in cfg.baselines or cfg.opponent == "pref_ft") and not pref_ft:
+        raise ConfigError("baselines=[pref_ft] and opponent=pref_ft need pref_ft=<the SFT run or HF folder>")
+    population_model = resolve_model(cfg.population_model) if cfg.population_model else None
+    if "population_model" in cfg.baselines and not population_model:
+        raise ConfigError("baselines=[population_model] needs population_model=<the 0-shot run>")
+    opponent, opponent_folder = _check_opponent(cfg)
     beta = cfg.beta if cfg.beta is not None else info.get("beta", 0.1)
     lengths = {"max_length": cfg.max_length if cfg.max_length is not None else info.get("max_length", 1024),
                "max_prompt_length": cfg.max_prompt_length if cfg.max_prompt_length is not None
                else info.get("max_prompt_length", 896)}  # fmt: skip
-    max_shots = cfg.max_shots if cfg.max_shots is not None else default_shots(cfg.datasets[0], cfg.split)
+    max_shots = cfg.max_shots if cfg.max_shots is not None else max(cfg.shots) if cfg.shots else \
+        default_shots(cfg.datasets[0], cfg.split)
     shots_list = _shots_list(cfg, max_shots)
     trained = PromptStyle.from_run_info(info)
     style = PromptStyle(
@@ -154,39 +174,86 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     episodes = held_out_episodes(cfg.datasets, split=cfg.split, users=cfg.users, shots=max_shots, seed=cfg.seed,
                                  targets=cfg.targets_per_prompt)  # fmt: skip
+    if episodes.count() == 0:
+        width = max_shots + (cfg.targets_per_prompt if max_shots else 1)  # a window's pairs (episodes.py)
+        raise InputError(f"{', '.join(cfg.datasets)}: no held-out episode of {max_shots} shots (no user has "
+                         f"{width} pairs{' among users=' if cfg.users else ''}); lower max_shots")
+    reads_base = {"few_shot_base", "base_implicit_reward"} & set(cfg.baselines)
+    scoring = dict(**lengths, batch_size=cfg.batch_size, concurrency=cfg.concurrency, use_gpu=use_gpu)
     rows, skipped = score_shots(
         episodes.limit(cfg.n_episodes), shots_list=shots_list, policy_path=policy, reference_path=reference,
-        **lengths, style=style,
-        batch_size=cfg.batch_size, concurrency=cfg.concurrency, use_gpu=use_gpu,
+        style=style, more_models={"base": base} if reads_base else None, **scoring,
     )  # fmt: skip
     report = {
         "config": asdict(cfg),
-        "models": {"policy": policy, "reference": reference, "base": base, "pref_ft": pref_ft},
+        "models": {"policy": policy, "reference": reference, "base": base, "pref_ft": pref_ft,
+                   "population_model": population_model},
         "beta": beta,
+        "rows_skipped": skipped_rows(cfg.datasets, cfg.split),
         "accuracy_by_shots": accuracy_by_shots(rows, beta),
         "gain_over_zero_shots": gain_over_zero_shots(rows, beta),
         "episode_variants_skipped_for_length": skipped,
         "lengths": lengths,
-    }
+    }  # fmt: skip
+    wanted = [b for b in cfg.baselines if b in ACCURACY_BASELINES]
+    sample = [Episode.from_row(r) for r in episodes.limit(cfg.n_episodes).take_all()]
+    if wanted:
+        population_rows = None
+        if population_model:  # its 0-shot prompt, against its own reference
+            population_reference = resolve_model(read_run_info(population_model).get("reference") or base)
+            population_rows, _ = score_shots(episodes.limit(cfg.n_episodes), shots_list=[0], style=PromptStyle(),
+                                             policy_path=population_model, reference_path=population_reference,
+                                             **scoring)  # fmt: skip
+        tables, scores, targets = compare_systems(
+            sample, rows, shots_list, wanted, base=base, population_rows=population_rows,
+            population_pairs=_population_pairs(cfg), use_gpu=use_gpu,
+            text_model=TextModelSettings(cfg.population_l2, cfg.person_l2),
+        )  # fmt: skip
+        report["systems_by_shots"] = tables
+        if shots_list[0] == 0 and len(shots_list) > 1:
+            report["changed_by_shots"] = changed_by_shots(sample, scores["fspo"], shots_list[-1])
+        if cfg.judge == "votes":
+            report[f"win_rate_vs_{opponent}"] = {"fspo": head_to_head(scores["fspo"], scores[opponent], targets,
+                                                                      shots_list[-1])}  # fmt: skip
     if "bayes_optimal" in cfg.baselines:
-        sample = [Episode.from_row(r) for r in episodes.limit(cfg.n_episodes).take_all()]
         report["bayes_optimal_by_shots"] = bayes_optimal_by_shots(sample, shots_list, users, style.preferred_only)
     per_user = _per_user_accuracy(rows, beta)
 
-    if cfg.judge != "none":
-        models = {"base": base, "policy": policy, "pref_ft": pref_ft}
+    if cfg.judge in ("oracle", "llm"):
+        models = {"base": base, "policy": policy, "pref_ft": pref_ft, "opponent": (opponent, opponent_folder)}
         queries = [Episode.from_row(r) for r in episodes.limit(cfg.n_queries).take_all()]
         styles = {"policy": style, "pref_ft": pref_ft_style}
-        report["win_rate_vs_base"], per_user_wins = _win_rates(cfg, models, queries, styles, lengths, preferences,
-                                                               use_gpu)  # fmt: skip
+        wins, per_user_wins = _win_rates(cfg, models, queries, styles, lengths, preferences, use_gpu)
+        report[f"win_rate_vs_{opponent}"] = wins
         per_user += per_user_wins
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     _write_csv(os.path.join(cfg.out, "per_user.csv"), per_user)
     plot = os.path.join(cfg.out, "accuracy_vs_shots.png")
-    _plot(report["accuracy_by_shots"], report.get("bayes_optimal_by_shots"), plot)
+    _plot(report["accuracy_by_shots"], report.get("bayes_optimal_by_shots"), report.get("systems_by_shots", {}), plot)
     return report
+
+
+def _check_opponent(cfg: EvaluateConfig) -> tuple[str, str | None]:
+    """(the opponent's name, its model folder or None for a system), checked before any work."""
+    if cfg.judge == "votes":
+        if cfg.opponent not in cfg.baselines or cfg.opponent not in ACCURACY_BASELINES:
+            raise ConfigError(f"judge=votes compares systems on the people's own votes: opponent={cfg.opponent} must "
+                              f"be one of baselines=[...] and one of {', '.join(ACCURACY_BASELINES)}")  # fmt: skip
+        return cfg.opponent, None
+    if cfg.opponent in ("base", "pref_ft", "few_shot_base", "oracle_prompt"):
+        return cfg.opponent, None
+    return os.path.basename(cfg.opponent.rstrip("/")), resolve_model(cfg.opponent)  # e.g. runs/sft: "sft"
+
+
+def _population_pairs(cfg: EvaluateConfig) -> dict:
+    """{fold: the votes its people's baselines learn from}: `population` for everyone (-1), or each fold of the
+    evaluated people (by a hash of their id) fitted on the other fold's votes."""
+    if cfg.population:
+        return {-1: [p for spec in cfg.population for p in read_pairs(spec)]}
+    pairs = [p for spec in cfg.datasets for p in read_pairs(spec, split=cfg.split, users=cfg.users)]
+    return {fold: [p for p in pairs if fold_of(p.user_id) != fold] for fold in (0, 1)}
 
 
 def _per_user_accuracy(rows: list[dict], beta: float) -> list[dict]:
@@ -203,7 +270,8 @@ def _per_user_accuracy(rows: list[dict], beta: float) -> list[dict]:
 def _win_rates(cfg, models, chosen, styles, lengths, preferences, use_gpu) -> tuple[dict, list[dict]]:
     """Each system's answers to the same queries, its prompt in the style it was trained with and fitted
     to the length limits (with room for the answer) as training fits them; a query that does not fit
-    every system's prompt is left out of all, and counted."""
+    every system's prompt is left out of all, and counted. Every system is judged against the opponent
+    (`models["opponent"]`: its name and, for a model folder, the folder), whose answers go under its name."""
     base, policy = models["base"], models["policy"]
     plain, oracle = PromptStyle(), PromptStyle(description_mode="teacher_forced")
     systems = {  # system -> (model, its episode for a query, prompt style)
@@ -213,7 +281,10 @@ def _win_rates(cfg, models, chosen, styles, lengths, preferences, use_gpu) -> tu
         "pref_ft": (models["pref_ft"], lambda e: e, styles["pref_ft"]),
         "oracle_prompt": (base, lambda e: Episode(e.user_id, (), e.query, e.user_description), oracle),
     }  # fmt: skip
-    wanted = ["base", "fspo", *(b for b in cfg.baselines if b in SYSTEMS)]
+    rival, folder = models["opponent"]
+    if folder:  # a model folder: with the shots, in the style it was trained with
+        systems[rival] = (folder, lambda e: e, PromptStyle.from_run_info(read_run_info(folder)))
+    wanted = [rival, "fspo", *(b for b in cfg.baselines if b in SYSTEMS and b != rival)]
     tokenizer = load_tokenizer(policy)
     limits = {"max_length": lengths["max_length"] - cfg.max_new_tokens,
               "max_prompt_length": min(lengths["max_prompt_length"], lengths["max_length"] - cfg.max_new_tokens)}
@@ -223,8 +294,8 @@ def _win_rates(cfg, models, chosen, styles, lengths, preferences, use_gpu) -> tu
         if all(fitted.values()):
             for name, f in fitted.items():
                 prompts[name][e.episode_id] = f.text.prompt
-    skipped = len(chosen) - len(prompts["base"])
-    chosen = [e for e in chosen if e.episode_id in prompts["base"]]
+    skipped = len(chosen) - len(prompts[rival])
+    chosen = [e for e in chosen if e.episode_id in prompts[rival]]
     answers: dict[str, dict[str, str]] = {}
     for name in wanted:
         items = [{"episode_id": i, "prompt": p} for i, p in prompts[name].items()]
@@ -236,7 +307,7 @@ def _win_rates(cfg, models, chosen, styles, lengths, preferences, use_gpu) -> tu
         if cfg.judge_model.startswith(("http://", "https://")):
             judge = endpoint_judge(cfg.judge_model, cfg.judge_model_name, os.environ.get(cfg.judge_api_key_env))
         else:
-            asked = [(e.query.question, answers[name][e.episode_id], answers["base"][e.episode_id],
+            asked = [(e.query.question, answers[name][e.episode_id], answers[rival][e.episode_id],
                       e.user_description or "") for name in wanted[1:] for e in chosen]  # fmt: skip
             judge = _local_llm_judge(cfg, asked, use_gpu)
 
@@ -259,7 +330,7 @@ def _win_rates(cfg, models, chosen, styles, lengths, preferences, use_gpu) -> tu
         total, by_user = Comparison(), {}
         for e in chosen:
             verdict = judge_both_orders(recorded, e.query.question, answers[name][e.episode_id],
-                                        answers["base"][e.episode_id], e.user_description or "",
+                                        answers[rival][e.episode_id], e.user_description or "",
                                         preferences.get(e.user_id, {}))  # fmt: skip
             for tally in (total, by_user.setdefault(e.user_id, Comparison())):
                 if verdict == "win":
@@ -273,19 +344,19 @@ def _win_rates(cfg, models, chosen, styles, lengths, preferences, use_gpu) -> tu
                          "dropped_inconsistent": total.dropped, "queries": len(chosen),
                          "queries_skipped_for_length": skipped}  # fmt: skip
         if cfg.judge == "oracle":
-            results[name] |= {"on_task": on_task_rate[name], "base_on_task": on_task_rate["base"],
+            results[name] |= {"on_task": on_task_rate[name], f"{rival}_on_task": on_task_rate[rival],
                               "off_task_examples": off_task[name][:3]}  # fmt: skip
         per_user += [{"user_id": u, "measure": f"win_rate_{name}", "k": len(chosen[0].shots) if chosen else 0,
                       "n": c.wins + c.losses,
                       "value": c.win_rate} for u, c in sorted(by_user.items())]  # fmt: skip
     results["examples"] = []
     for e in chosen[:3]:
-        mine, base_answer, description = answers, answers["base"][e.episode_id], e.user_description or ""
-        verdicts = {n: [said[e.query.question, mine[n][e.episode_id], base_answer, description],
-                        said[e.query.question, base_answer, mine[n][e.episode_id], description]] for n in wanted[1:]}
+        mine, theirs, description = answers, answers[rival][e.episode_id], e.user_description or ""
+        verdicts = {n: [said[e.query.question, mine[n][e.episode_id], theirs, description],
+                        said[e.query.question, theirs, mine[n][e.episode_id], description]] for n in wanted[1:]}
         results["examples"].append({"user_id": e.user_id, "question": e.query.question,
                                     **{n: mine[n][e.episode_id] for n in wanted},
-                                    "verdicts_system_first_then_base_first": verdicts})  # fmt: skip
+                                    "verdicts_system_first_then_opponent_first": verdicts})  # fmt: skip
     return results, per_user
 
 
@@ -296,7 +367,9 @@ def _write_csv(path: str, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _plot(table: list[dict], ceiling: list[dict] | None, path: str) -> None:
+def _plot(table: list[dict], ceiling: list[dict] | None, systems: dict[str, list[dict]], path: str) -> None:
+    """The model's accuracy over k with its 95% intervals; the ideal reader and the baselines beside it (the
+    baselines on the target pairs the model was scored on at every k; flat ones read no shots)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -306,14 +379,19 @@ def _plot(table: list[dict], ceiling: list[dict] | None, path: str) -> None:
     accuracy = [row["accuracy"] for row in table]
     errors = [[a - row["accuracy_ci"][0] for a, row in zip(accuracy, table)],
               [row["accuracy_ci"][1] - a for a, row in zip(accuracy, table)]]  # fmt: skip
-    figure, axes = plt.subplots(figsize=(5, 3.5))
-    axes.errorbar(ks, accuracy, yerr=errors, marker="o", capsize=3, label="model")
+    figure, axes = plt.subplots(figsize=(6.5, 4) if systems else (5, 3.5))
+    axes.errorbar(ks, accuracy, yerr=errors, marker="o", capsize=3, label="model", linewidth=2, zorder=3)
     if ceiling:
         axes.plot([row["k"] for row in ceiling], [row["accuracy"] for row in ceiling], "k--", marker="x",
                   label="bayes_optimal (ideal reader)")  # fmt: skip
+    for name, rows in systems.items():
+        if name != "fspo":
+            axes.plot([r["k"] for r in rows], [r["accuracy"] for r in rows], marker=".", linestyle="--", label=name)
     axes.axhline(0.5, color="grey", linestyle=":", label="chance")
-    axes.set(xlabel="shots in context (k)", ylabel="preference accuracy (held-out users)", ylim=(0, 1), xticks=ks)
-    axes.legend()
+    axes.set(xlabel="shots in context (k)", ylabel="preference accuracy (held-out users)", xticks=ks)
+    if not systems:
+        axes.set_ylim(0, 1)
+    axes.legend(**({"fontsize": "small", "loc": "center left", "bbox_to_anchor": (1, 0.5)} if systems else {}))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

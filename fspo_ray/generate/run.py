@@ -3,21 +3,26 @@
 For each (persona, question) an instruction-tuned model writes the answer that persona would like
 (`persona_answer_prompt`). Each persona's answer is paired with the answers written for `n_contrasts`
 other personas to the same question (the paper's "response from a different user description"), and a
-judge prompted with the persona's description compares each pair in both orders (fspo_ray/judge.py):
-only an order-consistent verdict becomes a labelled pair; the rest are counted, never silently lost.
+judge says which of the two the persona prefers (fspo_ray/generate/judging.py): the likelihood judge,
+which scores each answer on its own with a local model, or the generative judge, which is asked in both
+orders. Only a decided, order-free verdict becomes a labelled pair; the rest are counted, never silently
+lost. With `validate=true` both judges first label a set of pairs whose answer is known
+(fspo_ray/generate/known_truth.py), and the summary says how often each is right.
 
-Both stages run on `concurrency` replicas of the project's engines (vLLM where it runs, else
-transformers); the judge may instead be an OpenAI-compatible endpoint. In `out`:
+Every stage runs on `concurrency` replicas of the project's engines (vLLM where it runs, else
+transformers; the likelihood judge on the scoring path evaluation uses); the generative judge may
+instead be an OpenAI-compatible endpoint. In `out`:
 
     train.jsonl, test.jsonl   canonical pairs, split by persona (`test_fraction` of them held out)
-    summary.json              the counts: rows, answers, verdicts, kept and dropped, per split
+    summary.json              the counts: rows, answers, the judge's kept, undecided, inconsistent and
+                              malformed rows, per split; with validate=true each judge's known-truth record
     answers.jsonl             every answer written, appended as it streams in
-    judged.jsonl              every (persona, question, contrast) row's verdicts and outcome, likewise
+    judged.jsonl              every (persona, question, contrast) row's verdict and outcome, likewise
+    validation.jsonl          validate=true: every known-truth pair with each judge's verdict
     config.json               the settings that shape a row: a re-run with the same ones resumes,
                               skipping rows already judged (not those dropped as malformed); with
                               others it stops
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -26,71 +31,18 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
-
-from omegaconf import MISSING
 
 from fspo_ray.config import ConfigError
 from fspo_ray.console import streamed_rows
 from fspo_ray.data.prompts import persona_answer_prompt
 from fspo_ray.data.readers import DataError, raw_rows
 from fspo_ray.engines import Sampling, batch_generate
-from fspo_ray.judge import endpoint_judge, judge_prompt, order_consistent, parse_verdict
+from fspo_ray.generate.config import RESUME_SAFE, GenerateDataConfig, is_endpoint, judge_of, validate
+from fspo_ray.generate.judging import tally, verdicts
+from fspo_ray.generate.known_truth import validate_judges
 from fspo_ray.models import resolve_model
 
 SEEDS = os.path.join(os.path.dirname(__file__), "seeds")
-DOMAINS = ("advice", "explain")
-
-
-@dataclass
-class GenerateDataConfig:
-    out: str = MISSING  # output folder (train.jsonl, test.jsonl, summary.json); a re-run with it resumes
-    personas: str = "shipped"  # shipped (our 32) or a file: .jsonl with user_id, user_description; .txt one a line
-    n_personas: int | None = None  # use the first N personas (null: all)
-    questions: str = "shipped"  # shipped (the `domain` list) or a file: .txt one a line, .jsonl with question
-    domain: str = "advice"  # questions=shipped: advice | explain (30 questions each)
-    n_questions: int | None = None  # use N of the questions, drawn with the seed (null: all)
-    n_contrasts: int = 1  # answers written for other personas paired with each persona's own: rows per question
-    model: str = "smollm2-135m"  # writes the answers: a preset or local HF folder (its chat template is used)
-    judge_model: str | None = None  # labels pairs: preset, HF folder or http(s):// OpenAI-compatible URL (null: model)
-    judge_model_name: str = "judge"  # judge_model is an endpoint: the model name it serves
-    judge_api_key_env: str = "OPENAI_API_KEY"  # judge_model is an endpoint: the variable holding its API key
-    judge_temperature: float = 0.0  # the local judge's sampling temperature over {m, M} (0: greedy)
-    backend: str = "auto"  # auto (vLLM where it runs, else transformers) | vllm | transformers
-    max_new_tokens: int = 160  # longest answer, in tokens (answers that reach it are counted in the summary)
-    temperature: float = 0.7  # answer sampling temperature (0: greedy)
-    test_fraction: float = 0.2  # share of personas held out to test.jsonl (at least one when above 0)
-    seed: int = 0  # seeds question sampling, contrast choice, answer sampling and the split
-    concurrency: int = 1  # model replicas per stage (one GPU each where there are GPUs)
-    batch_size: int = 64  # prompts a replica takes at a time (vLLM batches them continuously: more is faster)
-    verbose: bool = False  # Ray's and the libraries' output on the console too (else only <out>.log)
-
-
-# Keys that do not change what a row holds: a resumed run may change them.
-RESUME_SAFE = {"out", "personas", "n_personas", "questions", "domain", "n_questions", "backend",
-               "concurrency", "batch_size", "verbose", "judge_api_key_env"}  # fmt: skip
-
-
-def validate(cfg: GenerateDataConfig) -> None:
-    problems = []
-    if cfg.domain not in DOMAINS:
-        problems.append(f"domain={cfg.domain} is not one of {', '.join(DOMAINS)}")
-    for key in ("n_personas", "n_questions"):
-        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
-            problems.append(f"{key}={getattr(cfg, key)} must be at least 1")
-    if cfg.n_contrasts < 1:
-        problems.append(f"n_contrasts={cfg.n_contrasts} must be at least 1")
-    if not 0 <= cfg.test_fraction < 1:
-        problems.append(f"test_fraction={cfg.test_fraction} must be in [0, 1)")
-    for key in ("temperature", "judge_temperature"):
-        if not 0 <= getattr(cfg, key) <= 2:  # what both engines sample (vLLM refuses more)
-            problems.append(f"{key}={getattr(cfg, key)} must be in [0, 2]")
-    if cfg.max_new_tokens < 1 or cfg.batch_size < 1 or cfg.concurrency < 1:
-        problems.append("max_new_tokens, batch_size and concurrency must be at least 1")
-    if cfg.backend not in ("auto", "vllm", "transformers"):
-        problems.append(f"backend={cfg.backend} is not one of auto, vllm, transformers")
-    if problems:
-        raise ConfigError("; ".join(problems))
 
 
 def load_personas(spec: str, n: int | None) -> list[dict]:
@@ -191,34 +143,6 @@ def _prepare_out(cfg: GenerateDataConfig) -> None:
         json.dump(settings, f, indent=1)
 
 
-def _infer(rows: list[dict], model: str, cfg: GenerateDataConfig, sampling: Sampling, label: str, choices=None):
-    """Each row with its `text` (and `completion_tokens`, `error`), as the replicas finish them."""
-    dataset = batch_generate(rows, model, cfg.backend, sampling, batch_size=cfg.batch_size,
-                             concurrency=cfg.concurrency, chat=True, choices=choices)  # fmt: skip
-    return streamed_rows(dataset, len(rows), label)
-
-
-def _judge_endpoint(rows: list[dict], cfg: GenerateDataConfig):
-    """The judge_model endpoint's verdicts, in Ray tasks (`concurrency` of them) calling it."""
-    import ray.data
-
-    judge = endpoint_judge(cfg.judge_model, cfg.judge_model_name, os.environ.get(cfg.judge_api_key_env))
-
-    def call(batch: dict) -> dict:
-        texts = []
-        for question, first, second, description in zip(batch["question"], batch["first"], batch["second"],
-                                                         batch["description"]):  # fmt: skip
-            try:
-                texts.append(judge(question, first, second, description, {}))
-            except Exception as error:  # an endpoint failure is this row's malformed verdict, not the job's end
-                texts.append(f"error: {type(error).__name__}: {error}")
-        return {**batch, "text": texts, "error": [None] * len(texts)}
-
-    dataset = ray.data.from_items(rows).map_batches(call, batch_size=cfg.batch_size,
-                                                    compute=ray.data.TaskPoolStrategy(size=cfg.concurrency))
-    return streamed_rows(dataset, len(rows), "judging")
-
-
 def _answer_problem(answer: dict | None) -> str | None:
     if answer is None:
         return "no answer"
@@ -237,6 +161,11 @@ def generate_data(cfg: GenerateDataConfig) -> dict:
         raise ConfigError(f"n_contrasts={cfg.n_contrasts} needs at least {cfg.n_contrasts + 1} personas; "
                           f"there are {len(personas)}")  # fmt: skip
     _prepare_out(cfg)
+    judge = judge_of(cfg)
+    judge_model = cfg.judge_model if is_endpoint(cfg.judge_model) else resolve_model(cfg.judge_model or cfg.model)
+    # First, where asked: how often each judge is right where the answer is known, before it labels anything.
+    validation = validate_judges(cfg, judge_model) if cfg.validate else None
+
     by_id = {p["user_id"]: p for p in personas}
     rows = [(p["user_id"], q, c["user_id"]) for p in personas for q in questions
             for c in contrasts(personas, p["user_id"], q, cfg.n_contrasts, cfg.seed)]  # fmt: skip
@@ -253,17 +182,17 @@ def generate_data(cfg: GenerateDataConfig) -> dict:
     missing = [{"user_id": u, "question": q, "prompt": persona_answer_prompt(by_id[u]["user_description"], q)}
                for u, q in needed if (u, q) not in answers]  # fmt: skip
     if missing:
-        model = resolve_model(cfg.model)
         sampling = Sampling(cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
+        dataset = batch_generate(missing, resolve_model(cfg.model), cfg.backend, sampling, batch_size=cfg.batch_size,
+                                 concurrency=cfg.concurrency, chat=True)  # fmt: skip
         with open(answers_path, "a", encoding="utf-8") as f:
-            for row in _infer(missing, model, cfg, sampling, "answers"):
+            for row in streamed_rows(dataset, len(missing), "answers"):
                 answer = {k: row[k] for k in ("user_id", "question", "text", "completion_tokens", "error")}
                 answer["text"] = answer["text"].strip()
                 answers[row["user_id"], row["question"]] = answer
                 f.write(json.dumps(answer) + "\n")
 
-    verdicts: dict[tuple, dict] = {}
-    prompts = []
+    comparisons = []
     with open(judged_path, "a", encoding="utf-8") as f:
         for u, q, c in todo:
             own, other = answers.get((u, q)), answers.get((c, q))
@@ -275,48 +204,26 @@ def generate_data(cfg: GenerateDataConfig) -> dict:
                                    "problem": problem}  # fmt: skip
                 f.write(json.dumps(judged[u, q, c]) + "\n")
                 continue
-            description = by_id[u]["user_description"]
-            for order, (first, second) in (("own_first", (own, other)), ("contrast_first", (other, own))):
-                prompts.append({"user_id": u, "question": q, "contrast_id": c, "order": order, "first": first["text"],
-                                "second": second["text"], "description": description,
-                                "prompt": judge_prompt(q, first["text"], second["text"], description)})  # fmt: skip
-        if prompts:
-            if (cfg.judge_model or "").startswith(("http://", "https://")):
-                stream = _judge_endpoint(prompts, cfg)
-            else:
-                judge = resolve_model(cfg.judge_model or cfg.model)
-                stream = _infer(prompts, judge, cfg, Sampling(3, cfg.judge_temperature, seed=cfg.seed), "judging",
-                                choices=("m", "M"))  # fmt: skip
-            for row in stream:
-                key = (row["user_id"], row["question"], row["contrast_id"])
-                verdicts.setdefault(key, {})[row["order"]] = f"error: {row['error']}" if row["error"] else row["text"]
-                if len(verdicts[key]) < 2:
-                    continue
-                u, q, c = key
-                said = verdicts.pop(key)
-                first, swapped = parse_verdict(said["own_first"]), parse_verdict(said["contrast_first"])
-                winner = order_consistent(first, swapped)
-                outcome = {"a": "own", "b": "contrast"}.get(winner) or (
-                    "inconsistent" if first and swapped else "malformed_verdict")
-                judged[key] = {"user_id": u, "question": q, "contrast_id": c, "outcome": outcome,
-                               "verdict_own_first": said["own_first"], "verdict_contrast_first": said["contrast_first"],
-                               "own": answers[u, q]["text"], "contrast": answers[c, q]["text"]}  # fmt: skip
-                f.write(json.dumps(judged[key]) + "\n")
+            comparisons.append({"key": json.dumps([u, q, c]), "question": q,
+                                "description": by_id[u]["user_description"],
+                                "contrast_description": by_id[c]["user_description"],
+                                "own": own["text"], "contrast": other["text"]})  # fmt: skip
+        if comparisons:
+            for key, verdict in verdicts(judge, judge_model, comparisons, cfg, f"judging ({judge})"):
+                u, q, c = json.loads(key)
+                judged[u, q, c] = {"user_id": u, "question": q, "contrast_id": c, "judge": judge, **verdict,
+                                   "own": answers[u, q]["text"], "contrast": answers[c, q]["text"]}  # fmt: skip
+                f.write(json.dumps(judged[u, q, c]) + "\n")
                 f.flush()
-    return _write_outputs(cfg, rows, judged, answers, by_id, time.monotonic() - started)
+    return _write_outputs(cfg, judge, rows, judged, answers, by_id, validation, time.monotonic() - started)
 
 
-def _write_outputs(cfg, rows, judged, answers, by_id, seconds) -> dict:
+def _write_outputs(cfg, judge, rows, judged, answers, by_id, validation, seconds) -> dict:
     """train.jsonl and test.jsonl from every kept row (this run's and earlier ones'), and the summary."""
     held_out = held_out_personas(sorted(by_id), cfg.test_fraction, cfg.seed)
     splits = {"train": [], "test": []}
-    outcomes = {k: 0 for k in ("own", "contrast", "inconsistent", "malformed_verdict", "malformed_answer")}
-    same_letter = {"m": 0, "M": 0}  # an inconsistent verdict names one position in both orders: the judge's bias
     for u, q, c in rows:
         row = judged[u, q, c]
-        outcomes[row["outcome"]] += 1
-        if row["outcome"] == "inconsistent":
-            same_letter[parse_verdict(row["verdict_own_first"])] += 1
         if row["outcome"] not in ("own", "contrast"):
             continue
         won, lost = (u, c) if row["outcome"] == "own" else (c, u)
@@ -330,23 +237,21 @@ def _write_outputs(cfg, rows, judged, answers, by_id, seconds) -> dict:
         with open(os.path.join(cfg.out, f"{split}.jsonl"), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(p) + "\n" for p in pairs)
     used = {(u, q) for u, q, _ in rows} | {(c, q) for _, q, c in rows}
+    outcomes = [judged[r] for r in rows]
     summary = {
         "rows": len(rows),
         "answers": {"written": len(used),
                     "malformed": sum(_answer_problem(answers.get(k)) is not None for k in used),
                     "reached_max_new_tokens": sum(answers[k]["completion_tokens"] >= cfg.max_new_tokens
                                                   for k in used if k in answers)},
-        "judged": len(rows) - outcomes["malformed_answer"],
-        "kept": outcomes["own"] + outcomes["contrast"],
-        "kept_own_answer_preferred": outcomes["own"],
-        "dropped_inconsistent": outcomes["inconsistent"],
-        "inconsistent_naming_first_in_both_orders": same_letter["m"],
-        "inconsistent_naming_second_in_both_orders": same_letter["M"],
-        "dropped_malformed_verdict": outcomes["malformed_verdict"],
-        "dropped_malformed_answer": outcomes["malformed_answer"],
+        "malformed_answer": sum(o["outcome"] == "malformed_answer" for o in outcomes),
+        "judge": judge,
+        **({"judge_margin": cfg.judge_margin} if judge == "likelihood" else {}),
+        **tally(o for o in outcomes if o["outcome"] != "malformed_answer"),
         "train": {"personas": len(set(by_id) - held_out), "pairs": len(splits["train"])},
         "test": {"personas": len(held_out), "pairs": len(splits["test"])},
         "seconds": round(seconds, 1),
+        **({"validation": validation} if validation else {}),
     }  # fmt: skip
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -1,1 +1,2 @@
-"""Serving: the personalization API's bodies and the generation engines (the app is in serve/)."""
+"""Serving's parts below the app (which is serve/): the API's bodies (api, chat: OpenAI's), the request
+router, users' stored histories (store: SQLite or PostgreSQL) and the playground page (static/)."""

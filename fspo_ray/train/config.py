@@ -20,6 +20,9 @@ TRAINER_ZERO_STAGE = {
     "TensorParallelTrainer": 3,  # DeepSpeed training has no tensor parallelism; ZeRO-3 shards instead
 }
 
+# The reference scores' cache, shared by the runs under one storage_path (train/reference.py).
+REFERENCE_CACHE = "reference_logps"
+
 # Keys of the seed's config that have no effect here, and why (accepted so its command lines run).
 IGNORED_SEED_KEYS = {
     "sample_during_eval": "sampling during evaluation is the evaluation job's work (jobs.evaluate)",
@@ -125,7 +128,7 @@ class TrainConfig:
     gpus_per_worker: float = 1.0  # on a GPU cluster
     placement_strategy: str = "PACK"  # workers' placement: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (one a node)
     zero_stage: int | None = None  # default: from trainer
-    offload_optimizer: bool = False  # ZeRO offload of optimizer state to CPU memory
+    offload_optimizer: bool = False  # ZeRO-1..3: offload of optimizer state to CPU memory
     offload_params: bool = False  # ZeRO-3 only
     storage_path: str = "runs"  # local path (made absolute) or URI (s3://, gs://) for checkpoints
     resume: str = "auto"  # auto: resume exp_name only if its recorded config is the same | never | must
@@ -213,6 +216,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"eval_batch_size={cfg.eval_batch_size} must be a multiple of num_workers={cfg.num_workers}")
     if cfg.max_prompt_length > cfg.max_length:
         raise ConfigError(f"max_prompt_length={cfg.max_prompt_length} exceeds max_length={cfg.max_length}")
+    if cfg.exp_name == REFERENCE_CACHE:
+        raise ConfigError(f"exp_name={REFERENCE_CACHE} is the reference scores' cache beside the runs: choose another")
+    if cfg.offload_optimizer and cfg.stage == 0:  # DeepSpeed would ignore it: no ZeRO optimizer to offload
+        raise ConfigError("offload_optimizer=true needs zero_stage 1, 2 or 3 (trainer=BasicTrainer is stage 0)")
     if cfg.offload_params and cfg.stage != 3:
         raise ConfigError("offload_params=true needs zero_stage=3")
     if cfg.n_examples is None and not cfg.n_epochs:

@@ -16,18 +16,21 @@ def export_hf_folder(engine, tokenizer, cfg: TrainConfig, rank: int, run_info: d
                      dtype: torch.dtype) -> None:
     """Every rank must call this: under ZeRO-3 the weights are gathered from all of them. A LoRA run
     exports the start model with its adapters merged in, and the adapters in `adapter/` (lora.py)."""
+    lm = engine.module.lm  # the Hugging Face (or PEFT) model inside the CompletionLogps DeepSpeed wraps
     if cfg.stage == 3:
-        # The same consolidation accelerate and the HF Trainer use; rank 0 receives the full weights.
+        # The same consolidation accelerate and the HF Trainer use; rank 0 receives the full weights, named
+        # from the wrapper down ("lm.").
         state = engine._zero3_consolidated_16bit_state_dict()
+        state = {name.removeprefix("lm."): tensor for name, tensor in state.items()} if rank == 0 else None
     else:
-        state = engine.module.state_dict() if rank == 0 else None
+        state = lm.state_dict() if rank == 0 else None
     if rank != 0:
         return
     with tempfile.TemporaryDirectory() as directory:
         if cfg.lora.r:
-            save_merged(engine.module, state, start_model, dtype, directory)
+            save_merged(lm, state, start_model, dtype, directory)
         else:
-            engine.module.save_pretrained(directory, state_dict=state)
+            lm.save_pretrained(directory, state_dict=state)
         tokenizer.save_pretrained(directory)
         write_run_info(directory, run_info)
         publish_folder(directory, f"{cfg.run_dir}/LATEST")

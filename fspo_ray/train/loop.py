@@ -1,6 +1,8 @@
 """What every Ray Train worker runs: DeepSpeed over the policy (with LoRA adapters when lora.r > 0),
 its data shard, and a frozen reference model only where the reference's scores were not precomputed
-(reference.py) and no adapters can be switched off (lora.py).
+(reference.py) and no adapters can be switched off (lora.py). The engine wraps the policy's packed forward
+(logprobs.CompletionLogps) and every micro-batch goes through it (step.train_step), so accumulation,
+offload and every ZeRO stage run DeepSpeed's own paths.
 
 Resume is exact because a rank's shard is the same, in the same order, on every run (pipeline.py): the
 checkpoint records the optimizer steps taken, and a resumed rank skips exactly that many steps of its
@@ -9,6 +11,7 @@ shard. Weights, optimizer and scheduler come back through DeepSpeed's checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -20,13 +23,13 @@ from typing import Any
 
 import torch
 
-from fspo_ray.logprobs import packed_attention
+from fspo_ray.logprobs import CompletionLogps, packed_attention
 from fspo_ray.models import padding_id, resolve_dtype
 from fspo_ray.train.config import TrainConfig
 from fspo_ray.train.export import export_hf_folder
 from fspo_ray.train.lora import AdaptersDisabled, add_adapters
 from fspo_ray.train.metrics import MetricsLog
-from fspo_ray.train.step import add_metrics, batch_loss, collate, needs_rejected
+from fspo_ray.train.step import add_metrics, batch_loss, collate, needs_rejected, train_step
 
 CHECKPOINT_TAG = "deepspeed"
 
@@ -87,6 +90,68 @@ def _load_model(path: str, dtype: torch.dtype, device: torch.device):
     return model
 
 
+def start_deepspeed(on_gpu: bool) -> None:
+    """DeepSpeed's process group: it adopts the one Ray Train (or a test) set up."""
+    import deepspeed
+
+    if not on_gpu:  # DeepSpeed JIT-compiles a shared-memory op on CPUs at init (~2 min) that training never uses
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+
+
+@contextlib.contextmanager
+def partitioned_loading(ds_config: dict):
+    """Under ZeRO-3, while this lasts transformers loads weights partitioned across the ranks (a collective).
+    Afterwards a from_pretrained on rank 0 alone (the LoRA export's start model) must be a plain load, not a
+    partitioned one that waits for ranks that never join it."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
+    try:
+        yield
+    finally:
+        del hf_ds  # transformers holds it by a weak reference
+
+
+def policy_engine(
+    cfg: TrainConfig, start_model: str, total_steps: int, dtype: torch.dtype, ds_config: dict, device: torch.device
+):
+    """(engine, scheduler): the policy (with LoRA adapters when lora.r > 0) in a CompletionLogps, under
+    DeepSpeed with its optimizer and learning-rate schedule."""
+    import deepspeed
+
+    policy = _load_model(start_model, dtype, device)
+    if cfg.activation_checkpointing:
+        policy.gradient_checkpointing_enable()
+    if cfg.lora.r:
+        policy = add_adapters(policy, cfg.lora)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = getattr(torch.optim, cfg.optimizer)(trainable, lr=cfg.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, total_steps, cfg.lr_schedule)
+    )
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=CompletionLogps(policy), optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+    )
+    return engine, scheduler
+
+
+def reference_scorer(cfg: TrainConfig, start_model: str, engine, ds_config: dict, device: torch.device):
+    """The frozen reference, called as `reference(batch=...)`: the policy with its adapters off (LoRA), else
+    the start model (sharded with the policy under ZeRO-3)."""
+    import deepspeed
+
+    if cfg.lora.r:
+        return AdaptersDisabled(engine.module)
+    dtype = getattr(torch, resolve_dtype(cfg.model.reference_dtype, device.type == "cuda"))
+    reference = CompletionLogps(_load_model(start_model, dtype, device).eval().requires_grad_(False))
+    if cfg.stage == 3:  # shard the frozen reference too
+        ref_config = {k: ds_config[k] for k in ("train_micro_batch_size_per_gpu", "bf16", "fp16")}
+        ref_config["zero_optimization"] = {"stage": 3}
+        return deepspeed.initialize(model=reference, config=ref_config)[0]
+    return reference.to(device)
+
+
 def _batches(shard, micro_batch: int, skip: int):
     """The shard's micro-batches in its fixed order, the first `skip` left out."""
     for i, batch in enumerate(shard.iter_batches(batch_size=micro_batch, batch_format="numpy", drop_last=True)):
@@ -95,13 +160,11 @@ def _batches(shard, micro_batch: int, skip: int):
 
 
 def train_loop(plan: LoopPlan) -> None:
-    import deepspeed
     import ray.data
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
     from transformers import AutoTokenizer
-    from transformers.integrations import HfDeepSpeedConfig
 
     cfg = plan.cfg
     context = ray.train.get_context()
@@ -110,45 +173,18 @@ def train_loop(plan: LoopPlan) -> None:
     on_gpu = device.type == "cuda"
     if not on_gpu:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
-        # DeepSpeed JIT-compiles a shared-memory op on CPUs at init (~2 min) that training never uses.
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")  # adopts Ray Train's process group
+    start_deepspeed(on_gpu)
     torch.manual_seed(cfg.seed + rank)
 
     policy_dtype = getattr(torch, resolve_dtype(cfg.model.policy_dtype, on_gpu))
     ds_config = deepspeed_config(cfg, policy_dtype)
-    # ZeRO-3: while this lives, transformers loads weights partitioned across the ranks (a collective).
-    hf_ds = HfDeepSpeedConfig(ds_config) if cfg.stage == 3 else None
     tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_path)
     pad_id = padding_id(tokenizer)
-    policy = _load_model(plan.start_model, policy_dtype, device)
-    if cfg.activation_checkpointing:
-        policy.gradient_checkpointing_enable()
-    if cfg.lora.r:
-        policy = add_adapters(policy, cfg.lora)
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = getattr(torch.optim, cfg.optimizer)(trainable, lr=cfg.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, plan.total_steps, cfg.lr_schedule)
-    )
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=policy, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
-    )
     reference = None
-    if cfg.loss.name != "sft" and not plan.reference_precomputed and cfg.lora.r:
-        reference = AdaptersDisabled(engine.module)
-    elif cfg.loss.name != "sft" and not plan.reference_precomputed:
-        reference_dtype = getattr(torch, resolve_dtype(cfg.model.reference_dtype, on_gpu))
-        reference = _load_model(plan.start_model, reference_dtype, device).eval().requires_grad_(False)
-        if cfg.stage == 3:  # shard the frozen reference too
-            ref_config = {k: ds_config[k] for k in ("train_micro_batch_size_per_gpu", "bf16", "fp16")}
-            ref_config["zero_optimization"] = {"stage": 3}
-            reference = deepspeed.initialize(model=reference, config=ref_config)[0]
-        else:
-            reference = reference.to(device)
-    # Loading is done: a later from_pretrained on rank 0 alone (the LoRA export's start model) must be a
-    # plain load, not a partitioned one that waits for ranks that never join it.
-    del hf_ds
+    with partitioned_loading(ds_config):
+        engine, scheduler = policy_engine(cfg, plan.start_model, plan.total_steps, policy_dtype, ds_config, device)
+        if cfg.loss.name != "sft" and not plan.reference_precomputed:
+            reference = reference_scorer(cfg, plan.start_model, engine, ds_config, device)
 
     step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -199,30 +235,22 @@ def train_loop(plan: LoopPlan) -> None:
             epoch = step // plan.steps_per_epoch
             skip = (step % plan.steps_per_epoch) * cfg.gradient_accumulation_steps
             batches = _batches(train_shard, cfg.micro_batch_size, skip)
-        started, totals, ids = time.perf_counter(), {}, []
-        tokens, padding, boundary_norm = 0, 0, float("nan")
-        for _ in range(cfg.gradient_accumulation_steps):
-            rows = next(batches)
-            ids += [str(i) for i in rows["episode_id"]]
-            batch = collate(rows, pad_id, device, with_rejected=with_rejected)
-            tokens, padding = tokens + batch.packed.tokens, padding + batch.packed.padding
-            loss, metrics = batch_loss(engine, reference, batch, cfg.loss, cfg.sft_target, "train")
-            engine.backward(loss)
-            if engine.is_gradient_accumulation_boundary():
-                boundary_norm = _grad_norm(engine)
-            engine.step()
-            add_metrics(totals, metrics)
+        started = time.perf_counter()
+        rows = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+        ids = [str(i) for micro in rows for i in micro["episode_id"]]
+        micro_batches = [collate(micro, pad_id, device, with_rejected=with_rejected) for micro in rows]
+        tokens = sum(batch.packed.tokens for batch in micro_batches)
+        padding = sum(batch.packed.padding for batch in micro_batches)
+        totals, grad_norm = train_step(engine, reference, micro_batches, cfg.loss, cfg.sft_target)
         step += 1
         examples = step * cfg.batch_size
         # Every rank all-reduces every step: a collective must never depend on one rank's clock.
         elapsed = torch.tensor([tokens, time.perf_counter() - started, padding], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(elapsed)
-        grad_norm = engine.get_global_grad_norm()  # ZeRO-1..3 and bf16 record it; fp32 ZeRO-0 does not
-        grad_norm = boundary_norm if grad_norm is None else grad_norm
         metrics = _all_reduce(totals, device)
         metrics.update(
             {
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "grad_norm": grad_norm,
                 "lr": scheduler.get_last_lr()[0],
                 # summed over ranks: tokens of all ranks over the ranks' mean step time
                 "examples_per_second": cfg.batch_size / float(elapsed[1] / world),
@@ -246,14 +274,6 @@ def train_loop(plan: LoopPlan) -> None:
                     "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}  # fmt: skip
         export_hf_folder(engine, tokenizer, cfg, rank, run_info, plan.start_model, policy_dtype)
     log.close()
-
-
-def _grad_norm(engine) -> float:
-    """The gradient norm before clipping, where DeepSpeed's engine would not report it."""
-    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
-        return float("nan")  # not yet computed here; the engine reports it after the step
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def _all_reduce(totals: dict[str, list], device: torch.device) -> dict[str, float]:

@@ -28,23 +28,15 @@ def add_adapters(model, lora: LoraConfig):
 
 
 class AdaptersDisabled:
-    """The reference: the policy's own modules run with its adapters off (the two that packed_logps calls)."""
+    """The reference: the policy's CompletionLogps (logprobs.py) run with its adapters off. It runs outside the
+    engine, under no_grad: DeepSpeed counts only the policy's forwards as micro-steps."""
 
-    def __init__(self, peft_model):
-        self.peft_model = peft_model
+    def __init__(self, policy):
+        self.policy = policy
 
-    def get_decoder(self):
-        return self._off(self.peft_model.get_decoder())
-
-    def get_output_embeddings(self):
-        return self._off(self.peft_model.get_output_embeddings())
-
-    def _off(self, module):
-        def run(*args, **kwargs):
-            with self.peft_model.disable_adapter():
-                return module(*args, **kwargs)
-
-        return run
+    def __call__(self, batch):
+        with self.policy.lm.disable_adapter():
+            return self.policy(batch=batch)
 
 
 def save_merged(peft_model, state: dict, start_model: str, dtype: torch.dtype, directory: str) -> None:

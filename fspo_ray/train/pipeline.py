@@ -23,7 +23,7 @@ from fspo_ray.data.episodes import (
     episode_dataset_stats,
     shot_sets,
 )
-from fspo_ray.data.readers import read_pair_dataset
+from fspo_ray.data.readers import read_pair_dataset, skipped_rows
 from fspo_ray.data.tokenize import PromptStyle, fit_shot_set, load_tokenizer
 from fspo_ray.logprobs import SHOTS_LENGTH, TOKEN_COLUMNS
 from fspo_ray.train.reference import ReferenceScoring, score_reference
@@ -167,6 +167,7 @@ def prepare(
             "shots": shots,
             "targets_per_prompt": targets,
             "passes": passes,
+            "rows_skipped": skipped_rows(specs, split),  # rows that hold no preference (a vote log's "I'm not sure")
             **({"reference_scored": scored} if reference else {}),  # 0: every score came from the cache
         },
     )

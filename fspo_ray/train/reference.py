@@ -3,48 +3,96 @@
 DPO and IPO compare the policy with a frozen reference. Scoring every episode under the reference in a
 pass of its own means training holds one model instead of two, the reference runs with inference-grade
 batching (shortest rows together, no gradients) on `reference_concurrency` replicas (GPUs when the
-cluster has them), and the scores are kept: they are cached in the run folder under the reference's
-weights, one row per episode's tokens, so a resumed, repeated or multi-epoch run scores nothing twice.
+cluster has them), and the scores are kept, one row per episode's tokens, in a cache that every run from
+the same start model shares (`<storage_path>/reference_logps/<key>/`): a resumed, repeated or multi-epoch
+run, or a β sweep, scores nothing twice.
+
+The key names everything that decides a score: the weights, config.json, the tokenizer's files, the
+dtype scored in (resolved: `auto` is bf16 on a GPU and fp32 on a CPU, two different sets of numbers) and
+the scorer's version. Scores are written in parts as the pass streams them in, so a pass that dies keeps
+what it finished and a re-run scores only the rest. Reading a large model's weights to key it would take
+minutes at every start: each file's digest is remembered under its path, size and modification time.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 from dataclasses import dataclass
 
-from fspo_ray.logprobs import CompletionScorer
+from fspo_ray.logprobs import SCORER_VERSION, CompletionScorer
+from fspo_ray.models import CACHE_DIR, resolve_dtype
 from fspo_ray.scheduling import replica_cpus
+from fspo_ray.train.config import REFERENCE_CACHE, TrainConfig
 
 COLUMNS = ("reference_chosen", "reference_rejected")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class ReferenceScoring:
     model_path: str
-    dtype: str  # model.reference_dtype
+    dtype: str  # resolved: float32 | bfloat16 | float16 (the cache is keyed on it)
     cache_dir: str | None  # an absolute local path or a URI; None: no cache
     concurrency: int = 1
     use_gpu: bool = False
+    rows_per_part: int = 64  # rows per scoring batch, each written to the cache as one file when it is done
 
 
-def weights_digest(model_path: str, dtype: str) -> str:
-    """A short digest of a model folder's weight files (and the dtype it is scored in): the cache's key."""
-    digest = hashlib.blake2b(dtype.encode(), digest_size=12)
-    for name in sorted(os.listdir(model_path)):
-        if name.endswith((".safetensors", ".bin")):
-            with open(os.path.join(model_path, name), "rb") as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
+def reference_scoring(
+    cfg: TrainConfig, start_model: str, tokenizer_path: str, use_gpu: bool
+) -> ReferenceScoring | None:
+    """How a run scores its reference before training; None when it does not (sft, precompute_reference=false).
+    The cache is the start model's, beside the runs: every run from it under this storage_path shares it."""
+    if cfg.loss.name == "sft" or not cfg.precompute_reference:
+        return None
+    dtype = resolve_dtype(cfg.model.reference_dtype, use_gpu)  # the replicas score on GPUs when training does
+    cache = f"{cfg.storage_path.rstrip('/')}/{REFERENCE_CACHE}/{reference_key(start_model, tokenizer_path, dtype)}"
+    return ReferenceScoring(start_model, dtype, cache, cfg.reference_concurrency, use_gpu)
+
+
+def file_digest(path: str) -> str:
+    """blake2b of a file's bytes, remembered under its path, size and modification time (CACHE_DIR/digests)."""
+    stat = os.stat(path)
+    name = f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    memo = os.path.join(CACHE_DIR, "digests", hashlib.blake2b(name.encode(), digest_size=16).hexdigest())
+    if os.path.exists(memo):
+        with open(memo) as f:
+            return f.read()
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    os.makedirs(os.path.dirname(memo), exist_ok=True)
+    tmp = f"{memo}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "w") as f:
+        f.write(digest.hexdigest())
+    os.replace(tmp, memo)  # concurrent writers write the same text
     return digest.hexdigest()
+
+
+def reference_key(model_path: str, tokenizer_path: str, dtype: str) -> str:
+    """The cache's key: a digest of the weights, config.json, the tokenizer's files, the resolved dtype and the
+    scorer's version."""
+    if dtype == "auto":
+        raise ValueError("the reference cache is keyed on a resolved dtype, not 'auto'")
+    files = {f"model/{name}": os.path.join(model_path, name) for name in sorted(os.listdir(model_path))
+             if name.endswith(WEIGHT_SUFFIXES) or name == "config.json"}  # fmt: skip
+    files |= {f"tokenizer/{name}": os.path.join(tokenizer_path, name) for name in TOKENIZER_FILES
+              if os.path.isfile(os.path.join(tokenizer_path, name))}  # fmt: skip
+    what = {"dtype": dtype, "scorer": SCORER_VERSION, **{key: file_digest(path) for key, path in files.items()}}
+    return hashlib.blake2b(json.dumps(what, sort_keys=True).encode(), digest_size=12).hexdigest()
 
 
 def _read_cache(cache_dir: str) -> dict[int, tuple[float, float]]:
     import pyarrow.fs
     import pyarrow.parquet as pq
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(cache_dir)  # an absolute path or a URI (run_dir is one)
+    fs, root = pyarrow.fs.FileSystem.from_uri(cache_dir)  # an absolute path or a URI (storage_path is one)
     scores: dict[int, tuple[float, float]] = {}
     for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
         if info.path.endswith(".parquet"):
@@ -53,19 +101,16 @@ def _read_cache(cache_dir: str) -> dict[int, tuple[float, float]]:
     return scores
 
 
-def _write_cache(cache_dir: str, scores: dict[int, tuple[float, float]]) -> None:
-    import pyarrow as pa
+def _write_part(cache_dir: str, part) -> None:
+    """One finished batch of scores (a pyarrow table) as a file of its own; readers never see half a file."""
     import pyarrow.fs
     import pyarrow.parquet as pq
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(cache_dir)  # an absolute path or a URI (run_dir is one)
+    fs, root = pyarrow.fs.FileSystem.from_uri(cache_dir)
     fs.create_dir(root, recursive=True)
-    fingerprints = list(scores)
-    table = pa.table({"fingerprint": pa.array(fingerprints, pa.int64()),
-                      **{c: [scores[f][i] for f in fingerprints] for i, c in enumerate(COLUMNS)}})  # fmt: skip
     tmp = f"{root}/.part-{uuid.uuid4().hex}.tmp"
-    pq.write_table(table, tmp, filesystem=fs)
-    fs.move(tmp, f"{root}/part-{uuid.uuid4().hex}.parquet")  # readers never see half a file
+    pq.write_table(part, tmp, filesystem=fs)
+    fs.move(tmp, f"{root}/part-{uuid.uuid4().hex}.parquet")
 
 
 def _attach(batch: dict, scores: dict[int, tuple[float, float]]) -> dict:
@@ -85,15 +130,16 @@ def score_reference(rows, scoring: ReferenceScoring):
         scored = todo.map_batches(
             CompletionScorer,
             fn_constructor_kwargs={"models": {"reference": scoring.model_path}, "dtype": scoring.dtype},
-            batch_size=64,
+            batch_size=scoring.rows_per_part,
             concurrency=scoring.concurrency,
             num_cpus=replica_cpus(scoring.concurrency, scoring.use_gpu),
             num_gpus=1 if scoring.use_gpu else 0,
             scheduling_strategy="SPREAD",
         ).select_columns(["fingerprint", *COLUMNS])
-        new = {int(r["fingerprint"]): (r[COLUMNS[0]], r[COLUMNS[1]]) for r in scored.iter_rows()}
-        if scoring.cache_dir:
-            _write_cache(scoring.cache_dir, new)
-        cached.update(new)
+        for part in scored.iter_batches(batch_size=None, batch_format="pyarrow"):  # as each batch is done
+            if scoring.cache_dir:
+                _write_part(scoring.cache_dir, part)
+            part = part.to_pydict()
+            cached.update(zip(part["fingerprint"], zip(*(part[c] for c in COLUMNS))))
     needed = {f: cached[f] for f in fingerprints}
     return rows.map_batches(_attach, fn_kwargs={"scores": needed}, batch_size=256), len(missing)

@@ -15,7 +15,7 @@ from fspo_ray.scheduling import resolve_use_gpu
 from fspo_ray.train.config import TrainConfig, differing_keys
 from fspo_ray.train.loop import LoopPlan, train_loop
 from fspo_ray.train.pipeline import prepare
-from fspo_ray.train.reference import ReferenceScoring, weights_digest
+from fspo_ray.train.reference import reference_scoring
 
 logger = logging.getLogger(__name__)  # details for the log file; the console gets one line per stage
 
@@ -74,13 +74,7 @@ def run_training(cfg: TrainConfig):
 
     shots = cfg.shots if cfg.shots is not None else default_shots(cfg.datasets[0], cfg.data_split)
     use_gpu = resolve_use_gpu(cfg.use_gpu)
-    reference = None
-    if cfg.loss.name != "sft" and cfg.precompute_reference:
-        digest = weights_digest(start_model, cfg.model.reference_dtype)
-        reference = ReferenceScoring(
-            start_model, cfg.model.reference_dtype, f"{cfg.run_dir}/reference_logps/{digest}",
-            cfg.reference_concurrency, use_gpu,
-        )  # fmt: skip
+    reference = reference_scoring(cfg, start_model, tokenizer_path, use_gpu)
     common = dict(
         shots=shots,
         tokenizer_path=tokenizer_path,

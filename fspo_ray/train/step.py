@@ -1,5 +1,5 @@
 """One batch: pack token rows, run the policy (and the reference, unless its scores were precomputed),
-compute the loss and its metrics.
+compute the loss and its metrics; one optimizer step: its micro-batches through the DeepSpeed engine.
 
 Metrics come back as per-batch sums with a count, so ranks and micro-batches combine exactly
 (sum of sums / sum of counts) into the DPO codebase's names (fspo-method.md §4).
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fspo_ray.logprobs import SHOTS_LENGTH, PackedBatch, pack, packed_logps
+from fspo_ray.logprobs import SHOTS_LENGTH, PackedBatch, pack
 from fspo_ray.losses import preference_loss, sft_loss
 from fspo_ray.train.reference import COLUMNS as REFERENCE_COLUMNS
 
@@ -41,9 +41,16 @@ def needs_rejected(loss_name: str, sft_target: str) -> bool:
 
 
 def batch_loss(policy, reference, batch: StepBatch, loss_cfg, sft_target: str, split: str) -> tuple[torch.Tensor, dict]:
-    """(mean loss, {metric: (sum, count)}) for one batch. `reference` may be None when the batch carries
-    precomputed reference scores (or for SFT)."""
-    logps = packed_logps(policy, batch.packed)
+    """(mean loss, {metric: (sum, count)}) for one batch. `policy` and `reference` are called as
+    `f(batch=PackedBatch)` for log-probs: a CompletionLogps (logprobs.py) or a DeepSpeed engine around one.
+    `reference` may be None when the batch carries precomputed reference scores (or for SFT)."""
+    reference_logps = batch.reference_logps
+    if loss_cfg.name != "sft" and reference_logps is None:
+        if reference is None:
+            raise ValueError(f"loss={loss_cfg.name} needs a reference model or precomputed reference scores")
+        with torch.no_grad():  # before the policy: its forward and backward then follow each other
+            reference_logps = reference(batch=batch.packed)
+    logps = policy(batch=batch.packed)
     if loss_cfg.name == "sft":
         n = batch.packed.examples
         chosen = logps[:n]
@@ -51,12 +58,6 @@ def batch_loss(policy, reference, batch: StepBatch, loss_cfg, sft_target: str, s
         metrics = {f"logps_{split}/chosen": (chosen.detach().sum(), n), f"loss/{split}": (loss.detach() * n, n)}
         return loss, metrics
 
-    reference_logps = batch.reference_logps
-    if reference_logps is None:
-        if reference is None:
-            raise ValueError(f"loss={loss_cfg.name} needs a reference model or precomputed reference scores")
-        with torch.no_grad():
-            reference_logps = packed_logps(reference, batch.packed)
     policy_chosen, policy_rejected = logps.chunk(2)
     reference_chosen, reference_rejected = reference_logps.chunk(2)
     losses, chosen_rewards, rejected_rewards = preference_loss(
@@ -88,3 +89,28 @@ def add_metrics(total: dict[str, list], new: dict[str, tuple]) -> None:
         entry = total.setdefault(key, [0.0, 0])
         entry[0] += float(value)
         entry[1] += count
+
+
+def train_step(engine, reference, micro_batches, loss_cfg, sft_target: str) -> tuple[dict[str, list], float]:
+    """One optimizer step: each of its `gradient_accumulation_steps` micro-batches through the engine's forward,
+    backward and step, as DeepSpeed counts them. Returns the metrics' totals and the gradient norm before
+    clipping (nan where no one computed it)."""
+    totals: dict[str, list] = {}
+    boundary_norm = float("nan")
+    for batch in micro_batches:
+        loss, metrics = batch_loss(engine, reference, batch, loss_cfg, sft_target, "train")
+        engine.backward(loss)
+        if engine.is_gradient_accumulation_boundary():
+            boundary_norm = _grad_norm(engine)
+        engine.step()
+        add_metrics(totals, metrics)
+    grad_norm = engine.get_global_grad_norm()  # ZeRO-1..3 and bf16 record it; fp32 ZeRO-0 does not
+    return totals, boundary_norm if grad_norm is None else float(grad_norm)
+
+
+def _grad_norm(engine) -> float:
+    """The gradient norm before clipping, where DeepSpeed's engine would not report it."""
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return float("nan")  # not yet computed here; the engine reports it after the step
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
