@@ -67,7 +67,8 @@ def write_episodes(
         for episode in episodes[:count]:
             text = render_episode(episode)
             tokens_file.write(json.dumps(tokenize_text(tokenizer, text)) + "\n")
-            text_file.write(json.dumps({"prompt": text.prompt, "chosen": text.chosen, "rejected": text.rejected}) + "\n")
+            as_text = {"prompt": text.prompt, "chosen": text.chosen, "rejected": text.rejected}
+            text_file.write(json.dumps(as_text) + "\n")
     return tokens_path, text_path, users["train"]
 
 
@@ -95,11 +96,15 @@ def worker(args) -> dict:
         batch = {c: [r[c] for r in rows] for c in rows[0]}
         scores = scorer(batch)
         for i, row in enumerate(rows):
-            row["reference_chosen"], row["reference_rejected"] = (scores[f"reference_{s}"][i] for s in ("chosen", "rejected"))
+            for side in ("chosen", "rejected"):
+                row[f"reference_{side}"] = scores[f"reference_{side}"][i]
         reference_s = time.perf_counter() - started
         del scorer
         gc.collect()
-    load = lambda: AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32, attn_implementation="sdpa")  # noqa: E731
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32, attn_implementation="sdpa")
+
     policy = load().train()
     reference = None if precomputed else load().eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
@@ -162,12 +167,13 @@ def seconds_per_example(result: dict, args) -> float:
 
 
 def step_table(args, model_path: str, tokens: str, text: str) -> list[dict]:
-    results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    results: dict[str, list[dict]] = {v: [] for v in args.variants}
     for repeat in range(args.repeats):
-        for variant in VARIANTS:  # alternating: a slow spell of the machine hits every variant alike
+        for variant in args.variants:  # alternating: a slow spell of the machine hits every variant alike
             results[variant].append(trial(variant, args, model_path, tokens, text))
             rate = 1 / seconds_per_example(results[variant][-1], args)
-            print(f"  repeat {repeat + 1}/{args.repeats} {variant:<20} {rate:8.2f} examples/s", file=sys.stderr, flush=True)
+            said = f"  repeat {repeat + 1}/{args.repeats} {variant:<20} {rate:8.2f} examples/s"
+            print(said, file=sys.stderr, flush=True)
     table = []
     for variant, trials in results.items():
         rates = [1 / seconds_per_example(r, args) for r in trials]
@@ -234,11 +240,15 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=256, help="N of the whole-run comparison (N vs 2N episodes); 0: skip")
     p.add_argument("--run-repeats", type=int, default=2, help="repeats of the whole-run comparison")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                   help="the step variants to time (trl among them: the ratios' base)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--worker", choices=OURS, help=argparse.SUPPRESS)
     p.add_argument("--model-path", help=argparse.SUPPRESS)
     p.add_argument("--tokens", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if "trl" not in args.variants:
+        p.error("--variants must include trl: every ratio is against it")
     if args.worker:
         print("RESULT " + json.dumps(worker(args)))
         return
@@ -253,6 +263,7 @@ def main(argv=None):
         table = step_table(args, model_path, tokens, text)
         runs = whole_runs(args, model_path, text, data) if args.runs else None
     by = {row["variant"]: row for row in table}
+    concatenated = by["concatenated"]["examples_per_s"] if "concatenated" in by else float("nan")
     print(f"\n{args.model}: IPO step, {args.shots}-shot full-prompt episodes ({args.targets} to a shot set), "
           f"batch {args.batch_size}, {args.threads} threads, {args.repeats} alternating repeats (median [min, max])")
     print(f"{'variant':<25} {'s/step':>7} {'examples/s':>26} {'tokens/s':>9} {'computed':>8} {'peak MB':>8} "
@@ -262,7 +273,7 @@ def main(argv=None):
               f"[{row['min']:7.4f}, {row['max']:7.4f}] {row['tokens_per_s']:9.1f} "
               f"{row.get('computed_tokens_per_example') or float('nan'):8.0f} {row['peak_rss_mb']:8.0f} "
               f"{row['examples_per_s'] / by['trl']['examples_per_s']:9.2f} "
-              f"{row['examples_per_s'] / by['concatenated']['examples_per_s']:14.2f}")  # fmt: skip
+              f"{row['examples_per_s'] / concatenated:14.2f}")  # fmt: skip
     if runs:
         print(f"whole runs (one worker, {args.runs} vs {2 * args.runs} episodes, start-up cancelled), s/example: "
               + ", ".join(f"{system} {runs[system]:.4f} ({runs['trl'] / runs[system]:.2f}× TRL)"

@@ -40,6 +40,7 @@ class DemoConfig:
     lora_r: int = 0  # LoRA adapter rank for both stages (0: train every weight); the export is merged
     lora_alpha: float = 16.0  # LoRA scale: adapters add (lora_alpha / lora_r) · B·A
     length_window: int = 0  # order training episodes by length inside seeded windows of this many; 0: shuffled
+    train_eval_examples: int = 64  # held-out episodes each training stage scores (its curves); 0: none
     eval_episodes: int = 256  # held-out episodes scored at every number of shots
     eval_queries: int = 64  # held-out queries for the win rate
     backend: str = "transformers"  # the service's engine; auto picks vLLM where it runs (slower to start)
@@ -82,13 +83,14 @@ def _demo(cfg: DemoConfig, out: str, log: str) -> dict:
         os.path.join(out, "data"), n_train_users=cfg.n_train_users, n_test_users=cfg.n_test_users,
         pairs_per_user=cfg.pairs_per_user, dims_per_user=cfg.dims_per_user, seed=cfg.seed,
     )  # fmt: skip
-    common = [f"model={cfg.model}", f"datasets=[{data['train']}]", f"eval_datasets=[{data['test']}]",
+    held_out = [f"eval_datasets=[{data['test']}]", f"n_eval_examples={cfg.train_eval_examples}",
+                "eval_batch_size=32"] if cfg.train_eval_examples else []  # fmt: skip
+    common = [*held_out, f"model={cfg.model}", f"datasets=[{data['train']}]",
               f"shots={cfg.shots}", f"passes={cfg.passes}", f"preferred_only={cfg.preferred_only}",
               f"batch_size={cfg.batch_size}", f"max_length={cfg.max_length}",
               f"max_prompt_length={cfg.max_prompt_length}", f"storage_path={out}/runs", "zero_stage=2",
-              "optimizer=AdamW", "warmup_steps=5", f"lr_schedule={cfg.lr_schedule}", "n_eval_examples=64",
-              "eval_batch_size=32", f"length_window={cfg.length_window}",
-              f"targets_per_prompt={cfg.targets_per_prompt}",
+              "optimizer=AdamW", "warmup_steps=5", f"lr_schedule={cfg.lr_schedule}",
+              f"length_window={cfg.length_window}", f"targets_per_prompt={cfg.targets_per_prompt}",
               f"lora.r={cfg.lora_r}", f"lora.alpha={cfg.lora_alpha}", f"seed={cfg.seed}"]  # fmt: skip
     answers = "preferred answers" if cfg.sft_target == "chosen" else "preferred and dispreferred answers"
     _step(f"2/5 few-shot SFT on the {answers} (2 Ray Train workers, DeepSpeed ZeRO-2)")
