@@ -260,9 +260,11 @@ def test_empty_prompt_is_refused():
 
 
 @pytest.mark.slow
-def test_flex_attention_block_mask_equals_the_dense_mask():
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_flex_attention_block_mask_equals_the_dense_mask(family):
     """The CUDA path (FlexAttention with a BlockMask built from the same segment ids), run on the CPU: rows
-    long enough that whole 128-token blocks are skipped score as the dense SDPA path does."""
+    long enough that whole 128-token blocks are skipped score as the dense SDPA path does; for Qwen2, with
+    a sliding-window layer beside a full one (a BlockMask per layer type)."""
     import random
 
     rng = random.Random(0)
@@ -278,7 +280,7 @@ def test_flex_attention_block_mask_equals_the_dense_mask():
     assert block_mask.sparsity() > 0  # the third target's queries skip the first target's key blocks
     scores = []
     for attention in ("sdpa", "flex_attention"):  # FlexAttention has no backward on CPUs: values only here
-        model = _model()
+        model = _family(family)
         model.set_attn_implementation(attention)
         with torch.no_grad():
             scores.append(packed_logps(model, batch))
