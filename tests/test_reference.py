@@ -103,15 +103,27 @@ def test_the_weights_digest_is_read_once_per_file_version(tmp_path, monkeypatch)
     assert file_digest(str(weights)) != first
 
 
-# A driver of its own, on the test's Ray: the reference pass of 160 long episodes (8 shots, up to 2,048 tokens)
-# in parts of 8 rows; SIGKILL ends it with the rest of its job.
+# A driver of its own, on the test's Ray: the reference pass of 160 episodes in parts of 8 rows, SIGKILLed by
+# itself in the middle of writing its 16th part (80%), so the kill lands at the same place every time.
 KILLED_PASS = """
-import sys, ray
-from fspo_ray.train.reference import ReferenceScoring
+import os, signal, sys, ray
+import pyarrow.parquet as pq
+from fspo_ray.train import reference
 from test_reference import _prepare
+
+write_part, written = reference._write_part, []
+
+def write_then_die(cache_dir, part):  # the 16th part of 20 dies half-written: its temporary file is left behind
+    if len(written) == 15:
+        pq.write_table(part, f"{cache_dir}/.part-killed.tmp")
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_part(cache_dir, part)
+    written.append(part)
+
+reference._write_part = write_then_die
 ray.init(address=sys.argv[1])
-_prepare({"train": sys.argv[2]}, sys.argv[3], ReferenceScoring(sys.argv[3], "float32", sys.argv[4], rows_per_part=8),
-         limit=160, shots=8, max_length=2048)
+_prepare({"train": sys.argv[2]}, sys.argv[3], reference.ReferenceScoring(sys.argv[3], "float32", sys.argv[4],
+         rows_per_part=8), limit=200)
 """
 
 
@@ -121,8 +133,8 @@ def _rows_on_disk(cache: Path) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in cache.glob("part-*.parquet")) if cache.exists() else 0
 
 
-def test_a_pass_killed_at_80_percent_scores_only_the_rest_when_run_again(local_ray, tmp_path):
-    users = write_synthetic(str(tmp_path / "users"), n_train_users=20, n_test_users=2, pairs_per_user=72)
+def test_a_killed_pass_scores_only_the_rest_when_run_again(local_ray, tmp_path):
+    users = write_synthetic(str(tmp_path / "users"), n_train_users=20, n_test_users=2, pairs_per_user=24)
     model = build_tiny_model(str(tmp_path / "tiny"))
     cache = tmp_path / "cache"
     driver = subprocess.Popen(
@@ -131,23 +143,15 @@ def test_a_pass_killed_at_80_percent_scores_only_the_rest_when_run_again(local_r
         cwd=REPO, env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    try:
-        while _rows_on_disk(cache) < 128:  # 80% of 160
-            assert driver.poll() is None, f"the pass ended before 80%: {driver.stderr.read()[-3000:]}"
-            time.sleep(0.02)
-        os.killpg(driver.pid, signal.SIGSTOP)  # freeze it, then count what it left, then kill it
-        on_disk = _rows_on_disk(cache)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    assert 128 <= on_disk < 160, on_disk
+    assert driver.wait() == -signal.SIGKILL, driver.stderr.read()[-3000:]
+    on_disk = _rows_on_disk(cache)
+    assert on_disk == 15 * 8 and (cache / ".part-killed.tmp").exists()
 
     scoring = ReferenceScoring(model, "float32", str(cache), rows_per_part=8)
-    resumed = _prepare(users, model, scoring, limit=160, shots=8, max_length=2048)
-    assert resumed.stats["reference_scored"] == 160 - on_disk
+    resumed = _prepare(users, model, scoring, limit=200)
     rows = _rows(resumed)
-    assert _rows_on_disk(cache) >= 160 and len(rows) == 160
-    sample = rows[::20]  # the parts scored before the kill and after it are the model's numbers alike
+    assert len(rows) == 160 and resumed.stats["reference_scored"] == 160 - on_disk and _rows_on_disk(cache) == 160
+    sample = rows[::8]  # the parts scored before the kill and after it are the model's numbers alike
     torch.testing.assert_close(_scores(sample), _plain(model, sample), rtol=1e-5, atol=0)
 
 

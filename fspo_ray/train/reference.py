@@ -126,7 +126,10 @@ def score_reference(rows, scoring: ReferenceScoring):
     missing = fingerprints - cached.keys()
     if missing:
         # Materialized first: the scoring actors may take every CPU, and then no upstream task could run.
-        todo = rows.filter(lambda row: int(row["fingerprint"]) in missing).materialize()
+        # One block per part: a map task emits one block per input block, so the cache's grain (what a killed pass
+        # loses) is set here, not by the batch size.
+        todo = (rows.filter(lambda row: int(row["fingerprint"]) in missing)
+                .repartition(target_num_rows_per_block=scoring.rows_per_part, strict=True).materialize())  # fmt: skip
         scored = todo.map_batches(
             CompletionScorer,
             fn_constructor_kwargs={"models": {"reference": scoring.model_path}, "dtype": scoring.dtype},
