@@ -258,6 +258,7 @@ def test_smollm2_labels_pairs_by_likelihood_right_where_the_truth_is_known_and_a
 
     from fspo_ray.config import parse_overrides
     from fspo_ray.data.prompts import persona_answer_prompt
+    from fspo_ray.generate.judging import verdicts
     from fspo_ray.generate.run import generate_data
     from fspo_ray.models import resolve_model
     from fspo_ray.train.config import parse_train_config
@@ -266,30 +267,27 @@ def test_smollm2_labels_pairs_by_likelihood_right_where_the_truth_is_known_and_a
 
     out = tmp_path / "generated"
     # transformers: no engine start-up per stage (vLLM's path is the endpoint and evaluation tests' engine).
-    settings = [f"out={out}", "n_personas=4", "n_questions=3", "n_contrasts=3", "backend=transformers",
-                "max_new_tokens=40"]  # fmt: skip
-    summary = main([*settings, "validate=true"])
+    settings = [f"out={out}", "n_personas=4", "n_questions=2", "n_contrasts=2", "backend=transformers",
+                "max_new_tokens=32"]  # fmt: skip
+    summary = main(settings)
     console = capfd.readouterr()
     assert " INFO " not in console.out + console.err
     assert summary == json.loads((out / "summary.json").read_text())
     judged, answers = jsonl(out / "judged.jsonl"), jsonl(out / "answers.jsonl")
     train, test = jsonl(out / "train.jsonl"), jsonl(out / "test.jsonl")
-    assert len(answers) == 12 and summary["answers"]["written"] == 12  # each persona's answer, written once
-    assert len(judged) == summary["rows"] == 4 * 3 * 3 and summary["judge"] == "likelihood"
+    assert len(answers) == 8 and summary["answers"]["written"] == 8  # each persona's answer, written once
+    assert len(judged) == summary["rows"] == 4 * 2 * 2 and summary["judge"] == "likelihood"
 
-    # Where the answer is known, the likelihood judge's kept labels are right (issue #30: ≥ 85%), and the
-    # console gives both judges' records.
-    known = summary["validation"]["likelihood"]
-    assert known["pairs"] == 104 and known["agreement"] >= 0.85 and known["kept_fraction"] >= 0.5, known
-    rows = jsonl(out / "validation.jsonl")
-    assert known["agree_with_truth"] == sum(r["likelihood"]["outcome"] == r["truth"] for r in rows)
-    assert known["kept"] == sum(r["likelihood"]["outcome"] in ("own", "contrast") for r in rows)
-    generative = summary["validation"]["generative"]
-    said = Counter(r["generative"]["outcome"] for r in rows)
-    assert (generative["kept"], generative["inconsistent"], generative["malformed_verdict"]) == (
-        said["own"] + said["contrast"], said["inconsistent"], said["malformed_verdict"])  # fmt: skip
-    for name, record in (("likelihood", known), ("generative", generative)):
-        assert f"known truth, {name} judge: kept {record['kept']} of 104 pairs" in console.out
+    # Where the answer is known, the likelihood judge's kept labels are right (issue #30: ≥ 85%; on the whole
+    # set 60 of 66, docs/data-generation.md). Half the set (every user, pairs 0 and 2: 30 of 34 there) and
+    # only this judge: validate=true would also run SmolLM2 as the generative judge, which keeps nothing
+    # (its record's counting is the endpoint test's), for a minute of this test.
+    pairs = known_truth_comparisons(seed=0)[::2]
+    cfg = parse_overrides(GenerateDataConfig, settings)
+    said = dict(verdicts("likelihood", resolve_model("smollm2-135m"), pairs, cfg, "known truth"))
+    known = judge_record("likelihood", pairs, said)
+    assert known["agreement"] >= 0.85 and known["kept_fraction"] >= 0.5, known
+    assert known["agree_with_truth"] == sum(said[p["key"]]["outcome"] == p["truth"] for p in pairs)
 
     # Every outcome follows from its logged log-probs by the formula (worked out here), and the summary
     # counts the outcomes the rows hold.
@@ -302,8 +300,8 @@ def test_smollm2_labels_pairs_by_likelihood_right_where_the_truth_is_known_and_a
         outcomes[row["outcome"]] += 1
     assert (summary["kept"], summary["kept_own_answer_preferred"], summary["undecided"]) == (
         outcomes["own"] + outcomes["contrast"], outcomes["own"], outcomes["undecided"])  # fmt: skip
-    assert f"kept {summary['kept']} of 36 rows ({outcomes['own']} preferring" in console.out
-    assert summary["kept"] == len(train) + len(test) >= 18  # issue #30: ≥ 50% kept
+    assert f"kept {summary['kept']} of 16 rows ({outcomes['own']} preferring" in console.out
+    assert summary["kept"] == len(train) + len(test) >= 8  # issue #30: ≥ 50% kept
     assert (summary["train"]["personas"], summary["test"]["personas"]) == (3, 1)
     split_of = {}
     for split, pairs in (("train", train), ("test", test)):
@@ -322,7 +320,7 @@ def test_smollm2_labels_pairs_by_likelihood_right_where_the_truth_is_known_and_a
 
     # A re-run resumes: nothing left to do, the same files. Other settings in the same out stop it.
     again = generate_data(parse_overrides(GenerateDataConfig, settings))
-    assert "36 judged before, 0 to go" in capfd.readouterr().out
+    assert "16 judged before, 0 to go" in capfd.readouterr().out
     assert jsonl(out / "train.jsonl") == train and again["kept"] == summary["kept"]
     with pytest.raises(ConfigError, match=rf"judge_margin \({margin} there, 0.5 now\)"):
         generate_data(parse_overrides(GenerateDataConfig, [*settings, "judge_margin=0.5"]))
