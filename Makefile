@@ -60,8 +60,10 @@ bench-real-people: setup
 demo: setup
 	$(PY) -m jobs.demo config=jobs/demo.yaml
 
+# Two workers, a test file each at a time, the longest files first (tests/conftest.py): much of a test's
+# time is Ray, Serve and subprocesses starting up, which overlaps well on two cores.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

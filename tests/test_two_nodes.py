@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -52,8 +54,10 @@ def _wait_for(what: str, happened, timeout: float = 300) -> None:
 class TwoNodeCluster:
     """A head and a worker node started with `ray start`, torn down by process id."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self):
+        # A short folder of its own, not pytest's (which pytest-xdist makes longer): Ray's socket paths, under
+        # each node's temp dir, must stay under 107 characters.
+        self.root = Path(tempfile.mkdtemp(prefix="two-nodes-"))
         self.token = secrets.token_hex(32)
         self.gcs_port, self.dashboard_port = _free_port(), _free_port()
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
@@ -64,7 +68,7 @@ class TwoNodeCluster:
         self.env.pop("RAY_ADDRESS", None)
 
     def _temp_dir(self, role: str) -> Path:
-        return self.root / role[0]  # short: Ray's socket paths must stay under 107 characters
+        return self.root / role[0]
 
     def start(self, role: str) -> str:
         """Start the head or a worker node; return its new node id (a killed node stays ALIVE in the GCS until
@@ -74,7 +78,11 @@ class TwoNodeCluster:
                 "--dashboard-host=127.0.0.1", f"--ray-client-server-port={_free_port()}"] if role == "head" else [
                 f"--address=127.0.0.1:{self.gcs_port}"]  # fmt: skip
         subprocess.run(
+            # The agent's HTTP port defaults to 52365 on every node: a second Ray on this machine (another
+            # node, or another test file's Ray) would leave this node's agent without one, and the head's job
+            # server needs its agent.
             [BIN / "ray", "start", *args, "--num-cpus=2", f"--resources={json.dumps({role: 1})}",
+             f"--dashboard-agent-listen-port={_free_port()}",
              f"--temp-dir={self._temp_dir(role)}", "--object-store-memory=500000000", "--disable-usage-stats"],
             env=self.env, check=True, capture_output=True, cwd=self.root,
         )  # fmt: skip
@@ -143,6 +151,8 @@ class TwoNodeCluster:
         _, alive = psutil.wait_procs(everything, timeout=10)
         for p in alive:
             p.kill()
+        psutil.wait_procs(alive, timeout=10)
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def state(self, kind: str, **filters) -> list[dict]:
         """The dashboard's state API (`ray list <kind>`), dead entries included."""
@@ -172,9 +182,8 @@ def _finish(job: subprocess.Popen, timeout: float = 600) -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    root = tmp_path_factory.mktemp("2n", numbered=True)
-    two = TwoNodeCluster(root)
+def cluster():
+    two = TwoNodeCluster()
     try:
         two.nodes = {"head": two.start("head"), "worker": two.start("worker")}
         yield two
@@ -228,7 +237,9 @@ def uninterrupted(cluster, users, tmp_path_factory) -> Trained:
     return Trained(storage / "whole", _workers_by_node(cluster, earlier))
 
 
-def test_training_workers_run_one_on_each_node(cluster, uninterrupted):
+def test_a_job_submitted_with_the_token_trains_one_worker_on_each_node(cluster, uninterrupted):
+    refused = httpx.get(f"{cluster.dashboard}/api/jobs/", timeout=10)
+    assert refused.status_code in (401, 403)  # token auth is on: without the token, no jobs
     assert uninterrupted.workers == {cluster.nodes["head"]: 1, cluster.nodes["worker"]: 1}
     assert (uninterrupted.run_dir / "LATEST" / "model.safetensors").exists()
 
