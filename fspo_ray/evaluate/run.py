@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from omegaconf import MISSING
 
+from fspo_ray.batch_inference import batch_generate
 from fspo_ray.config import ConfigError, InputError, refuse_overwrite
 from fspo_ray.console import streamed_rows
 from fspo_ray.data.episodes import Episode
@@ -20,7 +21,7 @@ from fspo_ray.data.prompts import strip_completion_header
 from fspo_ray.data.readers import default_shots, read_pairs, skipped_rows
 from fspo_ray.data.synthetic import on_task
 from fspo_ray.data.tokenize import PromptStyle, fit_episode, load_tokenizer
-from fspo_ray.engines import Sampling, batch_generate, vllm_usable
+from fspo_ray.engines import Sampling, vllm_usable
 from fspo_ray.evaluate.accuracy import (
     accuracy_by_shots,
     bayes_optimal_by_shots,
