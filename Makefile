@@ -60,8 +60,8 @@ bench-real-people: setup
 demo: setup
 	$(PY) -m jobs.demo config=jobs/demo.yaml
 
-# Two workers, a test file each at a time, the longest files first (tests/conftest.py): much of a test's
-# time is Ray, Serve and subprocesses starting up, which overlaps well on two cores.
+# Two workers, a test file each at a time, the longest files first (tests/conftest.py): the tests are mostly
+# CPU-bound, so two at a time only wins back what one file leaves idle (~a fifth; docs/benchmarks.md).
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
