@@ -29,9 +29,10 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def vllm_service(local_ray, tmp_path_factory, trained_tiny):
-    """Three vLLM apps: the random tiny model, which never stops writing (for streams cut short); the
-    briefly trained one, whose answers are real text (for the greedy comparison); the random one on two
-    replicas (for user affinity)."""
+    """Two vLLM apps, three engines: the random tiny model, which never stops writing (for streams cut
+    short); the briefly trained one on two replicas, whose answers are real text (for the greedy comparison)
+    and whose users each keep to one replica (for user affinity). Histories of 1,400 tokens stay whole: a
+    model without a run gets 1,024-token prompts by default."""
     from ray import serve
 
     from fspo_ray.models import build_tiny_model
@@ -43,10 +44,8 @@ def vllm_service(local_ray, tmp_path_factory, trained_tiny):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = service_app(model, "vllm", 0.5, env={"FSPO_TEST_KEY": KEY}, api_key_env="FSPO_TEST_KEY")
     serve.run(app, name="fspo-vllm", route_prefix="/")
-    serve.run(service_app(trained_tiny, "vllm", 0.5), name="trained-vllm", route_prefix="/trained")
-    # Histories of 1,400 tokens, whole: a model without a run gets 1,024-token prompts by default.
-    two = service_app(model, "vllm", 0.5, generator={"num_replicas": 2}, base_max_prompt_length=2048)
-    serve.run(two, name="two-vllm", route_prefix="/two")
+    trained = service_app(trained_tiny, "vllm", 0.5, generator={"num_replicas": 2}, base_max_prompt_length=2048)
+    serve.run(trained, name="trained-vllm", route_prefix="/trained")
     yield {"url": f"http://127.0.0.1:{port}", "model": model, "trained": trained_tiny,
            "auth": {"Authorization": f"Bearer {KEY}"}}  # fmt: skip
     serve.shutdown()
@@ -120,10 +119,11 @@ def test_a_users_repeat_request_reads_their_history_from_the_cache_of_the_replic
     (benchmarks/serve_latency.py measures it)."""
     from transformers import AutoTokenizer
 
-    tokenizer, queries = AutoTokenizer.from_pretrained(vllm_service["model"]), (QUERY, "Why is the sky blue?")
-    histories = [[{**shot, "question": f"{shot['question']} (user {user}, take {i})"} for i in range(12)
+    tokenizer, queries = AutoTokenizer.from_pretrained(vllm_service["trained"]), (QUERY, "Why is the sky blue?")
+    # Not the seeded test's histories, which the same replicas have already cached.
+    histories = [[{**shot, "question": f"{shot['question']} (reader {user}, take {i})"} for i in range(12)
                   for shot in HISTORY] for user in range(12)]  # fmt: skip
-    first, repeat = ([httpx.post(f"{vllm_service['url']}/two/v1/personalize", timeout=300, json={
+    first, repeat = ([httpx.post(f"{vllm_service['url']}/trained/v1/personalize", timeout=300, json={
         "history": history, "query": query, "max_new_tokens": 1}).json() for history in histories]
         for query in queries)  # fmt: skip
     for user, history in enumerate(histories):
