@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def users(tmp_path_factory) -> dict[str, str]:
-    return write_synthetic(str(tmp_path_factory.mktemp("users")), n_train_users=48, n_test_users=16, pairs_per_user=12)
+    return write_synthetic(str(tmp_path_factory.mktemp("users")), n_train_users=16, n_test_users=4, pairs_per_user=12)
 
 
 def metrics(run_dir: str) -> list[dict]:
@@ -61,7 +61,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(local_ray, users, tmp_p
     log = metrics(cfg.run_dir)
     examples = [m["counters/examples"] for m in log]
     assert examples == list(range(4, examples[-1] + 1, 4))  # the replayed steps are logged once
-    per_epoch = 48 * (12 // 2) // 4 * 4  # users × episodes per user, whole steps of 4
+    per_epoch = 16 * (12 // 2) // 4 * 4  # users × episodes per user, whole steps of 4
     assert examples[-1] == 2 * per_epoch
     for rank in (0, 1):
         with open(os.path.join(cfg.run_dir, "example_ids", f"rank{rank}.jsonl")) as f:
