@@ -156,6 +156,16 @@ def _plain(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def use_task_shuffles() -> None:
+    """Run this process's Ray Data group-bys and sorts as tasks. The default hash shuffle starts aggregator
+    actors, slow to start and greedy for CPUs on a small machine (6-20 s before an evaluation's first
+    episode, measured); the group-bys and sorts here move little data."""
+    import ray.data
+    from ray.data.context import ShuffleStrategy
+
+    ray.data.DataContext.get_current().shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+
+
 def build_episode_dataset(pairs_ds, shots: int, passes: int, seed: int, num_partitions: int | None = None):
     """The same episodes on a Ray Dataset of `PreferencePair.as_row()` rows: a group-by over users.
 

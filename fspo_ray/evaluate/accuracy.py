@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fspo_ray.console import streamed_rows
-from fspo_ray.data.episodes import Episode, build_episode_dataset
+from fspo_ray.data.episodes import Episode, build_episode_dataset, use_task_shuffles
 from fspo_ray.data.readers import read_pair_dataset
 from fspo_ray.data.synthetic import bayes_optimal_choice
 from fspo_ray.data.tokenize import PromptStyle, fit_episode, load_tokenizer
@@ -67,6 +67,7 @@ def draw_order(seed: int, episode_id: str) -> str:
 def held_out_episodes(specs: list[str], *, split: str | None, users: list[str] | None, shots: int, seed: int):
     """Held-out episodes with `shots` shots (one pass), in the seeded random order of `draw_order`: the
     same for every measure."""
+    use_task_shuffles()
     pairs = read_pair_dataset(specs, split)
     if users is not None:
         keep = set(users)

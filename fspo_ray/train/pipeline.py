@@ -21,6 +21,7 @@ from fspo_ray.data.episodes import (
     build_episode_dataset,
     default_passes,
     episode_dataset_stats,
+    use_task_shuffles,
 )
 from fspo_ray.data.readers import read_pair_dataset, skipped_rows
 from fspo_ray.data.tokenize import PromptStyle, fit_episode, load_tokenizer
@@ -111,12 +112,9 @@ def prepare(
     `reference` adds the reference's log-probs of every row (reference.py).
     """
     import ray.data
-    from ray.data.context import ShuffleStrategy
 
-    # Task-based shuffles: the default hash shuffle starts aggregator actors, slow to start and
-    # greedy for CPUs on a small machine; group-by and sort here move little data.
+    use_task_shuffles()
     context = ray.data.DataContext.get_current()
-    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     context.enable_progress_bars = False  # they flood the job's log from every worker; we print summaries
     context.execution_options.preserve_order = True  # a rank's shard must hold the same rows in the same order
     passes = passes if passes is not None else default_passes(shots, purpose)
