@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 # The columns a tokenized episode carries: prompt ids, and each completion's ids with its EOS.
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+# Where a row scores several prompts sharing their start: per prompt, how many of prompt_ids' tokens it
+# keeps and the tokens that follow them (see `pack_branches`).
+BRANCH_COLUMNS = ("branch_cuts", "branch_tails")
 # Raise when the scores this module computes for the same model and tokens change: cached reference
 # scores (train/reference.py) are keyed on it.
 SCORER_VERSION = 1
@@ -56,14 +59,18 @@ class PackedBatch:
     attention_mask: torch.Tensor  # (B, 1, L, L) bool, True = may attend
     source: torch.Tensor  # (N,) flat index into B·L of the hidden state that predicts each completion token
     target: torch.Tensor  # (N,) the completion token predicted there
-    sequence: torch.Tensor  # (N,) which completion the token belongs to: chosen i → i, rejected i → B + i
-    lengths: tuple[tuple[int, int, int], ...]  # each row's (prompt, chosen, rejected) token counts
+    sequence: torch.Tensor  # (N,) which completion the token belongs to: chosen j → j, rejected j → branches + j
+    # Per completion, in `sequence`'s numbering: (row, the row's spans that make its plain sequence, where the
+    # completion starts in that sequence): what `plain_logps` rebuilds.
+    plain: tuple[tuple[int, tuple[tuple[int, int], ...], int], ...]
     num_sequences: int
     tokens: int  # real (non-padding) tokens
     padding: int  # padding tokens
 
 
-_PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
+# A branch continues the first `cut` tokens of its row's prompt with `tail` (the rest of its own prompt), then
+# scores `chosen` and `rejected` (or `chosen` alone: None) after it.
+Branch = tuple[int, Sequence[int], Sequence[int], Sequence[int] | None]
 
 
 def pack(
@@ -74,32 +81,72 @@ def pack(
     device: torch.device | str = "cpu",
 ) -> PackedBatch:
     """One right-padded row per episode: [prompt | chosen | rejected] (or [prompt | chosen] without rejected)."""
-    rows, with_rejected = len(prompts), rejected is not None
-    rejected = rejected if with_rejected else [[] for _ in range(rows)]
-    width = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
-    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((rows, width), dtype=torch.long)
-    segment = torch.full((rows, width), _PAD, dtype=torch.long)
+    rejected = rejected if rejected is not None else [None] * len(prompts)
+    rows = [(p, [(len(p), (), c, r)]) for p, c, r in zip(prompts, chosen, rejected)]
+    return pack_branches(rows, pad_token_id, device)
+
+
+def pack_branches(
+    rows: Sequence[tuple[Sequence[int], Sequence[Branch]]], pad_token_id: int, device: torch.device | str = "cpu"
+) -> PackedBatch:
+    """One right-padded row per (prompt, branches): the prompt once, then each branch's tail and completions.
+
+        tokens       [ prompt ...... | tail₁ | chosen₁ | rejected₁ | tail₂ | chosen₂ | rejected₂ | pad ]
+        position ids   0 ...           cut₁ …  after tail₁           cut₂ …  after tail₂
+
+    Branch j's tail sees the prompt's first cut_j tokens and itself; its completions see those, the tail and
+    themselves (rejected never sees chosen). Each completion thus sits exactly where it would after
+    `prompt[:cut] + tail` alone. Evaluation scores every k of an episode in one row this way: a k-shot prompt
+    is the longest prompt's first tokens up to its task line. Completions are numbered over the whole batch:
+    branch j's chosen is j, its rejected (number of branches) + j."""
+    flat = [branch for _, branches in rows for branch in branches]
+    with_rejected = {branch[3] is not None for branch in flat}
+    if len(with_rejected) != 1:
+        raise ValueError("every branch needs a rejected completion, or none does")
+    with_rejected, n_branches = with_rejected.pop(), len(flat)
+    width = max(len(p) + sum(len(t) + len(c) + len(r or ()) for _, t, c, r in bs) for p, bs in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)  # -1 padding, 0 the prompt, then 3 per branch
+    sees = torch.zeros((len(rows), 1 + 3 * max(len(bs) for _, bs in rows), width), dtype=torch.bool)  # beyond itself
     source, target, sequence = [], [], []
-    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
-        if len(p) == 0:
-            raise ValueError(f"row {i}: empty prompt (a completion's first token needs a position to predict it)")
-        P, C, R = len(p), len(c), len(r)
-        input_ids[i, : P + C + R] = torch.tensor([*p, *c, *r], dtype=torch.long)
-        position_ids[i, : P + C] = torch.arange(P + C)
-        position_ids[i, P + C : P + C + R] = torch.arange(P, P + R)
-        segment[i, :P], segment[i, P : P + C], segment[i, P + C : P + C + R] = _PROMPT, _CHOSEN, _REJECTED
-        base = i * width
-        # Token t of a completion is predicted by the hidden state before it: the prompt's last for t = 0.
-        for start, tokens, seq in ((P, c, i), (P + C, r, rows + i)) if with_rejected else ((P, c, i),):
-            source += [base + P - 1] + [base + start + t - 1 for t in range(1, len(tokens))]
-            target += list(tokens)
-            sequence += [seq] * len(tokens)
+    plain: list = [None] * (2 * n_branches if with_rejected else n_branches)
+    j = 0
+    for i, (prompt, branches) in enumerate(rows):
+        P, at = len(prompt), len(prompt)
+        input_ids[i, :P] = torch.tensor(list(prompt), dtype=torch.long)
+        position_ids[i, :P], segment[i, :P] = torch.arange(P), 0
+        for b, (cut, tail, chosen, rejected) in enumerate(branches):
+            if not 0 <= cut <= P:
+                raise ValueError(f"row {i}: a branch cuts the prompt at {cut}, outside its {P} tokens")
+            if cut + len(tail) == 0:
+                raise ValueError(f"row {i}: empty prompt (a completion's first token needs a position to predict it)")
+            tail_segment, context = 1 + 3 * b, cut + len(tail)
+            tail_span = (at, at + len(tail))
+            sees[i, tail_segment, :cut] = True
+            completions = [(chosen, j)] + ([(rejected, n_branches + j)] if with_rejected else [])
+            for n, (tokens, seq) in enumerate([(tail, None), *completions]):
+                end, start = at + len(tokens), cut if n == 0 else context
+                input_ids[i, at:end] = torch.tensor(list(tokens), dtype=torch.long)
+                position_ids[i, at:end] = torch.arange(start, start + len(tokens))
+                segment[i, at:end] = tail_segment + n
+                if n:  # a completion sees what its tail sees, and the tail
+                    sees[i, tail_segment + n] = sees[i, tail_segment]
+                    sees[i, tail_segment + n, tail_span[0] : tail_span[1]] = True
+                    # Token t is predicted by the hidden state before it: the context's last for t = 0.
+                    last = tail_span[1] - 1 if tail else cut - 1
+                    source += [i * width + last] + [i * width + at + t - 1 for t in range(1, len(tokens))]
+                    target += list(tokens)
+                    sequence += [seq] * len(tokens)
+                    plain[seq] = (i, ((0, cut), tail_span, (at, end)), context)
+                at = end
+            j += 1
     query, key = segment.unsqueeze(2), segment.unsqueeze(1)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
-    mask = causal & (key != _PAD) & ~((query == _REJECTED) & (key == _CHOSEN))
-    mask |= torch.eye(width, dtype=torch.bool) & (query == _PAD)  # a padding row attends to itself, never NaN
-    real = int((segment != _PAD).sum())
+    beyond = torch.gather(sees, 1, segment.clamp(min=0).unsqueeze(2).expand(-1, -1, width))
+    mask = ((query == key) & causal & (key != -1)) | (beyond & (query != -1))
+    mask |= torch.eye(width, dtype=torch.bool) & (query == -1)  # a padding row attends to itself, never NaN
+    real = int((segment != -1).sum())
     return PackedBatch(
         input_ids=input_ids.to(device),
         position_ids=position_ids.to(device),
@@ -107,10 +154,10 @@ def pack(
         source=torch.tensor(source, dtype=torch.long, device=device),
         target=torch.tensor(target, dtype=torch.long, device=device),
         sequence=torch.tensor(sequence, dtype=torch.long, device=device),
-        lengths=tuple((len(p), len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)),
-        num_sequences=2 * rows if with_rejected else rows,
+        plain=tuple(plain),
+        num_sequences=len(plain),
         tokens=real,
-        padding=rows * width - real,
+        padding=len(rows) * width - real,
     )
 
 
@@ -179,18 +226,14 @@ def packed_logps(model, batch: PackedBatch) -> torch.Tensor:
 
 
 def plain_logps(model, batch: PackedBatch) -> torch.Tensor:
-    """The plain path, the one `packed_logps` is tested against: prompt+chosen and prompt+rejected as separate
-    right-padded rows through the model's own forward, full logits, then each completion's log-probs summed."""
-    ids = batch.input_ids
-    rows = [ids[i, : P + C] for i, (P, C, _) in enumerate(batch.lengths)]
-    if batch.num_sequences > len(batch.lengths):  # with rejected
-        rows += [torch.cat([ids[i, :P], ids[i, P + C : P + C + R]]) for i, (P, C, R) in enumerate(batch.lengths)]
-    starts = [P for P, _, _ in batch.lengths] * (len(rows) // len(batch.lengths))
+    """The plain path, the one `packed_logps` is tested against: each completion after its own prompt as a
+    separate right-padded row through the model's own forward, full logits, then its log-probs summed."""
+    rows = [torch.cat([batch.input_ids[i, a:b] for a, b in spans]) for i, spans, _ in batch.plain]
     # Padding is masked and unlabelled: any id will do.
     input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=0)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     attention_mask = torch.zeros_like(input_ids)
-    for i, (row, start) in enumerate(zip(rows, starts)):
+    for i, (row, (_, _, start)) in enumerate(zip(rows, batch.plain)):
         labels[i, start : len(row)] = row[start:]
         attention_mask[i, : len(row)] = 1
     return sequence_logps(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
@@ -214,6 +257,10 @@ class CompletionScorer:
     """A Ray Data batch-inference actor: each row's summed chosen and rejected log-probs under one or more
     models, with the packed forward, as columns `{name}_chosen` and `{name}_rejected`.
 
+    A row is an episode's `TOKEN_COLUMNS`; with `BRANCH_COLUMNS` too it holds several prompts that share their
+    first tokens (evaluation's k-shot prompts of one episode, see `pack_branches`), scored in one row: then
+    each score column holds a list, one score per branch.
+
     Rows are run shortest first in groups of `rows_per_forward`, so little of a forward is padding; the
     output keeps the input's row order.
     """
@@ -229,16 +276,29 @@ class CompletionScorer:
         self.rows_per_forward = rows_per_forward
 
     def __call__(self, batch: dict) -> dict:
-        n = len(batch["prompt_ids"])
-        order = sorted(range(n), key=lambda i: sum(len(batch[c][i]) for c in TOKEN_COLUMNS))
-        scores = {f"{name}_{side}": [0.0] * n for name in self.models for side in ("chosen", "rejected")}
+        n, branched = len(batch["prompt_ids"]), BRANCH_COLUMNS[0] in batch
+        rows = [self._branches(batch, i, branched) for i in range(n)]
+        order = sorted(range(n), key=lambda i: len(rows[i][0]) + sum(len(t) + len(c) + len(r) for _, t, c, r in rows[i][1]))
+        scores = {f"{name}_{side}": [None] * n for name in self.models for side in ("chosen", "rejected")}
         for start in range(0, n, self.rows_per_forward):
-            rows = order[start : start + self.rows_per_forward]
-            packed = pack(*([batch[c][i] for i in rows] for c in TOKEN_COLUMNS), self.pad_id, self.device)
+            group = order[start : start + self.rows_per_forward]
+            packed = pack_branches([rows[i] for i in group], self.pad_id, self.device)
             for name, model in self.models.items():
                 with torch.no_grad():
                     logps = packed_logps(model, packed).tolist()
-                chosen, rejected = logps[: len(rows)], logps[len(rows) :]
-                for j, i in enumerate(rows):
-                    scores[f"{name}_chosen"][i], scores[f"{name}_rejected"][i] = chosen[j], rejected[j]
+                chosen, rejected = logps[: len(logps) // 2], logps[len(logps) // 2 :]
+                for i in group:
+                    count = len(rows[i][1])
+                    scores[f"{name}_chosen"][i], chosen = chosen[:count], chosen[count:]
+                    scores[f"{name}_rejected"][i], rejected = rejected[:count], rejected[count:]
+        if not branched:
+            scores = {column: [values[0] for values in lists] for column, lists in scores.items()}
         return {**batch, **scores}
+
+    @staticmethod
+    def _branches(batch: dict, i: int, branched: bool) -> tuple[list[int], list[Branch]]:
+        prompt, chosen, rejected = (list(batch[c][i]) for c in TOKEN_COLUMNS)
+        if not branched:
+            return prompt, [(len(prompt), [], chosen, rejected)]
+        cuts, tails = (batch[c][i] for c in BRANCH_COLUMNS)
+        return prompt, [(int(cut), list(tail), chosen, rejected) for cut, tail in zip(cuts, tails)]

@@ -30,8 +30,8 @@ def watch_metrics(port: int, seen: dict, stop: threading.Event) -> None:
 
 
 def episode_verdicts(out, data, ks) -> dict[int, list[bool]]:
-    """{k: whether the implicit reward ranks the preferred answer first, per held-out episode}, with the k
-    newest shots in the prompt, in the demo's prompt style and limits (preferred-only, 512/384 tokens)."""
+    """{k: whether the implicit reward ranks the preferred answer first, per held-out episode}, with the first
+    k shots in the prompt, in the demo's prompt style and limits (preferred-only, 512/384 tokens)."""
     import dataclasses
 
     import torch
@@ -53,7 +53,7 @@ def episode_verdicts(out, data, ks) -> dict[int, list[bool]]:
     right: dict[int, list[bool]] = {}
     for k in ks:
         for episode in episodes:
-            variant = dataclasses.replace(episode, shots=episode.shots[3 - k :])
+            variant = dataclasses.replace(episode, shots=episode.shots[:k])
             tokens = fit_episode(variant, tokenizer, max_length=512, max_prompt_length=384,
                                  style=PromptStyle(preferred_only=True)).tokens  # fmt: skip
             pc, rc = (logp(m, tokens["prompt_ids"], tokens["chosen_ids"]) for m in models)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fspo_ray.logprobs import pack, packed_logps, plain_logps
+from fspo_ray.logprobs import pack, pack_branches, packed_logps, plain_logps
 
 # Mixed prompt lengths (a 1-token "0-shot" prompt among them), completions of different lengths,
 # chosen longer than rejected and the other way round.
@@ -162,3 +162,52 @@ def test_layout_positions_mask_and_padding():
 def test_empty_prompt_is_refused():
     with pytest.raises(ValueError, match="row 1: empty prompt"):
         pack([[5], []], [[6], [6]], None, pad_token_id=0)
+
+
+# Evaluation's rows: one prompt read once, branches that keep its first `cut` tokens and add a tail of their own
+# (the k-shot prompts of one episode), each with the same chosen and rejected completions. Cuts at 0 (a
+# tail-only prompt), mid-prompt, and the whole prompt (no tail); a second row of a different width.
+TRUNK = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+BRANCH_ROWS = [
+    (TRUNK, [(0, [40, 41], [20, 21, 1], [31, 1]), (4, [42], [20, 21, 1], [31, 1]), (10, [], [20, 21, 1], [31, 1])]),
+    ([7, 8], [(1, [43, 44, 45], [22, 1], [32, 33, 1])]),
+]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])  # and with a 5-token window, in positions
+def test_branches_equal_each_prompt_alone(family):
+    model = _family(family)
+    with torch.no_grad():
+        packed = packed_logps(model, pack_branches(BRANCH_ROWS, pad_token_id=0))
+        plain = plain_logps(model, pack_branches(BRANCH_ROWS, pad_token_id=0))
+    branches = [(p[:cut] + tail, c, r) for p, bs in BRANCH_ROWS for cut, tail, c, r in bs]
+    expected = [_one_by_one(model, prompt, c) for prompt, c, _ in branches]
+    expected += [_one_by_one(model, prompt, r) for prompt, _, r in branches]
+    torch.testing.assert_close(packed.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=0)
+
+
+def test_branch_layout_positions_and_mask():
+    batch = pack_branches([([5, 6, 7], [(1, [8], [9], [10]), (3, [], [11], [12])])], pad_token_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 1, 2, 2, 3, 3]]
+    assert batch.attention_mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 0, 0, 1, 0, 0, 0, 0],  # the first branch's tail sees the prompt's first token only
+        [1, 0, 0, 1, 1, 0, 0, 0],  # its chosen: that token, the tail, itself
+        [1, 0, 0, 1, 0, 1, 0, 0],  # its rejected: the same, never chosen
+        [1, 1, 1, 0, 0, 0, 1, 0],  # the second branch keeps the whole prompt and has no tail
+        [1, 1, 1, 0, 0, 0, 0, 1],
+    ]
+    # chosen 9 is predicted at the tail (index 3), rejected 10 there too; 11 and 12 at the prompt's end (2)
+    assert batch.source.tolist() == [3, 3, 2, 2] and batch.target.tolist() == [9, 10, 11, 12]
+    assert batch.sequence.tolist() == [0, 2, 1, 3]  # chosen of branch j is j, its rejected 2 + j
+
+
+def test_branches_outside_the_prompt_or_mixed_are_refused():
+    with pytest.raises(ValueError, match="row 0: a branch cuts the prompt at 4, outside its 3 tokens"):
+        pack_branches([([5, 6, 7], [(4, [], [9], [10])])], pad_token_id=0)
+    with pytest.raises(ValueError, match="every branch needs a rejected completion, or none does"):
+        pack_branches([([5, 6, 7], [(1, [], [9], [10]), (2, [], [9], None)])], pad_token_id=0)

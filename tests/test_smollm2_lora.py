@@ -100,7 +100,7 @@ def test_evaluation_reports_accuracy_over_shots_and_win_rates(run):
     for row in rows:
         margins = []
         for episode in episodes:
-            variant = dataclasses.replace(episode, shots=episode.shots[SHOTS - row["k"] :])
+            variant = dataclasses.replace(episode, shots=episode.shots[: row["k"]])
             tokens = fit_episode(variant, tokenizer, max_length=160, max_prompt_length=104,
                                  style=PromptStyle(preferred_only=True)).tokens  # fmt: skip
             pc, rc = (logp(m, tokens["prompt_ids"], tokens["chosen_ids"]) for m in models)

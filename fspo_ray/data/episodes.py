@@ -11,6 +11,7 @@ how the data is partitioned, so Ray Data and plain lists give the same episodes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections import Counter, defaultdict
@@ -31,6 +32,11 @@ class Episode:
     dispreferred_description: str | None = None  # of the persona the query's dispreferred answer suits
     query_source: str = ""
     episode_id: str = ""  # "{user}/{pass}/{window}" ("{source}/{pass}" at 0 shots): stable across runs
+
+    def first_shots(self, k: int) -> Episode:
+        """The episode with only its first k shots: evaluation's k-shot variant (each k's prompt then begins
+        with the last one's, so one forward reads the shots for every k)."""
+        return dataclasses.replace(self, shots=self.shots[:k])
 
     def as_row(self) -> dict[str, Any]:
         return {

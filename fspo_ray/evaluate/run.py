@@ -83,7 +83,7 @@ class EvaluateConfig:
     max_prompt_length: int | None = None  # default: the run's, else 896
     description_mode: str | None = None  # default: the run's prompt style (its fspo_run.json), else "none"
     preferred_only: bool | None = None  # default: the run's, else false
-    batch_size: int = 8  # rows per batch-inference call
+    batch_size: int = 8  # rows (accuracy: episodes, every k of one in a row) per batch-inference call
     concurrency: int = 1  # model replicas for batch inference
     backend: str = "auto"  # generation engine: auto (vLLM on GPUs, transformers on CPUs) | vllm | transformers
     use_gpu: bool | None = None  # default: when the cluster has GPUs
