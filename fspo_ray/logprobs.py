@@ -104,7 +104,8 @@ def pack_branches(
     if len(with_rejected) != 1:
         raise ValueError("every branch needs a rejected completion, or none does")
     with_rejected, n_branches = with_rejected.pop(), len(flat)
-    width = max(len(p) + sum(len(t) + len(c) + len(r or ()) for _, t, c, r in bs) for p, bs in rows)
+    lengths = [len(p) + sum(len(t) + len(c) + (len(r) if r is not None else 0) for _, t, c, r in bs) for p, bs in rows]
+    width = max(lengths)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     segment = torch.full((len(rows), width), -1, dtype=torch.long)  # -1 padding, 0 the prompt, then 3 per branch
@@ -134,7 +135,7 @@ def pack_branches(
                     sees[i, tail_segment + n] = sees[i, tail_segment]
                     sees[i, tail_segment + n, tail_span[0] : tail_span[1]] = True
                     # Token t is predicted by the hidden state before it: the context's last for t = 0.
-                    last = tail_span[1] - 1 if tail else cut - 1
+                    last = tail_span[1] - 1 if len(tail) else cut - 1
                     source += [i * width + last] + [i * width + at + t - 1 for t in range(1, len(tokens))]
                     target += list(tokens)
                     sequence += [seq] * len(tokens)
@@ -278,7 +279,8 @@ class CompletionScorer:
     def __call__(self, batch: dict) -> dict:
         n, branched = len(batch["prompt_ids"]), BRANCH_COLUMNS[0] in batch
         rows = [self._branches(batch, i, branched) for i in range(n)]
-        order = sorted(range(n), key=lambda i: len(rows[i][0]) + sum(len(t) + len(c) + len(r) for _, t, c, r in rows[i][1]))
+        size = [len(prompt) + sum(len(t) + len(c) + len(r) for _, t, c, r in bs) for prompt, bs in rows]
+        order = sorted(range(n), key=size.__getitem__)
         scores = {f"{name}_{side}": [None] * n for name in self.models for side in ("chosen", "rejected")}
         for start in range(0, n, self.rows_per_forward):
             group = order[start : start + self.rows_per_forward]

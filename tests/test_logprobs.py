@@ -187,6 +187,16 @@ def test_branches_equal_each_prompt_alone(family):
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=0)
 
 
+def test_rows_as_ray_data_hands_them_numpy_arrays_pack_the_same():
+    import numpy as np
+
+    as_arrays = [[np.array(x) for x in column] for column in (PROMPTS, CHOSEN, REJECTED)]
+    for got, want in ((pack(*as_arrays, pad_token_id=0), pack(PROMPTS, CHOSEN, REJECTED, pad_token_id=0)),
+                      (pack(*as_arrays[:2], None, pad_token_id=0), pack(PROMPTS, CHOSEN, None, pad_token_id=0))):
+        assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.attention_mask, want.attention_mask)
+        assert torch.equal(got.source, want.source) and got.plain == want.plain
+
+
 def test_branch_layout_positions_and_mask():
     batch = pack_branches([([5, 6, 7], [(1, [8], [9], [10]), (3, [], [11], [12])])], pad_token_id=0)
     assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12]]
