@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +52,7 @@ class ShotsVariants:
             fits = [k for k in self.shots_list if fitted[k] is not None]
             prompts = {k: fitted[k].tokens["prompt_ids"] for k in fits}
             longest = max(prompts.values(), key=len, default=[])
-            cuts = {k: _common_prefix(prompts[k], longest) for k in fits}
+            cuts = {k: len(os.path.commonprefix([prompts[k], longest])) for k in fits}  # works on lists
             row = {
                 "user_id": episode.user_id,
                 "episode_id": episode.episode_id,
@@ -67,13 +68,6 @@ class ShotsVariants:
             for key, value in row.items():
                 out.setdefault(key, []).append(value)
         return out
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def draw_order(seed: int, episode_id: str) -> str:
