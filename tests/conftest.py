@@ -5,8 +5,8 @@ import pytest
 # short ones fill in at the end, instead of one long file running alone at the end.
 LONGEST_FIRST = ("test_two_nodes.py", "test_demo.py", "test_smollm2_lora.py", "test_serve_vllm.py",
                  "test_train_cli.py", "test_generate_data.py", "test_openai.py", "test_serve.py", "test_lora.py",
-                 "test_evaluate.py", "test_serve_scaling.py", "test_reference.py", "test_train_ray.py",
-                 "test_real_people.py", "test_playground.py")  # fmt: skip
+                 "test_evaluate.py", "test_serve_scaling.py", "test_reference.py", "test_real_people.py",
+                 "test_playground.py")  # fmt: skip
 
 
 def pytest_collection_modifyitems(items):
@@ -27,7 +27,21 @@ def local_ray():
 def trained_tiny(tmp_path_factory) -> str:
     """The tiny model after ~15 s of SFT on synthetic users' 1-shot episodes (plain PyTorch, no Ray):
     its greedy answers are non-empty and depend on the prompt, so "served answer == direct answer"
-    compares real text (the random tiny model writes only newlines, and "" == "" proves nothing)."""
+    compares real text (the random tiny model writes only newlines, and "" == "" proves nothing). Trained once
+    per run: pytest-xdist's workers share it (their temp dirs sit in this run's own)."""
+    import os
+
+    import filelock
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trained_tiny"
+    with filelock.FileLock(f"{root}.lock"):
+        if not (root / "trained" / "model.safetensors").exists():
+            _train_tiny(root)
+    return str(root / "trained")
+
+
+def _train_tiny(root) -> None:
     import random
 
     import torch
@@ -39,7 +53,6 @@ def trained_tiny(tmp_path_factory) -> str:
     from fspo_ray.data.tokenize import render_episode, tokenize_text
     from fspo_ray.models import build_tiny_model
 
-    root = tmp_path_factory.mktemp("trained_tiny")
     path = build_tiny_model(str(root / "random"))
     data = write_synthetic(str(root / "data"), n_train_users=16, n_test_users=0, pairs_per_user=8)
     episodes, _ = build_episodes(read_pairs(data["train"]), shots=1, passes=1, seed=0)
@@ -59,9 +72,8 @@ def trained_tiny(tmp_path_factory) -> str:
         model(input_ids=ids, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    model.save_pretrained(root / "trained")
     tokenizer.save_pretrained(root / "trained")
-    return str(root / "trained")
+    model.save_pretrained(root / "trained")  # last: its weights file marks the model whole
 
 
 @pytest.fixture

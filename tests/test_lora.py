@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from fspo_ray.data.synthetic import write_synthetic
 from fspo_ray.models import TINY
+from fspo_ray.scheduling import replica_cpus
 from fspo_ray.train.config import parse_train_config
 from fspo_ray.train.run import run_training
 
@@ -66,6 +67,9 @@ def test_lora_ipo_trains_adapters_only_against_the_adapters_off_reference(local_
 
     cfg = lora_ipo(users, tmp_path, zero_stage, "precompute_reference=false")  # the reference: adapters off
     run_training(cfg)
+    # The next stage's batch-inference replica, sized the moment training returns (its workers are still
+    # handing their CPUs back), asks for both of the 2-CPU Ray's CPUs: one would leave a core idle.
+    assert replica_cpus(1, on_gpu=False) == 2
     base_dir = resolve_model("tiny")
     merged_equals_base_plus_adapters(cfg.run_dir, base_dir)
 
