@@ -221,3 +221,13 @@ def test_branches_outside_the_prompt_or_mixed_are_refused():
         pack_branches([([5, 6, 7], [(4, [], [9], [10])])], pad_token_id=0)
     with pytest.raises(ValueError, match="every branch needs a rejected completion, or none does"):
         pack_branches([([5, 6, 7], [(1, [], [9], [10]), (2, [], [9], None)])], pad_token_id=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_mask_built_on_the_gpu_equals_the_one_built_on_the_cpu():
+    rows = [(p, [(len(p) - 1, p[-1:], c, r), (1, [7, 8], r, c)]) for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)]
+    for got, want in ((pack(PROMPTS, CHOSEN, REJECTED, 0, "cuda"), pack(PROMPTS, CHOSEN, REJECTED, 0)),
+                      (pack_branches(rows, 0, "cuda"), pack_branches(rows, 0))):
+        assert got.attention_mask.device.type == "cuda"
+        assert torch.equal(got.attention_mask.cpu(), want.attention_mask)
+        assert torch.equal(got.position_ids.cpu(), want.position_ids) and got.plain == want.plain
