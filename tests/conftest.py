@@ -31,12 +31,12 @@ def trained_tiny(tmp_path_factory) -> str:
     per run: pytest-xdist's workers share it (their temp dirs sit in this run's own)."""
     import os
 
-    import filelock
+    from fspo_ray.files import file_lock
 
     base = tmp_path_factory.getbasetemp()
     root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trained_tiny"
-    with filelock.FileLock(f"{root}.lock"):
-        if not (root / "trained" / "model.safetensors").exists():
+    with file_lock(f"{root}.lock"):
+        if not (root / "trained").is_dir():
             _train_tiny(root)
     return str(root / "trained")
 
@@ -51,6 +51,7 @@ def _train_tiny(root) -> None:
     from fspo_ray.data.readers import read_pairs
     from fspo_ray.data.synthetic import write_synthetic
     from fspo_ray.data.tokenize import render_episode, tokenize_text
+    from fspo_ray.files import staged_folder
     from fspo_ray.models import build_tiny_model
 
     path = build_tiny_model(str(root / "random"))
@@ -72,8 +73,9 @@ def _train_tiny(root) -> None:
         model(input_ids=ids, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    tokenizer.save_pretrained(root / "trained")
-    model.save_pretrained(root / "trained")  # last: its weights file marks the model whole
+    with staged_folder(str(root / "trained")) as staging:  # the folder appears whole, or not at all
+        tokenizer.save_pretrained(staging)
+        model.save_pretrained(staging)
 
 
 @pytest.fixture
