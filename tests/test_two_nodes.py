@@ -143,18 +143,11 @@ class TwoNodeCluster:
         _wait_for(f"node {node_id} marked dead", dead)
 
     def stop(self) -> None:
-        import psutil
-
-        everything = self._processes()
-        for p in everything:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(everything, timeout=10)
-        for p in alive:
-            p.kill()
-        psutil.wait_procs(alive, timeout=10)
+        """Kill the whole cluster, as `ray stop --force` does: the test is over and nothing is kept (a SIGTERM
+        waits out processes that take 10 s to go)."""
+        for role in ("worker", "head"):
+            if self._processes(role):
+                self.kill(role)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def state(self, kind: str, **filters) -> list[dict]:
@@ -227,6 +220,7 @@ def _workers_by_node(cluster: TwoNodeCluster, earlier: dict[int, str]) -> dict[s
 
 @dataclass
 class Trained:
+    storage: Path
     run_dir: Path
     workers: dict[str, int]  # {node id: Ray Train workers it ran there}
 
@@ -237,7 +231,7 @@ def uninterrupted(cluster, users, tmp_path_factory) -> Trained:
     evaluate and serve."""
     storage, earlier = tmp_path_factory.mktemp("runs"), _train_workers(cluster)
     _finish(cluster.submit(*_train_args(users, storage, "whole")))
-    return Trained(storage / "whole", _workers_by_node(cluster, earlier))
+    return Trained(storage, storage / "whole", _workers_by_node(cluster, earlier))
 
 
 def test_a_job_submitted_with_the_token_trains_one_worker_on_each_node(cluster, uninterrupted):
@@ -247,10 +241,11 @@ def test_a_job_submitted_with_the_token_trains_one_worker_on_each_node(cluster, 
     assert (uninterrupted.run_dir / "LATEST" / "model.safetensors").exists()
 
 
-def test_a_node_lost_mid_run_costs_no_episode_and_no_accuracy(cluster, users, uninterrupted, tmp_path):
+def test_a_node_lost_mid_run_costs_no_episode_and_no_accuracy(cluster, users, uninterrupted):
     seen_before = _train_workers(cluster)
-    job = cluster.submit(*_train_args(users, tmp_path, "lost"))
-    run_dir = tmp_path / "lost"
+    # Beside the uninterrupted run, as a second run of a sweep: its reference scores come from their cache.
+    job = cluster.submit(*_train_args(users, uninterrupted.storage, "lost"))
+    run_dir = uninterrupted.storage / "lost"
     def checkpointed() -> bool:  # Ray Train wrote a checkpoint
         assert job.poll() is None, "no checkpoint before the run ended"
         return (run_dir / "checkpoint_manager_snapshot.json").exists()
@@ -264,6 +259,7 @@ def test_a_node_lost_mid_run_costs_no_episode_and_no_accuracy(cluster, users, un
     cluster.nodes["worker"] = cluster.start("worker")
     assert cluster.nodes["worker"] != lost_node
     out = _finish(job)
+    assert "; reference scored for 0 (" in out, out[-3000:]
 
     workers = _workers_by_node(cluster, seen_before)
     assert workers.get(lost_node) == 1 and workers.get(cluster.nodes["worker"]) == 1, (workers, out[-3000:])
