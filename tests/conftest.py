@@ -14,13 +14,25 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
 
 
+@pytest.fixture(scope="session")
+def _ray_down_at_the_end():
+    yield
+    import ray
+
+    if ray.is_initialized():  # before pytest's summary, which would otherwise end in Ray's last worker lines
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
-def local_ray():
-    """A real local Ray for one test module, sized like the machine CI runs on."""
+def local_ray(_ray_down_at_the_end):
+    """A real local Ray, sized like the machine CI runs on. The modules one pytest process runs share it (a
+    start-up costs seconds of both CPUs, and its pooled workers have their imports done); each module leaves
+    nothing running in it. A module that needs a Ray of its own shuts this one down first, and the next module
+    starts it again."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False)
+    return ray
 
 
 @pytest.fixture(scope="session")

@@ -73,6 +73,8 @@ def test_demo_at_reduced_size(tmp_path, monkeypatch, capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("RAY_metrics_report_interval_ms", "1000")  # Ray's default 10 s outlasts this short run
+    if ray.is_initialized():  # the Ray that earlier modules shared (conftest): this one starts with the setting
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False)
     capsys.readouterr()  # the test's own Ray start-up lines: what follows is the demo's console
     seen: dict = {}
