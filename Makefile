@@ -9,10 +9,12 @@ setup: $(VENV)/.installed
 
 # uv installs and byte-compiles on every core: set-up takes ~50 s against pip's ~110 s on 2 cores
 # (docs/benchmarks.md). uv does not read pip's configuration, so it is handed the indexes, find-links and
-# constraints pip is configured with, and picks the best match across them as pip does.
-pip_config = "$$($(PYTHON) -m pip config get global.$(1) 2>/dev/null)"
-UV_FROM_PIP = export UV_INDEX_URL=$(call pip_config,index-url) UV_EXTRA_INDEX_URL=$(call pip_config,extra-index-url) \
-	UV_FIND_LINKS=$(call pip_config,find-links) UV_CONSTRAINT=$(call pip_config,constraint) \
+# constraints pip would use (pip's environment variables, else its configuration files), and picks the best
+# match across them as pip does.
+pip_setting = "$${PIP_$(2):-$$($(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^global\.$(1)='\(.*\)'$$/\1/p")}"
+UV_FROM_PIP = export UV_INDEX_URL=$(call pip_setting,index-url,INDEX_URL) \
+	UV_EXTRA_INDEX_URL=$(call pip_setting,extra-index-url,EXTRA_INDEX_URL) \
+	UV_FIND_LINKS=$(call pip_setting,find-links,FIND_LINKS) UV_CONSTRAINT=$(call pip_setting,constraint,CONSTRAINT) \
 	UV_INDEX_STRATEGY=unsafe-best-match
 new_venv = $(PYTHON) -m venv $(1) && $(1)/bin/python -m pip install -q uv==0.13.9
 uv_install = $(1)/bin/uv pip install -q --python $(1)/bin/python --compile-bytecode
