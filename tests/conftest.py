@@ -9,7 +9,7 @@ import pytest
 # (test_lora, test_reference, test_evaluate, test_smollm2_lora) at a time: 334 s -> 313 s, medians of two.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Ray Train starts a preemption watcher actor with every fit (a process importing Ray Train, ~1.5 CPU-seconds):
-# it polls for nodes being drained, which no test's cluster does. The suite runs ~14 fits.
+# it polls for nodes being drained, which no test's cluster does. The suite runs about a dozen fits.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # The longest test files, longest first (fresh-clone CI, 2 cores, 2026-12-04). `make test` runs the files
