@@ -59,7 +59,7 @@ class Recipe:
     ipo_sft_weight: float = 0.0  # the preferred answer's NLL added to IPO (answers are scored, not generated)
     population_sft_examples: int = 240  # the 0-shot population model's SFT episodes (~0.4 s each: short prompts)
     population_ipo_examples: int = 240  # its IPO episodes
-    eval_episodes: int = 64  # held-out target pairs, each scored at every k by every system (~19 s each)
+    eval_episodes: int = 256  # held-out target pairs at most (GD6UK: all 193, one per held-out person with 9+ votes)
     eval_shots: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])  # k on the curve
 
 

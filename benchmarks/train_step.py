@@ -117,10 +117,10 @@ def worker(args) -> dict:
         columns = {c: [r[c] for r in chunk] for c in chunk[0]}
         started = time.perf_counter()
         if args.worker == "concatenated":  # the step as it was: both rows through both models, full logits
-            episodes = pack(columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"], pad)
-            policy_logps = plain_logps(policy, episodes)
+            packed = pack(columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"], pad)
+            policy_logps = plain_logps(policy, packed)
             with torch.no_grad():
-                reference_logps = plain_logps(reference, episodes)
+                reference_logps = plain_logps(reference, packed)
             loss = preference_loss(*policy_logps.chunk(2), *reference_logps.chunk(2), beta=0.1, kind="ipo")[0].mean()
         else:
             batch = collate(columns, pad, "cpu", with_rejected=True)

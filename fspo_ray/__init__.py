@@ -10,6 +10,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     # what several stages share: models, losses and log-probs, engines, the judge, run info, Ray scheduling
     ("fspo_ray.models", "fspo_ray.losses", "fspo_ray.logprobs", "fspo_ray.engines", "fspo_ray.judge",
      "fspo_ray.runinfo", "fspo_ray.scheduling"),
+    ("fspo_ray.batch_inference",),  # engines as Ray Data replicas, for evaluation and data generation
     # the stages, in the order data flows through them
     ("fspo_ray.data",),  # readers → episodes → prompts → tokens; synthetic users
     ("fspo_ray.train",),  # the Ray Data pipeline, reference scoring, DeepSpeed on Ray Train, export

@@ -2,28 +2,28 @@
 
 An FSPO prompt holds N of a user's pairs and is far longer than the completions that follow it. The plain
 way (`plain_logps`) runs prompt+chosen and prompt+rejected as two rows, so every prompt token is computed
-twice per model. `packed_logps` runs one row per shot set instead: the shots that its targets (episodes
-with the same shots, episodes.py) share, then each target's task and question and its two answers:
+twice per model. `packed_logps` runs one row per episode instead:
 
-    tokens       [ shots ..... | task+question₁  chosen₁ ...  rejected₁ ... | task+question₂ ... | pad ]
-    position ids   0 ... S-1     S ... P₁-1      P₁ ... P₁+C₁-1 P₁ ...       S ...                 0 ...
+    tokens       [ prompt .......... | chosen ...... | rejected .... | pad ]
+    position ids   0 1 ... P-1         P ... P+C-1     P ... P+R-1     0 ...
 
-(Pᵢ: the length of target i's prompt.) Every token sees the shots and the earlier tokens of its own
-target, never another target's; rejected sees its prompt but never chosen. Each completion therefore sits
-exactly where it would after its prompt alone (same positions, same visible keys): the log-probs equal the
-plain path's, target by target. An episode alone (one target, or rows without `shots_lengths`) is the
-row [prompt | chosen | rejected]. Sliding-window layers (Mistral, Qwen2, Gemma) get the same mask cut to
-their window, counted in positions.
+with a 4-D attention mask in which every token sees the prompt and the earlier tokens of its own
+completion, and rejected never sees chosen. Each completion therefore sits exactly where it would after
+the prompt alone (same positions, same visible keys): the log-probs equal the plain path's. Sliding-window
+layers (Mistral, Qwen2, Gemma) get the same mask cut to their window, counted in positions.
 
-The mask is never built on the host: a row carries small id tensors (`branch`: the shared shots, a target,
-padding; `part`: prompt, chosen, rejected), and `packed_attention_mask` turns them, on the model's device,
-into what its attention takes: a FlexAttention `BlockMask` on CUDA, which skips the blocks a row's tokens
-never see (one target's keys for another's queries), or a dense boolean for SDPA elsewhere (the CPU path;
-the tests check it against the mask as it was built on the host, and FlexAttention's scores against
-SDPA's). `packed_attention` names the kernel a model that scores packed rows should be loaded with.
-Flash-attention's varlen kernels cannot express "rejected skips chosen". We chose one packed row over a
-prompt forward whose KV cache the completions extend: transformers drops the cache under gradient
-checkpointing, and the mask works the same under every ZeRO stage.
+Training's episodes come K to a window of one user's shots (`targets_per_prompt`, episodes.py): `pack`
+with `shots_lengths` puts the K targets of a shot set in one row, the shots once and each target's task,
+question and answers a branch after them (`pack_branches`), so a user's history is read once for K
+targets. Evaluation's k-shot prompts of one episode share a row the same way.
+
+We chose one packed row over a prompt forward whose KV cache the two completions extend: transformers
+drops the cache under gradient checkpointing, and the mask works the same under every ZeRO stage. The
+mask needs an attention kernel that takes arbitrary masks; flash-attention's varlen form cannot express
+"rejected skips chosen". A row carries O(L) segment ids, and the mask is made from them on the model's
+device by one predicate (`may_attend`): a FlexAttention `BlockMask` on CUDA, which skips the blocks a
+query never sees (one target's keys for another target's queries), and a dense boolean for SDPA elsewhere
+(`packed_attention` names the kernel to load a model with).
 
 The LM head and the log-softmax run only at the positions that predict a completion token: a prompt
 position never produces a vocabulary-sized row (for a 49k vocabulary that is most of a forward's cost).
@@ -37,6 +37,7 @@ submodules directly made gradient accumulation keep only the last micro-batch).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Sequence
@@ -46,13 +47,17 @@ import torch
 import torch.nn.functional as F
 
 from fspo_ray.losses import IGNORE_INDEX, sequence_logps
+from fspo_ray.models import load_for_inference, padding_id
 
 logger = logging.getLogger(__name__)
 
-# The columns a tokenized episode carries: prompt ids, and each completion's ids with its EOS; and how many
-# of the prompt's ids are the shots (tokenize.py), which the targets of one shot set share.
+# The columns a tokenized episode carries: prompt ids, and each completion's ids with its EOS.
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+# How many of a tokenized episode's prompt ids are its shots (tokenize.py): what the targets of one shot set share.
 SHOTS_LENGTH = "shots_length"
+# Where a row scores several prompts sharing their start: per prompt, how many of prompt_ids' tokens it
+# keeps and the tokens that follow them (see `pack_branches`).
+BRANCH_COLUMNS = ("branch_cuts", "branch_tails")
 # Raise when the scores this module computes for the same model and tokens change: cached reference
 # scores (train/reference.py) are keyed on it.
 SCORER_VERSION = 1
@@ -60,30 +65,51 @@ SCORER_VERSION = 1
 
 @dataclass(frozen=True)
 class PackedBatch:
-    input_ids: torch.Tensor  # (B, L): B shot sets
+    input_ids: torch.Tensor  # (B, L)
     position_ids: torch.Tensor  # (B, L)
-    branch: torch.Tensor  # (B, L): 0 the shared shots, j the row's j-th target (prompt and answers), -1 padding
-    part: torch.Tensor  # (B, L): 0 prompt, 1 chosen, 2 rejected
+    segment: torch.Tensor  # (B, L): -1 padding, 0 the prompt, 1 + 3b branch b's tail, 2 + 3b its chosen, 3 + 3b its rejected
+    sees: torch.Tensor  # (B, S, L) bool: the keys each segment sees beyond its own (causal) segment
     source: torch.Tensor  # (N,) flat index into B·L of the hidden state that predicts each completion token
     target: torch.Tensor  # (N,) the completion token predicted there
-    sequence: torch.Tensor  # (N,) which completion the token belongs to: chosen i → i, rejected i → n + i
-    # Each episode's place: (row, shots' length, where its target starts in the row, and its target's
-    # task+question, chosen and rejected token counts); its prompt is the row's shots + its task+question.
-    spans: tuple[tuple[int, int, int, int, int, int], ...]
-    examples: int  # n: the episodes (targets) packed
+    sequence: torch.Tensor  # (N,) which completion the token belongs to: chosen j → j, rejected j → branches + j
+    # Per completion, in `sequence`'s numbering: (row, the row's spans that make its plain sequence, where the
+    # completion starts in that sequence): what `plain_logps` rebuilds.
+    plain: tuple[tuple[int, tuple[tuple[int, int], ...], int], ...]
+    examples: int  # branches (episodes): chosen j is j, its rejected examples + j
     num_sequences: int
     tokens: int  # real (non-padding) tokens
     padding: int  # padding tokens
 
+    @functools.cached_property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, 1, L, L) bool, True = may attend: the dense mask SDPA takes, built on the batch's device."""
+        return packed_attention_mask(self)
 
-def shot_set_groups(prompts: Sequence[Sequence[int]], shots_lengths: Sequence[int] | None) -> list[list[int]]:
-    """Row indices grouped by the shots their prompts begin with (the targets of one shot set), in
-    first-seen order; a row without shots is alone."""
-    groups: dict[object, list[int]] = {}
+
+# A branch continues the first `cut` tokens of its row's prompt with `tail` (the rest of its own prompt), then
+# scores `chosen` and `rejected` (or `chosen` alone: None) after it.
+Branch = tuple[int, Sequence[int], Sequence[int], Sequence[int] | None]
+Row = tuple[Sequence[int], Sequence[Branch]]  # a prompt and its branches
+
+
+def shot_set_rows(prompts, chosen, rejected, shots_lengths) -> tuple[list[list[int]], list[Row]]:
+    """(groups, rows): episode indices grouped by the shots their prompts begin with (`shots_lengths[i]` ids:
+    the targets of one shot set), in first-seen order, and each group as a `pack_branches` row: the shots
+    once, each target's task and question a branch after them. An episode alone keeps its whole prompt."""
+    keys: dict[object, list[int]] = {}
     for i, prompt in enumerate(prompts):
         shared = int(shots_lengths[i]) if shots_lengths is not None else 0
-        groups.setdefault((shared, tuple(prompt[:shared])) if shared else i, []).append(i)
-    return list(groups.values())
+        keys.setdefault((shared, tuple(prompt[:shared])) if shared else i, []).append(i)
+    groups, rows = list(keys.values()), []
+    for members in groups:
+        if len(members) == 1:
+            i = members[0]
+            rows.append((prompts[i], [(len(prompts[i]), (), chosen[i], rejected[i])]))
+        else:
+            shared = int(shots_lengths[members[0]])
+            rows.append((prompts[members[0]][:shared],
+                         [(shared, prompts[i][shared:], chosen[i], rejected[i]) for i in members]))  # fmt: skip
+    return groups, rows
 
 
 def pack(
@@ -94,72 +120,112 @@ def pack(
     device: torch.device | str = "cpu",
     shots_lengths: Sequence[int] | None = None,
 ) -> PackedBatch:
-    """One right-padded row per shot set (rows whose prompts begin with the same `shots_lengths[i]` ids):
-    [shots | prompt₁ chosen₁ rejected₁ | prompt₂ ...], or without rejected. Without `shots_lengths` every
-    episode is its own row, [prompt | chosen | rejected]."""
-    n, with_rejected = len(prompts), rejected is not None
-    rejected = rejected if with_rejected else [[] for _ in range(n)]
-    rows, source, target, sequence = [], [], [], []  # source as (row, column) until the width is known
-    spans: list[tuple[int, ...]] = [()] * n
-    for g, members in enumerate(shot_set_groups(prompts, shots_lengths)):
-        shared = int(shots_lengths[members[0]]) if shots_lengths is not None else 0
-        tokens, positions = list(prompts[members[0]][:shared]), list(range(shared))
-        branch, part = [0] * shared, [0] * shared
-        for j, i in enumerate(members, start=1):
-            p, c, r = list(prompts[i][shared:]), list(chosen[i]), list(rejected[i])
-            if shared + len(p) == 0:
-                raise ValueError(f"row {i}: empty prompt (a completion's first token needs a position to predict it)")
-            start, end = len(tokens), shared + len(p)  # where the target begins in the row; its prompt's length
-            spans[i] = (g, shared, start, len(p), len(c), len(r))
-            tokens += [*p, *c, *r]
-            positions += [*range(shared, end), *range(end, end + len(c)), *range(end, end + len(r))]
-            branch += [j] * (len(p) + len(c) + len(r))
-            part += [0] * len(p) + [1] * len(c) + [2] * len(r)
-            last = start + len(p) - 1  # the prompt's last token (the shots' last when p is empty)
-            answers = ((start + len(p), c, i), (start + len(p) + len(c), r, n + i))
-            for first, answer, seq in answers if with_rejected else answers[:1]:
-                # Token t of a completion is predicted by the hidden state before it: the prompt's last for t = 0.
-                source += [(g, last)] + [(g, first + t - 1) for t in range(1, len(answer))]
-                target += answer
-                sequence += [seq] * len(answer)
-        rows.append((tokens, positions, branch, part))
-    width = max(len(tokens) for tokens, *_ in rows)
+    """One right-padded row per episode: [prompt | chosen | rejected] (or [prompt | chosen] without rejected).
+    With `shots_lengths` (how many of each prompt's ids are its shots), one row per shot set instead: the
+    shared shots once, then each target's task and question, chosen and rejected as a branch. Completions
+    keep the episodes' numbering either way: chosen i is i, rejected i is n + i."""
+    rejected = rejected if rejected is not None else [None] * len(prompts)
+    groups, rows = shot_set_rows(prompts, chosen, rejected, shots_lengths)
+    batch = pack_branches(rows, pad_token_id, device)
+    order = [i for members in groups for i in members]  # the episode behind each branch, in pack_branches' order
+    if order == sorted(order):
+        return batch
+    n = len(order)
+    number = order + [n + i for i in order] if batch.num_sequences > n else order  # branch numbering -> episodes'
+    plain: list = [None] * len(number)
+    for old, new in enumerate(number):
+        plain[new] = batch.plain[old]
+    sequence = torch.tensor(number, dtype=torch.long, device=batch.sequence.device)[batch.sequence]
+    return dataclasses.replace(batch, sequence=sequence, plain=tuple(plain))
+
+
+def pack_branches(
+    rows: Sequence[Row], pad_token_id: int, device: torch.device | str = "cpu"
+) -> PackedBatch:
+    """One right-padded row per (prompt, branches): the prompt once, then each branch's tail and completions.
+
+        tokens       [ prompt ...... | tail₁ | chosen₁ | rejected₁ | tail₂ | chosen₂ | rejected₂ | pad ]
+        position ids   0 ...           cut₁ …  after tail₁           cut₂ …  after tail₂
+
+    Branch j's tail sees the prompt's first cut_j tokens and itself; its completions see those, the tail and
+    themselves (rejected never sees chosen). Each completion thus sits exactly where it would after
+    `prompt[:cut] + tail` alone. Evaluation scores every k of an episode in one row this way: a k-shot prompt
+    is the longest prompt's first tokens up to its task line. Completions are numbered over the whole batch:
+    branch j's chosen is j, its rejected (number of branches) + j."""
+    flat = [branch for _, branches in rows for branch in branches]
+    with_rejected = {branch[3] is not None for branch in flat}
+    if len(with_rejected) != 1:
+        raise ValueError("every branch needs a rejected completion, or none does")
+    with_rejected, n_branches = with_rejected.pop(), len(flat)
+    lengths = [len(p) + sum(len(t) + len(c) + (len(r) if r is not None else 0) for _, t, c, r in bs) for p, bs in rows]
+    width = max(lengths)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    branch_ids = torch.full((len(rows), width), -1, dtype=torch.long)
-    part_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    for g, (tokens, positions, branch, part) in enumerate(rows):
-        for tensor, values in ((input_ids, tokens), (position_ids, positions), (branch_ids, branch), (part_ids, part)):
-            tensor[g, : len(values)] = torch.tensor(values, dtype=torch.long)
-    real = sum(len(tokens) for tokens, *_ in rows)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)  # -1 padding, 0 the prompt, then 3 per branch
+    sees = torch.zeros((len(rows), 1 + 3 * max(len(bs) for _, bs in rows), width), dtype=torch.bool)  # beyond itself
+    source, target, sequence = [], [], []
+    plain: list = [None] * (2 * n_branches if with_rejected else n_branches)
+    j = 0
+    for i, (prompt, branches) in enumerate(rows):
+        P, at = len(prompt), len(prompt)
+        input_ids[i, :P] = torch.tensor(list(prompt), dtype=torch.long)
+        position_ids[i, :P], segment[i, :P] = torch.arange(P), 0
+        for b, (cut, tail, chosen, rejected) in enumerate(branches):
+            if not 0 <= cut <= P:
+                raise ValueError(f"row {i}: a branch cuts the prompt at {cut}, outside its {P} tokens")
+            if cut + len(tail) == 0:
+                raise ValueError(f"row {i}: empty prompt (a completion's first token needs a position to predict it)")
+            tail_segment, context = 1 + 3 * b, cut + len(tail)
+            tail_span = (at, at + len(tail))
+            sees[i, tail_segment, :cut] = True
+            completions = [(chosen, j)] + ([(rejected, n_branches + j)] if with_rejected else [])
+            for n, (tokens, seq) in enumerate([(tail, None), *completions]):
+                end, start = at + len(tokens), cut if n == 0 else context
+                input_ids[i, at:end] = torch.tensor(list(tokens), dtype=torch.long)
+                position_ids[i, at:end] = torch.arange(start, start + len(tokens))
+                segment[i, at:end] = tail_segment + n
+                if n:  # a completion sees what its tail sees, and the tail
+                    sees[i, tail_segment + n] = sees[i, tail_segment]
+                    sees[i, tail_segment + n, tail_span[0] : tail_span[1]] = True
+                    # Token t is predicted by the hidden state before it: the context's last for t = 0.
+                    last = tail_span[1] - 1 if len(tail) else cut - 1
+                    source += [i * width + last] + [i * width + at + t - 1 for t in range(1, len(tokens))]
+                    target += list(tokens)
+                    sequence += [seq] * len(tokens)
+                    plain[seq] = (i, ((0, cut), tail_span, (at, end)), context)
+                at = end
+            j += 1
+    real = int((segment != -1).sum())
+    # Only O(B·L) ids go to the device; the (B, L, L) mask is made there (at the paper's 8,192 tokens a batch of 4
+    # is 268 MB of booleans), or never, as a BlockMask.
     return PackedBatch(
         input_ids=input_ids.to(device),
         position_ids=position_ids.to(device),
-        branch=branch_ids.to(device),
-        part=part_ids.to(device),
-        source=torch.tensor([g * width + column for g, column in source], dtype=torch.long, device=device),
+        segment=segment.to(device),
+        sees=sees.to(device),
+        source=torch.tensor(source, dtype=torch.long, device=device),
         target=torch.tensor(target, dtype=torch.long, device=device),
         sequence=torch.tensor(sequence, dtype=torch.long, device=device),
-        spans=tuple(spans),
-        examples=n,
-        num_sequences=2 * n if with_rejected else n,
+        plain=tuple(plain),
+        examples=n_branches,
+        num_sequences=len(plain),
         tokens=real,
         padding=len(rows) * width - real,
     )
 
 
-def _sees(batch: PackedBatch, window: int | None, b, q, k) -> torch.Tensor:
-    """May token q of row b attend to token k (within `window` positions, for a sliding-window layer)?
-    FlexAttention's mask_mod, and, on broadcast index tensors, the dense mask: one predicate for both."""
-    branch, part = batch.branch, batch.part
-    query_branch, key_branch = branch[b, q], branch[b, k]
-    own_target = (key_branch == query_branch) & ((part[b, k] == 0) | (part[b, k] == part[b, q]))
-    padding = query_branch < 0  # a pad's output is never read: it sees what precedes it, and itself (no NaN)
-    sees = ((k <= q) & (key_branch >= 0) & ((key_branch == 0) | own_target | padding)) | ((q == k) & padding)
+def may_attend(batch: PackedBatch, window: int | None, b, q, k) -> torch.Tensor:
+    """May token q of row b attend to token k (within `window` positions, for a sliding-window layer)? Its own
+    segment causally, and what its segment sees beyond it; a padding token sees itself alone (no NaN, never
+    read). FlexAttention's mask_mod and, on broadcast index tensors, the dense mask: one predicate for both."""
+    query, key = batch.segment[b, q], batch.segment[b, k]
+    padding = query == -1
+    allowed = ((query == key) & (k <= q) & ~padding) | (batch.sees[b, query.clamp(min=0), k] & ~padding)
+    allowed = allowed | ((q == k) & padding)
     if window is None:
-        return sees
-    # Counted in positions, as each completion would sit after its prompt alone (a query's minus a key's).
-    return sees & (batch.position_ids[b, q] - batch.position_ids[b, k] < window)
+        return allowed
+    # Counted in positions, as each completion would sit after its prompt alone (the query's minus the key's).
+    return allowed & (batch.position_ids[b, q] - batch.position_ids[b, k] < window)
 
 
 def packed_attention(device: torch.device | str) -> str:
@@ -177,12 +243,12 @@ def packed_attention_mask(batch: PackedBatch, block: bool = False, window: int |
         from torch.nn.attention.flex_attention import create_block_mask
 
         def mask_mod(b, h, q, k):
-            return _sees(batch, window, b, q, k)
+            return may_attend(batch, window, b, q, k)
 
         return create_block_mask(mask_mod, rows, None, width, width, device=device)
     index = torch.arange(width, device=device)
     b = torch.arange(rows, device=device)[:, None, None]
-    return _sees(batch, window, b, index[None, :, None], index[None, None, :]).unsqueeze(1)
+    return may_attend(batch, window, b, index[None, :, None], index[None, None, :]).unsqueeze(1)
 
 
 def _softcap(config, logits: torch.Tensor) -> torch.Tensor:
@@ -217,17 +283,19 @@ def _packs(model_type: str, bidirectional: bool) -> bool:
 
 
 def _layer_masks(config, batch: PackedBatch):
-    """The packed mask as the decoder takes it: with sliding-window layers, cut to their window — one mask
-    when every layer slides (Mistral), a {layer type: mask} dict when some do (Qwen2, Gemma)."""
+    """The packed mask as the decoder takes it (a BlockMask under FlexAttention): with sliding-window layers,
+    cut to their window — one mask when every layer slides (Mistral), a {layer type: mask} dict when some do
+    (Qwen2, Gemma)."""
     block = config._attn_implementation == "flex_attention"
+    full = packed_attention_mask(batch, block) if block else batch.attention_mask
     window = getattr(config, "sliding_window", None)
     types = set(getattr(config, "layer_types", None) or ())
     if window is None or (types and "sliding_attention" not in types):
-        return packed_attention_mask(batch, block)
+        return full
     windowed = packed_attention_mask(batch, block, window)
     if not types or types == {"sliding_attention"}:
         return windowed
-    return {"full_attention": packed_attention_mask(batch, block), "sliding_attention": windowed}
+    return {"full_attention": full, "sliding_attention": windowed}
 
 
 def packed_logps(model, batch: PackedBatch) -> torch.Tensor:
@@ -249,19 +317,14 @@ def packed_logps(model, batch: PackedBatch) -> torch.Tensor:
 
 
 def plain_logps(model, batch: PackedBatch) -> torch.Tensor:
-    """The plain path, the one `packed_logps` is tested against: prompt+chosen and prompt+rejected as separate
-    right-padded rows through the model's own forward, full logits, then each completion's log-probs summed."""
-    ids = batch.input_ids
-    rows = [torch.cat([ids[g, :S], ids[g, start : start + P + C]]) for g, S, start, P, C, _ in batch.spans]
-    if batch.num_sequences > batch.examples:  # with rejected
-        rows += [torch.cat([ids[g, :S], ids[g, start : start + P], ids[g, start + P + C : start + P + C + R]])
-                 for g, S, start, P, C, R in batch.spans]  # fmt: skip
-    starts = [S + P for _, S, _, P, _, _ in batch.spans] * (len(rows) // batch.examples)
+    """The plain path, the one `packed_logps` is tested against: each completion after its own prompt as a
+    separate right-padded row through the model's own forward, full logits, then its log-probs summed."""
+    rows = [torch.cat([batch.input_ids[i, a:b] for a, b in spans]) for i, spans, _ in batch.plain]
     # Padding is masked and unlabelled: any id will do.
     input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=0)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     attention_mask = torch.zeros_like(input_ids)
-    for i, (row, start) in enumerate(zip(rows, starts)):
+    for i, (row, (_, _, start)) in enumerate(zip(rows, batch.plain)):
         labels[i, start : len(row)] = row[start:]
         attention_mask[i, : len(row)] = 1
     return sequence_logps(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
@@ -285,15 +348,16 @@ class CompletionScorer:
     """A Ray Data batch-inference actor: each row's summed chosen and rejected log-probs under one or more
     models, with the packed forward, as columns `{name}_chosen` and `{name}_rejected`.
 
-    The rows of one shot set (by `shots_length`, when the batch has it) go into one packed row; shot sets
-    run shortest first, about `rows_per_forward` rows a forward, so little of a forward is padding. The
+    A row is an episode's `TOKEN_COLUMNS`. Rows with `SHOTS_LENGTH` that share their shots (training's K
+    targets of one shot set) are scored in one packed row. With `BRANCH_COLUMNS` a row holds several prompts
+    that share their first tokens (evaluation's k-shot prompts of one episode, see `pack_branches`), scored in
+    one packed row: then each score column holds a list, one score per branch.
+
+    Packed rows are run shortest first in groups of `rows_per_forward`, so little of a forward is padding; the
     output keeps the input's row order.
     """
 
     def __init__(self, models: dict[str, str], dtype: str = "auto", rows_per_forward: int = 8):
-        # Here, not at the top: packing needs torch alone (benchmarks/gpu_step.py runs it on a bare GPU box).
-        from fspo_ray.models import load_for_inference, padding_id
-
         attention = packed_attention("cuda" if torch.cuda.is_available() else "cpu")
         loaded: dict[str, object] = {}
         self.models = {}
@@ -305,24 +369,35 @@ class CompletionScorer:
         self.rows_per_forward = rows_per_forward
 
     def __call__(self, batch: dict) -> dict:
-        n = len(batch["prompt_ids"])
-        shots_lengths = batch.get(SHOTS_LENGTH)
-        groups = shot_set_groups(batch["prompt_ids"], shots_lengths)
-        shared = [int(shots_lengths[g[0]]) if shots_lengths is not None else 0 for g in groups]
-        width = [sum(len(batch[c][i]) for c in TOKEN_COLUMNS for i in g) - (len(g) - 1) * s
-                 for g, s in zip(groups, shared)]  # fmt: skip
-        scores = {f"{name}_{side}": [0.0] * n for name in self.models for side in ("chosen", "rejected")}
-        rows: list[int] = []
-        for k, g in enumerate(sorted(range(len(groups)), key=width.__getitem__)):
-            rows += groups[g]
-            if len(rows) < self.rows_per_forward and k < len(groups) - 1:
-                continue
-            lengths = [shots_lengths[i] for i in rows] if shots_lengths is not None else None
-            packed = pack(*([batch[c][i] for i in rows] for c in TOKEN_COLUMNS), self.pad_id, self.device, lengths)
+        n, branched = len(batch["prompt_ids"]), BRANCH_COLUMNS[0] in batch
+        if branched:
+            rows = [self._branches(batch, i) for i in range(n)]
+            owners = [[i] * len(branches) for i, (_, branches) in enumerate(rows)]  # the input row of each branch
+        else:
+            groups, rows = shot_set_rows(*(batch[c] for c in TOKEN_COLUMNS), batch.get(SHOTS_LENGTH))
+            owners = groups
+        size = [len(prompt) + sum(len(t) + len(c) + len(r) for _, t, c, r in bs) for prompt, bs in rows]
+        order = sorted(range(len(rows)), key=size.__getitem__)
+        scores: dict[str, list[list[float]]] = {
+            f"{name}_{side}": [[] for _ in range(n)] for name in self.models for side in ("chosen", "rejected")
+        }
+        for start in range(0, len(rows), self.rows_per_forward):
+            group = order[start : start + self.rows_per_forward]
+            packed = pack_branches([rows[g] for g in group], self.pad_id, self.device)
             for name, model in self.models.items():
                 with torch.no_grad():
                     logps = packed_logps(model, packed).tolist()
-                for j, i in enumerate(rows):
-                    scores[f"{name}_chosen"][i], scores[f"{name}_rejected"][i] = logps[j], logps[len(rows) + j]
-            rows = []
+                half = len(logps) // 2
+                branch_owners = [i for g in group for i in owners[g]]
+                for i, chosen, rejected in zip(branch_owners, logps[:half], logps[half:]):
+                    scores[f"{name}_chosen"][i].append(chosen)
+                    scores[f"{name}_rejected"][i].append(rejected)
+        if not branched:
+            scores = {column: [values[0] for values in lists] for column, lists in scores.items()}
         return {**batch, **scores}
+
+    @staticmethod
+    def _branches(batch: dict, i: int) -> tuple[list[int], list[Branch]]:
+        prompt, chosen, rejected = (list(batch[c][i]) for c in TOKEN_COLUMNS)
+        cuts, tails = (batch[c][i] for c in BRANCH_COLUMNS)
+        return prompt, [(int(cut), list(tail), chosen, rejected) for cut, tail in zip(cuts, tails)]

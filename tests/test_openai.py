@@ -185,3 +185,19 @@ def test_fuzzed_requests_across_all_endpoints_get_no_5xx(service):
     paths = json.loads(httpx.get(f"{service['url']}/openapi.json").text)["paths"]
     assert {"/v1/chat/completions", "/v1/models", "/v1/users/{user_id}/preferences", "/v1/users/{user_id}",
             "/v1/feedback", "/v1/personalize"} <= set(paths)  # fmt: skip
+
+
+def test_the_readme_python_example_runs_against_the_service(service, capsys):
+    """README's Python block, as written but for the address and key: it stores a pair for `ada` and the
+    official client answers with it in the prompt."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "openai.OpenAI" in b)
+    code = block.replace("http://127.0.0.1:8000/v1", f"{service['url']}/v1").replace('"unused"', f'"{KEY}"')
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out.strip()
+    assert printed and printed == namespace["reply"].choices[0].message.content.strip()
+    assert namespace["reply"].model_extra["fspo"]["shots_used"] >= 1  # the stored pair was in the prompt

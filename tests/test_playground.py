@@ -7,8 +7,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -96,12 +94,10 @@ def test_feedback_clicked_in_the_browser_is_stored_exported_and_trained_on(playg
     assert exported[-1] == {"user_id": "ada", "question": "How do I bake bread?", "preferred": personalized.strip(),
                             "dispreferred": base.strip()}  # fmt: skip
 
-    repo = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    trained = subprocess.run([sys.executable, "-m", "jobs.train", "model=tiny", f"datasets=[{out / 'train.jsonl'}]",
-                              "shots=1", "loss=sft", "batch_size=2", "n_examples=4", "exp_name=served",
-                              f"storage_path={tmp_path / 'runs'}"], cwd=repo, env=env, capture_output=True, text=True,
-                             timeout=600)  # fmt: skip
-    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+    # The job as users run it, in this process: it joins the module's Ray, which serves the playground.
+    from jobs.train import main as train
+
+    train(["model=tiny", f"datasets=[{out / 'train.jsonl'}]", "shots=1", "loss=sft", "batch_size=2", "n_examples=4",
+           "num_workers=1", "exp_name=served", f"storage_path={tmp_path / 'runs'}"])  # fmt: skip
     metrics = [json.loads(line) for line in (tmp_path / "runs" / "served" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["counters/examples"] == 4

@@ -2,8 +2,9 @@
 
 Every `python -m jobs.*` command line in it parses with its job's settings; the data commands run as
 written. The long ones run elsewhere at a smaller size: training in test_train_cli.py and test_demo.py,
-evaluation in test_evaluate.py, `serve run` in test_serve_cli.py, the curl request in test_serve.py,
-`ray job submit` with token auth in test_train_cli.py, and `make demo` / `make test` themselves in CI.
+evaluation in test_evaluate.py, data generation (and training on its folder) in test_generate_data.py,
+`serve run` in test_serve_cli.py, the curl request in test_serve.py, `ray start` and `ray job submit` with
+token auth in test_two_nodes.py, and `make demo` / `make test` themselves in CI.
 """
 
 import json

@@ -157,7 +157,7 @@ def test_evaluate_scores_a_vote_log_beside_every_baseline(local_ray, trained_tin
     popular = sum(half(rate(e, e.query.preferred) - rate(e, e.query.dispreferred)) for e in episodes) / 6
     assert [r["accuracy"] for r in systems["popularity"]] == pytest.approx([popular] * 3)
 
-    # The base model prompted with the k newest shots, and the model's implicit reward, with plain transformers.
+    # The base model prompted with the first k shots, and the model's implicit reward, with plain transformers.
     tokenizer = AutoTokenizer.from_pretrained(trained_tiny)
     policy, reference = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (trained_tiny, base))
 
@@ -170,7 +170,7 @@ def test_evaluate_scores_a_vote_log_beside_every_baseline(local_ray, trained_tin
     for k in (0, 1, 2):
         base_right = fspo_right = 0.0
         for e in episodes:
-            tokens = fit_episode(Episode(e.user_id, e.shots[2 - k :], e.query), tokenizer, max_length=1024,
+            tokens = fit_episode(Episode(e.user_id, e.shots[:k], e.query), tokenizer, max_length=1024,
                                  max_prompt_length=896).tokens  # fmt: skip
             p, c, r = tokens["prompt_ids"], tokens["chosen_ids"], tokens["rejected_ids"]
             base_margin = logp(reference, p, c) - logp(reference, p, r)

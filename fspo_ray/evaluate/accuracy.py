@@ -1,9 +1,8 @@
 """Preference accuracy over shots: does the model read the user from the examples?
 
 Held-out users' episodes are built once with the largest shot count N; for each k in the list the same
-query pair is scored with only the k newest shots in the prompt, so the curve compares like with like.
-With K targets per shot set (`targets`), the K query pairs of one shot set are scored in one packed row
-per k, the shots computed once.
+query pair is scored with only the episode's first k shots in the prompt, so the curve compares like with
+like (and each k's prompt extends the last: all of an episode's k are scored in one packed row).
 For each (episode, k), Ray Data batch inference computes the summed log-probs of the chosen and the
 rejected completion under the policy and the reference; the implicit reward r = β·(lpθ − lp_ref)
 ranks the preferred answer first or not (`rewards_eval/accuracies`), and r_w − r_l is the margin.
@@ -11,26 +10,30 @@ ranks the preferred answer first or not (`rewards_eval/accuracies`), and r_w −
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from fspo_ray.console import streamed_rows
-from fspo_ray.data.episodes import Episode, build_episode_dataset, shot_sets
+from fspo_ray.data.episodes import Episode, build_episode_dataset, use_task_shuffles
 from fspo_ray.data.readers import read_pair_dataset
 from fspo_ray.data.synthetic import bayes_optimal_choice
-from fspo_ray.data.tokenize import PromptStyle, fit_shot_set, load_tokenizer
-from fspo_ray.logprobs import SHOTS_LENGTH, TOKEN_COLUMNS, CompletionScorer
+from fspo_ray.data.tokenize import PromptStyle, fit_episode, load_tokenizer
+from fspo_ray.logprobs import TOKEN_COLUMNS, CompletionScorer
 from fspo_ray.scheduling import replica_cpus
 
 
 @dataclass(frozen=True)
 class ShotsVariants:
-    """A Ray Data batch UDF: episodes with N shots → one tokenized row per (episode, k), its k newest shots;
-    the targets of a shot set fitted to the same shots for each k and kept together, so the scorer packs
-    them into one row (logprobs.py)."""
+    """A Ray Data batch UDF: one episode with N shots → one tokenized row holding its prompt with its first k
+    shots for every k (one branch each, `BRANCH_COLUMNS`), and per k whether it fits and the shots it keeps.
+
+    The first k shots, not the newest: then every k-shot prompt starts with the longest prompt's tokens up to
+    its task line, and the scorer computes the shots once for all k (`pack_branches`), where the k newest,
+    renumbered from 1, would share nothing. Where a shot's edge tokenizes differently, the branch just keeps
+    fewer shared tokens: each branch's tokens are always exactly its own prompt's."""
 
     shots_list: tuple[int, ...]
     tokenizer_path: str
@@ -41,46 +44,49 @@ class ShotsVariants:
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         tokenizer = load_tokenizer(self.tokenizer_path)
         out: dict[str, list] = {}
-        episodes = [Episode.from_row({key: batch[key][i] for key in batch}) for i in range(len(batch["episode_id"]))]
-        for shot_set in shot_sets(episodes):
-            for k in self.shots_list:
-                variants = [dataclasses.replace(e, shots=e.shots[len(e.shots) - k :]) for e in shot_set]
-                fits = fit_shot_set(variants, tokenizer, max_length=self.max_length,
-                                    max_prompt_length=self.max_prompt_length, style=self.style)  # fmt: skip
-                for episode, fitted in zip(shot_set, fits):
-                    row = {
-                        "k": k,
-                        "user_id": episode.user_id,
-                        "episode_id": episode.episode_id,
-                        "fits": fitted is not None,
-                        "shots_used": k - fitted.shots_dropped if fitted else 0,
-                        **{name: fitted.tokens[name] if fitted else [] for name in TOKEN_COLUMNS},
-                        SHOTS_LENGTH: fitted.tokens[SHOTS_LENGTH] if fitted else 0,
-                    }
-                    for key, value in row.items():
-                        out.setdefault(key, []).append(value)
+        for i in range(len(batch["episode_id"])):
+            episode = Episode.from_row({key: batch[key][i] for key in batch})
+            fitted = {k: fit_episode(episode.first_shots(k), tokenizer, max_length=self.max_length,
+                                     max_prompt_length=self.max_prompt_length, style=self.style)
+                      for k in self.shots_list}  # fmt: skip
+            fits = [k for k in self.shots_list if fitted[k] is not None]
+            prompts = {k: fitted[k].tokens["prompt_ids"] for k in fits}
+            longest = max(prompts.values(), key=len, default=[])
+            cuts = {k: len(os.path.commonprefix([prompts[k], longest])) for k in fits}  # works on lists
+            row = {
+                "user_id": episode.user_id,
+                "episode_id": episode.episode_id,
+                "ks": list(self.shots_list),
+                "fits": [k in prompts for k in self.shots_list],
+                "shots_used": [k - fitted[k].shots_dropped if fitted[k] else 0 for k in self.shots_list],
+                "prompt_ids": longest,
+                # Completions do not depend on the shots: any fitting variant's are every variant's.
+                **{c: fitted[fits[0]].tokens[c] if fits else [] for c in TOKEN_COLUMNS[1:]},
+                "branch_cuts": [cuts[k] for k in fits],
+                "branch_tails": [prompts[k][cuts[k] :] for k in fits],
+            }
+            for key, value in row.items():
+                out.setdefault(key, []).append(value)
         return out
 
 
-def draw_order(seed: int, shot_set: str) -> str:
-    """A shot set's place in the seeded random order of held-out episodes (taking the first n of it
-    samples across users, where sorting by id would take the alphabetically first ones); at one target per
-    shot set, the shot set is the episode."""
-    return hashlib.sha256(f"{seed}:{shot_set}".encode()).hexdigest()
+def draw_order(seed: int, episode_id: str) -> str:
+    """An episode's place in the seeded random order of held-out episodes (taking the first n of it
+    samples across users, where sorting by id would take the alphabetically first ones)."""
+    return hashlib.sha256(f"{seed}:{episode_id}".encode()).hexdigest()
 
 
-def held_out_episodes(
-    specs: list[str], *, split: str | None, users: list[str] | None, shots: int, seed: int, targets: int = 1
-):
-    """Held-out episodes with `shots` shots (one pass), `targets` per shot set (K), in the seeded random
-    order of `draw_order` with each shot set's targets together: the same for every measure."""
+def held_out_episodes(specs: list[str], *, split: str | None, users: list[str] | None, shots: int, seed: int):
+    """Held-out episodes with `shots` shots (one pass), in the seeded random order of `draw_order`: the
+    same for every measure."""
+    use_task_shuffles()
     pairs = read_pair_dataset(specs, split)
     if users is not None:
         keep = set(users)
         pairs = pairs.filter(lambda row: row["user_id"] in keep)
-    episodes = build_episode_dataset(pairs, shots, passes=1, seed=seed, num_partitions=4, targets=targets)
-    drawn = episodes.map(lambda row: {**row, "draw": draw_order(seed, row["shot_set"] or row["episode_id"])})
-    return drawn.sort(["draw", "episode_id"]).drop_columns(["draw"]).materialize()
+    episodes = build_episode_dataset(pairs, shots, passes=1, seed=seed, num_partitions=4)
+    drawn = episodes.map(lambda row: {**row, "draw": draw_order(seed, row["episode_id"])})
+    return drawn.sort("draw").drop_columns(["draw"]).materialize()
 
 
 def score_shots(
@@ -97,19 +103,19 @@ def score_shots(
     use_gpu: bool = False,
     more_models: dict[str, str] | None = None,
 ) -> tuple[list[dict], int]:
-    """Per-(episode, k) log-probs of `episodes` (built with max(shots_list) shots) under the policy, the
-    reference and `more_models` ({name: path}: columns `{name}_chosen`, `{name}_rejected`), and the number of
-    (episode, k) that did not fit."""
+    """Per-(episode, k) log-probs of `episodes` (built with max(shots_list) shots, k-shot prompts with their
+    first k) under the policy, the reference and `more_models` ({name: path}: columns `{name}_chosen`,
+    `{name}_rejected`), and the number of (episode, k) that did not fit."""
     variants = episodes.map_batches(
-        ShotsVariants(tuple(shots_list), policy_path, max_length, max_prompt_length, style), batch_size=64
+        ShotsVariants(tuple(shots_list), policy_path, max_length, max_prompt_length, style), batch_size=16
     ).materialize()
     # Materialized first, and nothing after the scorers: they may take every CPU, and then no task could run.
-    fitting = variants.filter(lambda row: row["fits"]).materialize()
+    fitting = variants.filter(lambda row: any(row["fits"])).materialize()
     n_fitting = fitting.count()
     # A block a batch: each replica task then ends with its batch, so the bar and Ray Data's no-progress watchdog
     # (30 min) see every batch. As one block, 320 full 8-shot SmolLM2 variants were one task the watchdog stopped.
     fitting = fitting.repartition(max(1, math.ceil(n_fitting / batch_size))).materialize()
-    skipped = variants.count() - n_fitting
+    skipped = sum(len(row["fits"]) - sum(row["fits"]) for row in variants.select_columns(["fits"]).take_all())
     scored = fitting.map_batches(
         CompletionScorer,
         fn_constructor_kwargs={"models": {"policy": policy_path, "reference": reference_path, **(more_models or {})}},
@@ -119,8 +125,17 @@ def score_shots(
         num_gpus=1 if use_gpu else 0,
         scheduling_strategy="SPREAD",  # replicas on every node that has room, not packed onto the first
     )
-    rows = streamed_rows(scored, n_fitting, "scoring held-out episodes", unit="episode")
-    return [{k: v for k, v in row.items() if k not in TOKEN_COLUMNS} for row in rows], int(skipped)
+    names = ["policy", "reference", *(more_models or {})]
+    rows = []
+    for row in streamed_rows(scored, n_fitting, "scoring held-out episodes", unit="episode"):
+        ks = [k for k, fits in zip(row["ks"], row["fits"]) if fits]
+        used = [u for u, fits in zip(row["shots_used"], row["fits"]) if fits]
+        for b, k in enumerate(ks):
+            rows.append({"k": int(k), "user_id": row["user_id"], "episode_id": row["episode_id"],
+                         "shots_used": int(used[b]),
+                         **{f"{name}_{side}": float(row[f"{name}_{side}"][b]) for name in names
+                            for side in ("chosen", "rejected")}})  # fmt: skip
+    return rows, int(skipped)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -159,7 +174,7 @@ def accuracy_by_shots(rows: list[dict], beta: float) -> list[dict]:
 
 
 def bayes_optimal_by_shots(episodes: list[Episode], shots_list: list[int], users: dict, preferred_only: bool) -> list[dict]:
-    """Per k: the accuracy of an ideal reader of the same k newest shots (seeing what the model's prompt
+    """Per k: the accuracy of an ideal reader of the same first k shots (seeing what the model's prompt
     shows) on the same query pairs: the ceiling a model of synthetic users can reach. `users` is
     users.json: each user's number of cared properties and label noise."""
     table = []
@@ -168,7 +183,7 @@ def bayes_optimal_by_shots(episodes: list[Episode], shots_list: list[int], users
         for e in episodes:
             user = users[e.user_id]
             right += bayes_optimal_choice(
-                [(s.preferred, s.dispreferred) for s in e.shots[len(e.shots) - k :]],
+                [(s.preferred, s.dispreferred) for s in e.first_shots(k).shots],
                 (e.query.preferred, e.query.dispreferred), len(user["preferences"]),
                 label_noise=user.get("label_noise", 0.0), preferred_only=preferred_only,
             )  # fmt: skip

@@ -1,7 +1,7 @@
 """What a skeptic compares a personalized model with: baselines on the same target pairs, at every k.
 
 Each system gives every (held-out episode, k) a score, > 0 when it ranks the person's preferred answer first,
-< 0 when it ranks the other first and 0 when it cannot tell (counted as half right). The k newest shots of the
+< 0 when it ranks the other first and 0 when it cannot tell (counted as half right). The first k shots of the
 episode are what a system may read, as the model reads them:
 
 - `few_shot_base`: the base model's log-likelihood of each answer after the same k-shot prompt (no training);
@@ -148,7 +148,7 @@ def counted_scores(
             scores["popularity"][e.episode_id, k] = popular
             scores["longer_answer"][e.episode_id, k] = longer
             if target is not None:
-                shots = e.shots[len(e.shots) - k :]
+                shots = e.first_shots(k).shots
                 weights = population.weights
                 if shots:  # the person's own votes pull the shared weights toward them
                     d = torch.stack([features[s.preferred] - features[s.dispreferred] for s in shots])
@@ -260,7 +260,7 @@ def changed_by_shots(episodes: Sequence[Episode], scores: dict, k: int, n: int =
         if (e.episode_id, k) not in scores or credit(scores[e.episode_id, 0]) == credit(scores[e.episode_id, k]):
             continue
         pick = {s: "preferred" if scores[e.episode_id, s] > 0 else "dispreferred" for s in (0, k)}
-        changed.append({"user_id": e.user_id, "shots": [vars(s) for s in e.shots[len(e.shots) - k :]],
+        changed.append({"user_id": e.user_id, "shots": [vars(s) for s in e.first_shots(k).shots],
                         "question": e.query.question, "their_vote": e.query.preferred,
                         "the_other_answer": e.query.dispreferred, "model_at_0_shots": pick[0],
                         f"model_at_{k}_shots": pick[k]})  # fmt: skip

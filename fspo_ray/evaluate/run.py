@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from omegaconf import MISSING
 
+from fspo_ray.batch_inference import batch_generate
 from fspo_ray.config import ConfigError, InputError, refuse_overwrite
 from fspo_ray.console import streamed_rows
 from fspo_ray.data.episodes import Episode
@@ -20,7 +21,7 @@ from fspo_ray.data.prompts import strip_completion_header
 from fspo_ray.data.readers import default_shots, read_pairs, skipped_rows
 from fspo_ray.data.synthetic import on_task
 from fspo_ray.data.tokenize import PromptStyle, fit_episode, load_tokenizer
-from fspo_ray.engines import Sampling, batch_generate, vllm_usable
+from fspo_ray.engines import Sampling, vllm_usable
 from fspo_ray.evaluate.accuracy import (
     accuracy_by_shots,
     bayes_optimal_by_shots,
@@ -70,7 +71,6 @@ class EvaluateConfig:
     beta: float | None = None  # default: the run's; accuracy does not depend on it, margins do
     seed: int = 0  # seeds the held-out sample and sampling
     n_episodes: int = 256  # held-out episodes for accuracy (each scored at every k)
-    targets_per_prompt: int = 1  # K: held-out episodes per shot set, scored in one packed row (a speed knob)
     judge: str = "oracle"  # oracle | llm | votes (real people: their own vote on each target pair) | none
     opponent: str = "base"  # win rates against: base | pref_ft | a baseline | a model folder; judge=votes: a baseline
     judge_model: str | None = None  # judge=llm: a local HF folder (or preset), or an OpenAI-compatible base URL
@@ -83,7 +83,7 @@ class EvaluateConfig:
     max_prompt_length: int | None = None  # default: the run's, else 896
     description_mode: str | None = None  # default: the run's prompt style (its fspo_run.json), else "none"
     preferred_only: bool | None = None  # default: the run's, else false
-    batch_size: int = 8  # rows per batch-inference call
+    batch_size: int = 8  # rows (accuracy: episodes, every k of one in a row) per batch-inference call
     concurrency: int = 1  # model replicas for batch inference
     backend: str = "auto"  # generation engine: auto (vLLM on GPUs, transformers on CPUs) | vllm | transformers
     use_gpu: bool | None = None  # default: when the cluster has GPUs
@@ -172,12 +172,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     users = json.load(open(cfg.users_file)) if cfg.users_file else {}
     preferences = {u: v["preferences"] for u, v in users.items()}
 
-    episodes = held_out_episodes(cfg.datasets, split=cfg.split, users=cfg.users, shots=max_shots, seed=cfg.seed,
-                                 targets=cfg.targets_per_prompt)  # fmt: skip
+    episodes = held_out_episodes(cfg.datasets, split=cfg.split, users=cfg.users, shots=max_shots, seed=cfg.seed)
     if episodes.count() == 0:
-        width = max_shots + (cfg.targets_per_prompt if max_shots else 1)  # a window's pairs (episodes.py)
         raise InputError(f"{', '.join(cfg.datasets)}: no held-out episode of {max_shots} shots (no user has "
-                         f"{width} pairs{' among users=' if cfg.users else ''}); lower max_shots")
+                         f"{max_shots + 1} pairs{' among users=' if cfg.users else ''}); lower max_shots")
     reads_base = {"few_shot_base", "base_implicit_reward"} & set(cfg.baselines)
     scoring = dict(**lengths, batch_size=cfg.batch_size, concurrency=cfg.concurrency, use_gpu=use_gpu)
     rows, skipped = score_shots(

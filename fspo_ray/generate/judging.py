@@ -29,10 +29,11 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from fspo_ray.batch_inference import batch_generate, prompt_ids
 from fspo_ray.console import streamed_rows
 from fspo_ray.data.prompts import persona_answer_prompt
 from fspo_ray.data.tokenize import load_tokenizer
-from fspo_ray.engines import Sampling, batch_generate, prompt_ids
+from fspo_ray.engines import Sampling
 from fspo_ray.generate.config import GenerateDataConfig, is_endpoint
 from fspo_ray.judge import endpoint_judge, judge_prompt, order_consistent, parse_verdict
 from fspo_ray.logprobs import CompletionScorer

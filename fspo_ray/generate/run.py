@@ -32,11 +32,12 @@ import os
 import random
 import time
 
+from fspo_ray.batch_inference import batch_generate
 from fspo_ray.config import ConfigError
 from fspo_ray.console import streamed_rows
 from fspo_ray.data.prompts import persona_answer_prompt
 from fspo_ray.data.readers import DataError, raw_rows
-from fspo_ray.engines import Sampling, batch_generate
+from fspo_ray.engines import Sampling
 from fspo_ray.generate.config import RESUME_SAFE, GenerateDataConfig, is_endpoint, judge_of, validate
 from fspo_ray.generate.judging import tally, verdicts
 from fspo_ray.generate.known_truth import validate_judges

@@ -22,6 +22,7 @@ from fspo_ray.data.episodes import (
     default_passes,
     episode_dataset_stats,
     shot_sets,
+    use_task_shuffles,
 )
 from fspo_ray.data.readers import read_pair_dataset, skipped_rows
 from fspo_ray.data.tokenize import PromptStyle, fit_shot_set, load_tokenizer
@@ -85,9 +86,13 @@ def token_fingerprint(*sequences: list[int]) -> int:
 
 @dataclass
 class PreparedData:
-    shards: list[Any]  # one materialized Ray Dataset per worker, equal length, deterministic order
-    examples: int  # rows over all shards
+    rows: Any  # a materialized Ray Dataset, in the deterministic order
+    examples: int  # its rows
     stats: dict[str, int] = field(default_factory=dict)
+
+    def shards(self, num_workers: int) -> list[Any]:
+        """One Ray Dataset per worker, equal and contiguous: rank r's rows and their order are fixed."""
+        return self.rows.split(num_workers, equal=True)
 
 
 def prepare(
@@ -102,28 +107,22 @@ def prepare(
     max_prompt_length: int,
     style: PromptStyle,
     seed: int,
-    num_workers: int,
     rows_per_step: int,
     limit: int | None = None,
     length_window: int = 0,
-    reference: ReferenceScoring | None = None,
     targets: int = 1,
 ) -> PreparedData:
-    """Episodes of `specs` as `num_workers` equal shards holding a multiple of `rows_per_step` rows in all;
-    `targets` (K) episodes per shot set (episodes.py).
+    """Episodes of `specs`, fitted and tokenized: a multiple of `rows_per_step` rows, in a fixed order;
+    `targets` (K) episodes per shot set (episodes.py), next to each other.
 
     `limit` caps the rows (n_examples, n_eval_examples): the first rows of the shuffled order are kept; rows
     beyond it or past the last whole step are left out and counted.
     `length_window` > 1 orders rows by length inside seeded windows of about that many rows (see Tokenize).
-    `reference` adds the reference's log-probs of every row (reference.py).
     """
     import ray.data
-    from ray.data.context import ShuffleStrategy
 
-    # Task-based shuffles: the default hash shuffle starts aggregator actors, slow to start and
-    # greedy for CPUs on a small machine; group-by and sort here move little data.
+    use_task_shuffles()
     context = ray.data.DataContext.get_current()
-    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     context.enable_progress_bars = False  # they flood the job's log from every worker; we print summaries
     context.execution_options.preserve_order = True  # a rank's shard must hold the same rows in the same order
     passes = passes if passes is not None else default_passes(shots, purpose, targets)
@@ -147,14 +146,9 @@ def prepare(
         raise InputError(
             f"{', '.join(specs)}: {kept} episodes fit the length limits, fewer than one step's {rows_per_step}"
         )
-    fitted = fitted.limit(usable)
-    scored = 0
-    if reference is not None:  # only the rows that will be used; the pass keeps their order
-        fitted, scored = score_reference(fitted.materialize(), reference)
-    fitted = fitted.materialize()
-    shards = fitted.split(num_workers, equal=True)
+    fitted = fitted.limit(usable).materialize()
     return PreparedData(
-        shards=shards,
+        rows=fitted,
         examples=usable,
         stats={
             "users": stats.users,
@@ -168,6 +162,14 @@ def prepare(
             "targets_per_prompt": targets,
             "passes": passes,
             "rows_skipped": skipped_rows(specs, split),  # rows that hold no preference (a vote log's "I'm not sure")
-            **({"reference_scored": scored} if reference else {}),  # 0: every score came from the cache
         },
     )
+
+
+def add_reference(sets: list[PreparedData], reference: ReferenceScoring) -> int:
+    """Add the reference's log-probs to every row of `sets` (a run's training and held-out rows) in one pass
+    (reference.py), in place and in order; return how many rows were scored (0: all came from the cache)."""
+    scored, count = score_reference([s.rows for s in sets], reference)
+    for prepared, rows in zip(sets, scored):
+        prepared.rows = rows.materialize()
+    return count

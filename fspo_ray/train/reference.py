@@ -118,15 +118,20 @@ def _attach(batch: dict, scores: dict[int, tuple[float, float]]) -> dict:
     return {**batch, COLUMNS[0]: [p[0] for p in pairs], COLUMNS[1]: [p[1] for p in pairs]}
 
 
-def score_reference(rows, scoring: ReferenceScoring):
-    """`rows` (a Ray Dataset of tokenized episodes with `fingerprint`) with the two reference columns added,
-    and the number of rows that had to be scored (0 when the cache held them all)."""
-    fingerprints = {int(f) for f in rows.unique("fingerprint")}
+def score_reference(datasets: list, scoring: ReferenceScoring) -> tuple[list, int]:
+    """Each of `datasets` (Ray Datasets of tokenized episodes with `fingerprint`: a run's training and held-out
+    rows) with the two reference columns added, and the number of rows that had to be scored (0 when the cache
+    held them all). One pass scores what all of them miss: one set of replicas starts and loads the model."""
+    fingerprints = [{int(f) for f in rows.unique("fingerprint")} for rows in datasets]
     cached = _read_cache(scoring.cache_dir) if scoring.cache_dir else {}
-    missing = fingerprints - cached.keys()
+    missing = set().union(*fingerprints) - cached.keys()
     if missing:
         # Materialized first: the scoring actors may take every CPU, and then no upstream task could run.
-        todo = rows.filter(lambda row: int(row["fingerprint"]) in missing).materialize()
+        # One block per part: a map task emits one block per input block, so the cache's grain (what a killed pass
+        # loses) is set here, not by the batch size.
+        todo = [rows.filter(lambda row: int(row["fingerprint"]) in missing) for rows in datasets]
+        todo = (todo[0].union(*todo[1:]) if len(todo) > 1 else todo[0]).repartition(
+            target_num_rows_per_block=scoring.rows_per_part, strict=True).materialize()  # fmt: skip
         scored = todo.map_batches(
             CompletionScorer,
             fn_constructor_kwargs={"models": {"reference": scoring.model_path}, "dtype": scoring.dtype},
@@ -141,5 +146,6 @@ def score_reference(rows, scoring: ReferenceScoring):
                 _write_part(scoring.cache_dir, part)
             part = part.to_pydict()
             cached.update(zip(part["fingerprint"], zip(*(part[c] for c in COLUMNS))))
-    needed = {f: cached[f] for f in fingerprints}
-    return rows.map_batches(_attach, fn_kwargs={"scores": needed}, batch_size=256), len(missing)
+    attached = [rows.map_batches(_attach, fn_kwargs={"scores": {f: cached[f] for f in mine}}, batch_size=256)
+                for rows, mine in zip(datasets, fingerprints)]  # fmt: skip
+    return attached, len(missing)

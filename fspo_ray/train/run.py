@@ -14,7 +14,7 @@ from fspo_ray.models import archive_to_folder, resolve_model
 from fspo_ray.scheduling import resolve_use_gpu
 from fspo_ray.train.config import TrainConfig, differing_keys
 from fspo_ray.train.loop import LoopPlan, train_loop
-from fspo_ray.train.pipeline import prepare
+from fspo_ray.train.pipeline import add_reference, prepare
 from fspo_ray.train.reference import reference_scoring
 
 logger = logging.getLogger(__name__)  # details for the log file; the console gets one line per stage
@@ -82,23 +82,23 @@ def run_training(cfg: TrainConfig):
         max_prompt_length=cfg.max_prompt_length,
         style=PromptStyle(cfg.preferred_only, cfg.description_mode),
         seed=cfg.seed,
-        num_workers=cfg.num_workers,
-        reference=reference,
         targets=cfg.targets_per_prompt,
     )
     train = prepare(
         cfg.datasets, split=cfg.data_split, passes=cfg.passes, purpose="train", rows_per_step=cfg.batch_size,
         limit=cfg.n_examples, length_window=cfg.length_window, **common
     )
-    datasets = {f"train_{r}": shard for r, shard in enumerate(train.shards)}
+    sets = {"train": train}
     summary = {"train": train.stats, "train_examples_per_epoch": train.examples}
     if cfg.eval_datasets:
-        held_out = prepare(
+        sets["eval"] = prepare(
             cfg.eval_datasets, split=cfg.eval_split, passes=1, purpose="eval", rows_per_step=cfg.num_workers,
             limit=cfg.n_eval_examples, **common,
         )  # fmt: skip
-        datasets.update({f"eval_{r}": shard for r, shard in enumerate(held_out.shards)})
-        summary.update(eval=held_out.stats, eval_examples=held_out.examples)
+        summary.update(eval=sets["eval"].stats, eval_examples=sets["eval"].examples)
+    if reference is not None:  # the rows that will be used, training's and held-out alike, in one pass
+        summary["reference_scored"] = add_reference(list(sets.values()), reference)
+    datasets = {f"{name}_{r}": shard for name, s in sets.items() for r, shard in enumerate(s.shards(cfg.num_workers))}
 
     steps_per_epoch = train.examples // cfg.batch_size
     total_steps = cfg.n_examples // cfg.batch_size if cfg.n_examples else cfg.n_epochs * steps_per_epoch
@@ -107,7 +107,7 @@ def run_training(cfg: TrainConfig):
     )
     logger.info(f"[{cfg.exp_name}] data: {json.dumps(summary)}")
     held_out = f"; {summary['eval_examples']:,} held-out episodes" if cfg.eval_datasets else ""
-    scored = f"; reference scored for {train.stats['reference_scored']:,}" if "reference_scored" in train.stats else ""
+    scored = f"; reference scored for {summary['reference_scored']:,}" if "reference_scored" in summary else ""
     print(f"[{cfg.exp_name}] {summary['planned_examples']:,} episodes of {shots} shots from {train.stats['users']:,} users"
           f" in {total_steps:,} steps{held_out}{scored} (details: the data line in the log)", flush=True)  # fmt: skip
 
