@@ -47,13 +47,12 @@ import torch
 import torch.nn.functional as F
 
 from fspo_ray.losses import IGNORE_INDEX, sequence_logps
-from fspo_ray.models import load_for_inference, padding_id
 
 logger = logging.getLogger(__name__)
 
 # The columns a tokenized episode carries: prompt ids, and each completion's ids with its EOS.
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
-# How many of a tokenized episode's prompt ids are its shots (tokenize.py): what the targets of one shot set share.
+# How many of a tokenized episode's prompt ids are its shots (tokenize.py): what a shot set's targets share.
 SHOTS_LENGTH = "shots_length"
 # Where a row scores several prompts sharing their start: per prompt, how many of prompt_ids' tokens it
 # keeps and the tokens that follow them (see `pack_branches`).
@@ -67,7 +66,7 @@ SCORER_VERSION = 1
 class PackedBatch:
     input_ids: torch.Tensor  # (B, L)
     position_ids: torch.Tensor  # (B, L)
-    segment: torch.Tensor  # (B, L): -1 padding, 0 the prompt, 1 + 3b branch b's tail, 2 + 3b its chosen, 3 + 3b its rejected
+    segment: torch.Tensor  # (B, L): -1 padding, 0 the prompt; branch b: 1 + 3b its tail, 2 + 3b chosen, 3 + 3b rejected
     sees: torch.Tensor  # (B, S, L) bool: the keys each segment sees beyond its own (causal) segment
     source: torch.Tensor  # (N,) flat index into B·L of the hidden state that predicts each completion token
     target: torch.Tensor  # (N,) the completion token predicted there
@@ -130,8 +129,8 @@ def pack(
     order = [i for members in groups for i in members]  # the episode behind each branch, in pack_branches' order
     if order == sorted(order):
         return batch
-    n = len(order)
-    number = order + [n + i for i in order] if batch.num_sequences > n else order  # branch numbering -> episodes'
+    n = len(order)  # renumber the completions from the branches' order to the episodes'
+    number = order + [n + i for i in order] if batch.num_sequences > n else order
     plain: list = [None] * len(number)
     for old, new in enumerate(number):
         plain[new] = batch.plain[old]
@@ -139,9 +138,7 @@ def pack(
     return dataclasses.replace(batch, sequence=sequence, plain=tuple(plain))
 
 
-def pack_branches(
-    rows: Sequence[Row], pad_token_id: int, device: torch.device | str = "cpu"
-) -> PackedBatch:
+def pack_branches(rows: Sequence[Row], pad_token_id: int, device: torch.device | str = "cpu") -> PackedBatch:
     """One right-padded row per (prompt, branches): the prompt once, then each branch's tail and completions.
 
         tokens       [ prompt ...... | tail₁ | chosen₁ | rejected₁ | tail₂ | chosen₂ | rejected₂ | pad ]
@@ -358,6 +355,9 @@ class CompletionScorer:
     """
 
     def __init__(self, models: dict[str, str], dtype: str = "auto", rows_per_forward: int = 8):
+        # Here, not at the top: packing needs torch alone (benchmarks/gpu_step.py runs it on a bare GPU box).
+        from fspo_ray.models import load_for_inference, padding_id
+
         attention = packed_attention("cuda" if torch.cuda.is_available() else "cpu")
         loaded: dict[str, object] = {}
         self.models = {}

@@ -32,6 +32,7 @@ def lora_ipo(users, storage, *extra):
         "loss=ipo", "batch_size=4", "n_examples=16", "eval_every=8", "n_eval_examples=8", "eval_batch_size=4",
         "lr=1e-2", "warmup_steps=0", "optimizer=AdamW", "zero_stage=3", f"storage_path={storage}",
         "exp_name=lora", f"lora.r={R}", f"lora.alpha={ALPHA}", "lora.target_modules=[q_proj,v_proj,down_proj]",
+        "targets_per_prompt=2",  # and training's shot-set rows (two targets after one shot) under ZeRO-3, end to end
         *extra,
     ])  # fmt: skip
 
@@ -93,6 +94,8 @@ def test_lora_ipo_trains_adapters_only_against_the_adapters_off_reference(local_
     first = load_file(os.path.join(cfg.run_dir, "LATEST", "model.safetensors"))
     checkpoint = sorted(d for d in os.listdir(cfg.run_dir) if d.startswith("step-"))[-1]
     saved = [f for _, _, files in os.walk(os.path.join(cfg.run_dir, checkpoint)) for f in files]
+    state = json.load(open(os.path.join(cfg.run_dir, checkpoint, "trainer_state.json")))
+    assert state["summary"]["train"]["targets_per_prompt"] == 2 and state["summary"]["train"]["episodes"] == 16 * 4
     assert sum(os.path.getsize(os.path.join(p, f)) for p, _, fs in os.walk(os.path.join(cfg.run_dir, checkpoint))
                for f in fs if "model_states" in f) < os.path.getsize(os.path.join(base_dir, "model.safetensors")), saved
     run_training(lora_ipo(users, tmp_path, "precompute_reference=false", "resume=must"))

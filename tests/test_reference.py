@@ -204,7 +204,8 @@ def test_a_shot_sets_targets_stay_together_and_are_scored_exactly(local_ray, tmp
     model = build_tiny_model(str(tmp_path / "tiny"), seed=3)
     scoring = ReferenceScoring(model, "float32", None)
     prepared, scored = _scored(users, model, scoring, length_window=length_window, limit=None, targets=2)
-    assert prepared.stats["targets_per_prompt"] == 2 and prepared.examples == scored == 4 * 2 * 2  # users × windows × K
+    assert prepared.stats["targets_per_prompt"] == 2
+    assert prepared.examples == scored == 4 * 2 * 2  # users × windows × K
     for shard in prepared.shards(2):
         rows = list(shard.iter_rows())
         for first, second in zip(rows[::2], rows[1::2]):
