@@ -91,24 +91,28 @@ Branch = tuple[int, Sequence[int], Sequence[int], Sequence[int] | None]
 Row = tuple[Sequence[int], Sequence[Branch]]  # a prompt and its branches
 
 
-def shot_set_rows(prompts, chosen, rejected, shots_lengths) -> tuple[list[list[int]], list[Row]]:
-    """(groups, rows): episode indices grouped by the shots their prompts begin with (`shots_lengths[i]` ids:
-    the targets of one shot set), in first-seen order, and each group as a `pack_branches` row: the shots
-    once, each target's task and question a branch after them. An episode alone keeps its whole prompt."""
+def share_shots(rows: Sequence[Row], shots_lengths: Sequence[int] | None) -> tuple[list[list[int]], list[Row]]:
+    """(groups, rows): `rows` grouped by the shots their prompts begin with (`shots_lengths[i]` ids: the
+    targets of one shot set), in first-seen order, each group merged into one row whose prompt is the shots
+    and whose branches are all of its members' (a branch that kept more than the shots now keeps the shots
+    and carries the rest in its tail: the same tokens). A row without shots, or alone, stays as it is."""
     keys: dict[object, list[int]] = {}
-    for i, prompt in enumerate(prompts):
+    for i, (prompt, _) in enumerate(rows):
         shared = int(shots_lengths[i]) if shots_lengths is not None else 0
         keys.setdefault((shared, tuple(prompt[:shared])) if shared else i, []).append(i)
-    groups, rows = list(keys.values()), []
+    groups, merged = list(keys.values()), []
     for members in groups:
         if len(members) == 1:
-            i = members[0]
-            rows.append((prompts[i], [(len(prompts[i]), (), chosen[i], rejected[i])]))
-        else:
-            shared = int(shots_lengths[members[0]])
-            rows.append((prompts[members[0]][:shared],
-                         [(shared, prompts[i][shared:], chosen[i], rejected[i]) for i in members]))  # fmt: skip
-    return groups, rows
+            merged.append(rows[members[0]])
+            continue
+        shared = int(shots_lengths[members[0]])
+        branches = []
+        for prompt, own in (rows[i] for i in members):
+            for cut, tail, chosen, rejected in own:
+                kept = min(cut, shared)
+                branches.append((kept, [*prompt[kept:cut], *tail], chosen, rejected))
+        merged.append((rows[members[0]][0][:shared], branches))
+    return groups, merged
 
 
 def pack(
@@ -124,7 +128,8 @@ def pack(
     shared shots once, then each target's task and question, chosen and rejected as a branch. Completions
     keep the episodes' numbering either way: chosen i is i, rejected i is n + i."""
     rejected = rejected if rejected is not None else [None] * len(prompts)
-    groups, rows = shot_set_rows(prompts, chosen, rejected, shots_lengths)
+    episodes = [(p, [(len(p), (), c, r)]) for p, c, r in zip(prompts, chosen, rejected)]
+    groups, rows = share_shots(episodes, shots_lengths)
     batch = pack_branches(rows, pad_token_id, device)
     order = [i for members in groups for i in members]  # the episode behind each branch, in pack_branches' order
     if order == sorted(order):
@@ -345,10 +350,10 @@ class CompletionScorer:
     """A Ray Data batch-inference actor: each row's summed chosen and rejected log-probs under one or more
     models, with the packed forward, as columns `{name}_chosen` and `{name}_rejected`.
 
-    A row is an episode's `TOKEN_COLUMNS`. Rows with `SHOTS_LENGTH` that share their shots (training's K
-    targets of one shot set) are scored in one packed row. With `BRANCH_COLUMNS` a row holds several prompts
-    that share their first tokens (evaluation's k-shot prompts of one episode, see `pack_branches`), scored in
-    one packed row: then each score column holds a list, one score per branch.
+    A row is an episode's `TOKEN_COLUMNS`. With `BRANCH_COLUMNS` it holds several prompts that share their
+    first tokens (evaluation's k-shot prompts of one episode, see `pack_branches`), scored in one packed row:
+    then each score column holds a list, one score per branch. Rows with `SHOTS_LENGTH` that begin with the
+    same shots (the K targets of one shot set, in training or evaluation) share one packed row.
 
     Packed rows are run shortest first in groups of `rows_per_forward`, so little of a forward is padding; the
     output keeps the input's row order.
@@ -370,12 +375,9 @@ class CompletionScorer:
 
     def __call__(self, batch: dict) -> dict:
         n, branched = len(batch["prompt_ids"]), BRANCH_COLUMNS[0] in batch
-        if branched:
-            rows = [self._branches(batch, i) for i in range(n)]
-            owners = [[i] * len(branches) for i, (_, branches) in enumerate(rows)]  # the input row of each branch
-        else:
-            groups, rows = shot_set_rows(*(batch[c] for c in TOKEN_COLUMNS), batch.get(SHOTS_LENGTH))
-            owners = groups
+        own = [self._branches(batch, i, branched) for i in range(n)]
+        groups, rows = share_shots(own, batch.get(SHOTS_LENGTH))
+        owners = [[i for i in members for _ in own[i][1]] for members in groups]  # the input row of each branch
         size = [len(prompt) + sum(len(t) + len(c) + len(r) for _, t, c, r in bs) for prompt, bs in rows]
         order = sorted(range(len(rows)), key=size.__getitem__)
         scores: dict[str, list[list[float]]] = {
@@ -397,7 +399,9 @@ class CompletionScorer:
         return {**batch, **scores}
 
     @staticmethod
-    def _branches(batch: dict, i: int) -> tuple[list[int], list[Branch]]:
+    def _branches(batch: dict, i: int, branched: bool) -> Row:
         prompt, chosen, rejected = (list(batch[c][i]) for c in TOKEN_COLUMNS)
+        if not branched:
+            return prompt, [(len(prompt), [], chosen, rejected)]
         cuts, tails = (batch[c][i] for c in BRANCH_COLUMNS)
         return prompt, [(int(cut), list(tail), chosen, rejected) for cut, tail in zip(cuts, tails)]

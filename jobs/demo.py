@@ -24,7 +24,7 @@ class DemoConfig:
     dims_per_user: int = 1  # properties each user cares about (synthetic.py)
     shots: int = 3  # preference pairs in each prompt
     passes: int = 3  # training episodes per user = passes * K * (pairs_per_user // (shots + K))
-    targets_per_prompt: int = 1  # K: episodes sharing one window of shots, in training (speed)
+    targets_per_prompt: int = 1  # K: episodes sharing one window of shots, in training and evaluation (speed)
     preferred_only: bool = True  # shots show the preferred answer only (the reference's preferred-only prompt)
     batch_size: int = 8  # episodes per optimizer step
     max_length: int = 512  # prompt + completion tokens
@@ -109,6 +109,7 @@ def _demo(cfg: DemoConfig, out: str, log: str) -> dict:
     report = evaluate(EvaluateConfig(
         model=ipo.run_dir, datasets=[data["test"]], users_file=data["users"], out=os.path.join(out, "eval"),
         max_shots=cfg.shots, n_episodes=cfg.eval_episodes, n_queries=cfg.eval_queries, seed=cfg.seed,
+        targets_per_prompt=cfg.targets_per_prompt,
         baselines=["bayes_optimal"], pref_ft=sft.run_dir, opponent="pref_ft",
         overwrite=True,  # the demo's own folder: a re-run evaluates again
     ))  # fmt: skip

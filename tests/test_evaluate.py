@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import first_answer
 
-from fspo_ray.data.episodes import build_episodes
+from fspo_ray.data.episodes import Episode, build_episodes
 from fspo_ray.data.readers import read_pairs
 from fspo_ray.data.synthetic import on_task, render_answer, write_synthetic
 from fspo_ray.data.tokenize import fit_episode
@@ -225,12 +225,49 @@ def test_a_local_judge_model_gives_its_own_choice_between_m_and_M(local_ray, tra
     assert result["queries"] == 3 and "on_task" not in result  # on-task rates come with the oracle judge only
 
 
+def test_a_shot_sets_targets_scored_together_equal_each_scored_alone(local_ray, trained_tiny, tmp_path):
+    """targets_per_prompt=2: held-out episodes drawn by shot set and kept together; each (episode, k) is
+    scored in its shot set's packed row (both targets' k-shot prompts after the shots once) with the
+    log-probs of its own plain forward."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fspo_ray.data.tokenize import PromptStyle
+    from fspo_ray.evaluate.accuracy import held_out_episodes, score_shots
+    from fspo_ray.models import build_tiny_model
+
+    users = write_synthetic(str(tmp_path / "users"), n_train_users=2, n_test_users=4, pairs_per_user=10)
+    reference = build_tiny_model(str(tmp_path / "r"), seed=2)
+    drawn = held_out_episodes([users["test"]], split=None, users=None, shots=3, seed=0, targets=2)
+    episodes = [Episode.from_row(r) for r in drawn.take_all()]
+    assert len(episodes) == 4 * 2 * 2  # users × windows (of 3 shots + K) × K
+    assert all(a.shot_set == b.shot_set and a.shots == b.shots for a, b in zip(episodes[::2], episodes[1::2]))
+    rows, skipped = score_shots(drawn, shots_list=[0, 1, 3], policy_path=trained_tiny, reference_path=reference,
+                                max_length=1024, max_prompt_length=896, style=PromptStyle())  # fmt: skip
+    assert skipped == 0 and len(rows) == 3 * len(episodes)
+    tokenizer = AutoTokenizer.from_pretrained(trained_tiny)
+    models = {"policy": AutoModelForCausalLM.from_pretrained(trained_tiny).eval(),
+              "reference": AutoModelForCausalLM.from_pretrained(reference).eval()}  # fmt: skip
+    by_id = {e.episode_id: e for e in episodes}
+    for row in rows:
+        variant = by_id[row["episode_id"]].first_shots(row["k"])
+        tokens = fit_episode(variant, tokenizer, max_length=1024, max_prompt_length=896).tokens
+        for name, model in models.items():
+            for side in ("chosen", "rejected"):
+                ids = tokens["prompt_ids"] + tokens[f"{side}_ids"]
+                with torch.no_grad():
+                    logits = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+                start = len(tokens["prompt_ids"])
+                expected = sum(logits[t - 1, ids[t]].item() for t in range(start, len(ids)))
+                assert row[f"{name}_{side}"] == pytest.approx(expected, rel=1e-5, abs=1e-4), (row["episode_id"], name)
+
+
 @pytest.mark.parametrize("settings,problem", [
     ({"judge": "votes", "opponent": "popularity"}, "opponent=popularity must be one of baselines=[...]"),
     ({"judge": "votes", "opponent": "base", "baselines": ["base"]}, "known baselines are"),
     ({"opponent": "pref_ft"}, "opponent=pref_ft need pref_ft=<the SFT run or HF folder>"),
     ({"baselines": ["population_model"]}, "baselines=[population_model] needs population_model=<the 0-shot run>"),
     ({"opponent": "no/such/folder"}, "model=no/such/folder: not a preset"),
+    ({"targets_per_prompt": 0}, "targets_per_prompt=0 must be >= 1"),
 ])  # fmt: skip
 def test_an_opponent_or_baseline_that_cannot_be_had_stops_before_any_work(tmp_path, settings, problem):
     from fspo_ray.config import InputError

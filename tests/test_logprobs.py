@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fspo_ray.logprobs import pack, pack_branches, packed_attention_mask, packed_logps, plain_logps
+from fspo_ray.logprobs import pack, pack_branches, packed_attention_mask, packed_logps, plain_logps, share_shots
 
 # Mixed prompt lengths (a 1-token "0-shot" prompt among them), completions of different lengths,
 # chosen longer than rejected and the other way round.
@@ -314,6 +314,26 @@ def test_branch_layout_positions_and_mask():
     # chosen 9 is predicted at the tail (index 3), rejected 10 there too; 11 and 12 at the prompt's end (2)
     assert batch.source.tolist() == [3, 3, 2, 2] and batch.target.tolist() == [9, 10, 11, 12]
     assert batch.sequence.tolist() == [0, 2, 1, 3]  # chosen of branch j is j, its rejected 2 + j
+
+
+def test_the_k_shot_branches_of_a_shot_sets_targets_share_one_row():
+    """Evaluation's rows (a target's k-shot prompts as branches of its longest) for two targets that begin
+    with the same shots merge into one row, the shots once; every branch keeps its own tokens and scores."""
+    shots = [5, 6, 7, 8, 9, 10]
+    first = [(0, [11, 12], [20, 1], [21, 1]), (3, [11, 12], [20, 1], [21, 1]), (8, [], [20, 1], [21, 1])]
+    second = [(0, [13], [22, 1], [23, 1]), (3, [13], [22, 1], [23, 1]), (7, [], [22, 1], [23, 1])]
+    rows = [(shots + [11, 12], first), (shots + [13], second)]
+    groups, merged = share_shots(rows, [6, 6])
+    assert groups == [[0, 1]] and [list(p) for p, _ in merged] == [shots]
+    assert [(cut, list(tail)) for cut, tail, _, _ in merged[0][1]] == [
+        (0, [11, 12]), (3, [11, 12]), (6, [11, 12]), (0, [13]), (3, [13]), (6, [13])]  # fmt: skip
+    model = _family("llama")
+    with torch.no_grad():
+        together = packed_logps(model, pack_branches(merged, pad_token_id=0))
+        apart = packed_logps(model, pack_branches(rows, pad_token_id=0))
+    assert pack_branches(merged, 0).tokens == pack_branches(rows, 0).tokens - len(shots)
+    torch.testing.assert_close(together, apart, rtol=1e-5, atol=0)
+    assert share_shots(rows, [6, 5])[0] == [[0], [1]]  # other shots: a row each
 
 
 def test_branches_outside_the_prompt_or_mixed_are_refused():

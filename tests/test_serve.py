@@ -82,12 +82,15 @@ def post(service, body, key=KEY, **kwargs):
 
 
 def direct_greedy(model_path: str, prompt: str, max_new_tokens: int) -> tuple[int, str]:
-    """(prompt tokens, answer) with plain transformers on the training prompt text."""
+    """(prompt tokens, answer) with plain transformers on the training prompt text, tokenized as training
+    does: its examples (everything before "# Task") and the rest apart (docs/data.md)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer, model = AutoTokenizer.from_pretrained(model_path), AutoModelForCausalLM.from_pretrained(model_path)
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    cut = max(prompt.find("# Task\n"), 0)
+    parts = [part for part in (prompt[:cut], prompt[cut:]) if part]
+    ids = torch.tensor([[i for part in parts for i in tokenizer(part, add_special_tokens=False)["input_ids"]]])
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()  # fmt: skip

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from fspo_ray.console import streamed_rows
-from fspo_ray.data.episodes import Episode, build_episode_dataset, use_task_shuffles
+from fspo_ray.data.episodes import Episode, build_episode_dataset, shot_sets, use_task_shuffles
 from fspo_ray.data.readers import read_pair_dataset
 from fspo_ray.data.synthetic import bayes_optimal_choice
-from fspo_ray.data.tokenize import PromptStyle, fit_episode, load_tokenizer
-from fspo_ray.logprobs import TOKEN_COLUMNS, CompletionScorer
+from fspo_ray.data.tokenize import PromptStyle, fit_shot_set, load_tokenizer
+from fspo_ray.logprobs import SHOTS_LENGTH, TOKEN_COLUMNS, CompletionScorer
 from fspo_ray.scheduling import replica_cpus
 
 
@@ -29,6 +29,8 @@ from fspo_ray.scheduling import replica_cpus
 class ShotsVariants:
     """A Ray Data batch UDF: one episode with N shots → one tokenized row holding its prompt with its first k
     shots for every k (one branch each, `BRANCH_COLUMNS`), and per k whether it fits and the shots it keeps.
+    The targets of a shot set (`targets_per_prompt`) keep the same shots at each k, so their rows begin with
+    the same shot ids (`SHOTS_LENGTH`) and the scorer packs them into one row too.
 
     The first k shots, not the newest: then every k-shot prompt starts with the longest prompt's tokens up to
     its task line, and the scorer computes the shots once for all k (`pack_branches`), where the k newest,
@@ -44,49 +46,55 @@ class ShotsVariants:
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         tokenizer = load_tokenizer(self.tokenizer_path)
         out: dict[str, list] = {}
-        for i in range(len(batch["episode_id"])):
-            episode = Episode.from_row({key: batch[key][i] for key in batch})
-            fitted = {k: fit_episode(episode.first_shots(k), tokenizer, max_length=self.max_length,
-                                     max_prompt_length=self.max_prompt_length, style=self.style)
-                      for k in self.shots_list}  # fmt: skip
-            fits = [k for k in self.shots_list if fitted[k] is not None]
-            prompts = {k: fitted[k].tokens["prompt_ids"] for k in fits}
-            longest = max(prompts.values(), key=len, default=[])
-            cuts = {k: len(os.path.commonprefix([prompts[k], longest])) for k in fits}  # works on lists
-            row = {
-                "user_id": episode.user_id,
-                "episode_id": episode.episode_id,
-                "ks": list(self.shots_list),
-                "fits": [k in prompts for k in self.shots_list],
-                "shots_used": [k - fitted[k].shots_dropped if fitted[k] else 0 for k in self.shots_list],
-                "prompt_ids": longest,
-                # Completions do not depend on the shots: any fitting variant's are every variant's.
-                **{c: fitted[fits[0]].tokens[c] if fits else [] for c in TOKEN_COLUMNS[1:]},
-                "branch_cuts": [cuts[k] for k in fits],
-                "branch_tails": [prompts[k][cuts[k] :] for k in fits],
-            }
-            for key, value in row.items():
-                out.setdefault(key, []).append(value)
+        episodes = [Episode.from_row({key: batch[key][i] for key in batch}) for i in range(len(batch["episode_id"]))]
+        for shot_set in shot_sets(episodes):
+            by_k = {k: fit_shot_set([e.first_shots(k) for e in shot_set], tokenizer, max_length=self.max_length,
+                                    max_prompt_length=self.max_prompt_length, style=self.style)
+                    for k in self.shots_list}  # fmt: skip
+            for j, episode in enumerate(shot_set):
+                fitted = {k: by_k[k][j] for k in self.shots_list}
+                fits = [k for k in self.shots_list if fitted[k] is not None]
+                prompts = {k: fitted[k].tokens["prompt_ids"] for k in fits}
+                longest = max(fits, key=lambda k: len(prompts[k]), default=None)
+                cuts = {k: len(os.path.commonprefix([prompts[k], prompts[longest]])) for k in fits}  # on lists
+                row = {
+                    "user_id": episode.user_id,
+                    "episode_id": episode.episode_id,
+                    "ks": list(self.shots_list),
+                    "fits": [k in prompts for k in self.shots_list],
+                    "shots_used": [k - fitted[k].shots_dropped if fitted[k] else 0 for k in self.shots_list],
+                    "prompt_ids": prompts[longest] if fits else [],
+                    SHOTS_LENGTH: fitted[longest].tokens[SHOTS_LENGTH] if fits else 0,
+                    # Completions do not depend on the shots: any fitting variant's are every variant's.
+                    **{c: fitted[fits[0]].tokens[c] if fits else [] for c in TOKEN_COLUMNS[1:]},
+                    "branch_cuts": [cuts[k] for k in fits],
+                    "branch_tails": [prompts[k][cuts[k] :] for k in fits],
+                }
+                for key, value in row.items():
+                    out.setdefault(key, []).append(value)
         return out
 
 
-def draw_order(seed: int, episode_id: str) -> str:
-    """An episode's place in the seeded random order of held-out episodes (taking the first n of it
-    samples across users, where sorting by id would take the alphabetically first ones)."""
-    return hashlib.sha256(f"{seed}:{episode_id}".encode()).hexdigest()
+def draw_order(seed: int, shot_set: str) -> str:
+    """A shot set's place in the seeded random order of held-out episodes (taking the first n of it
+    samples across users, where sorting by id would take the alphabetically first ones); at one target a
+    shot set, the shot set is the episode."""
+    return hashlib.sha256(f"{seed}:{shot_set}".encode()).hexdigest()
 
 
-def held_out_episodes(specs: list[str], *, split: str | None, users: list[str] | None, shots: int, seed: int):
-    """Held-out episodes with `shots` shots (one pass), in the seeded random order of `draw_order`: the
-    same for every measure."""
+def held_out_episodes(
+    specs: list[str], *, split: str | None, users: list[str] | None, shots: int, seed: int, targets: int = 1
+):
+    """Held-out episodes with `shots` shots (one pass), `targets` (K) to a shot set, in the seeded random
+    order of `draw_order` with each shot set's targets together: the same for every measure."""
     use_task_shuffles()
     pairs = read_pair_dataset(specs, split)
     if users is not None:
         keep = set(users)
         pairs = pairs.filter(lambda row: row["user_id"] in keep)
-    episodes = build_episode_dataset(pairs, shots, passes=1, seed=seed, num_partitions=4)
-    drawn = episodes.map(lambda row: {**row, "draw": draw_order(seed, row["episode_id"])})
-    return drawn.sort("draw").drop_columns(["draw"]).materialize()
+    episodes = build_episode_dataset(pairs, shots, passes=1, seed=seed, num_partitions=4, targets=targets)
+    drawn = episodes.map(lambda row: {**row, "draw": draw_order(seed, row["shot_set"] or row["episode_id"])})
+    return drawn.sort(["draw", "episode_id"]).drop_columns(["draw"]).materialize()
 
 
 def score_shots(

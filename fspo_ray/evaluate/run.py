@@ -71,6 +71,7 @@ class EvaluateConfig:
     beta: float | None = None  # default: the run's; accuracy does not depend on it, margins do
     seed: int = 0  # seeds the held-out sample and sampling
     n_episodes: int = 256  # held-out episodes for accuracy (each scored at every k)
+    targets_per_prompt: int = 1  # K: held-out episodes drawn K to a window of shots, scored in one packed row
     judge: str = "oracle"  # oracle | llm | votes (real people: their own vote on each target pair) | none
     opponent: str = "base"  # win rates against: base | pref_ft | a baseline | a model folder; judge=votes: a baseline
     judge_model: str | None = None  # judge=llm: a local HF folder (or preset), or an OpenAI-compatible base URL
@@ -137,6 +138,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         raise ConfigError(f"judge={cfg.judge} is not one of {', '.join(JUDGES)}")
     if cfg.backend not in ("auto", "vllm", "transformers"):
         raise ConfigError(f"backend={cfg.backend} is not one of auto, vllm, transformers")
+    if cfg.targets_per_prompt < 1:
+        raise ConfigError(f"targets_per_prompt={cfg.targets_per_prompt} must be >= 1")
     unknown = set(cfg.baselines) - set(BASELINES)
     if unknown:
         raise ConfigError(f"baselines={sorted(unknown)}: known baselines are {', '.join(BASELINES)}")
@@ -172,10 +175,12 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     users = json.load(open(cfg.users_file)) if cfg.users_file else {}
     preferences = {u: v["preferences"] for u, v in users.items()}
 
-    episodes = held_out_episodes(cfg.datasets, split=cfg.split, users=cfg.users, shots=max_shots, seed=cfg.seed)
+    episodes = held_out_episodes(cfg.datasets, split=cfg.split, users=cfg.users, shots=max_shots, seed=cfg.seed,
+                                 targets=cfg.targets_per_prompt)  # fmt: skip
     if episodes.count() == 0:
+        width = max_shots + (cfg.targets_per_prompt if max_shots else 1)  # a window's pairs (episodes.py)
         raise InputError(f"{', '.join(cfg.datasets)}: no held-out episode of {max_shots} shots (no user has "
-                         f"{max_shots + 1} pairs{' among users=' if cfg.users else ''}); lower max_shots")
+                         f"{width} pairs{' among users=' if cfg.users else ''}); lower max_shots")
     reads_base = {"few_shot_base", "base_implicit_reward"} & set(cfg.baselines)
     scoring = dict(**lengths, batch_size=cfg.batch_size, concurrency=cfg.concurrency, use_gpu=use_gpu)
     rows, skipped = score_shots(
