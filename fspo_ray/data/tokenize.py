@@ -149,7 +149,7 @@ def fit_episode(
         episode.shots,
         episode.query.question,
         tokenizer,
-        min(max_prompt_length, max_length - completion_length),
+        _prompt_budget(completion_length, max_length, max_prompt_length),
         style=style,
         user_description=episode.user_description,
     )
@@ -184,11 +184,15 @@ def fit_shot_set(
             continue
         text = render_episode(episode, style, dropped)
         tokens = tokenize_text(tokenizer, text)
-        prompt = len(tokens["prompt_ids"])
         longer = max(len(tokens["chosen_ids"]), len(tokens["rejected_ids"]))
-        fits = prompt <= max_prompt_length and prompt + longer <= max_length
+        fits = len(tokens["prompt_ids"]) <= _prompt_budget(longer, max_length, max_prompt_length)
         fitted.append(FittedEpisode(text, tokens, dropped) if fits else alone)
     return fitted
+
+
+def _prompt_budget(completion_length: int, max_length: int, max_prompt_length: int) -> int:
+    """The most prompt tokens an episode may have: what fitting means, for one episode or a shot set."""
+    return min(max_prompt_length, max_length - completion_length)
 
 
 def fit_prompt(

@@ -107,15 +107,19 @@ def score_shots(
     max_prompt_length: int,
     style: PromptStyle,
     batch_size: int = 8,
+    targets: int = 1,
     concurrency: int = 1,
     use_gpu: bool = False,
     more_models: dict[str, str] | None = None,
 ) -> tuple[list[dict], int]:
     """Per-(episode, k) log-probs of `episodes` (built with max(shots_list) shots, k-shot prompts with their
     first k) under the policy, the reference and `more_models` ({name: path}: columns `{name}_chosen`,
-    `{name}_rejected`), and the number of (episode, k) that did not fit."""
+    `{name}_rejected`), and the number of (episode, k) that did not fit. `targets`: the episodes per shot set
+    (consecutive in `episodes`); batches hold whole shot sets, so that each one's targets share a row."""
+    batch_size = targets * math.ceil(batch_size / targets)
     variants = episodes.map_batches(
-        ShotsVariants(tuple(shots_list), policy_path, max_length, max_prompt_length, style), batch_size=16
+        ShotsVariants(tuple(shots_list), policy_path, max_length, max_prompt_length, style),
+        batch_size=targets * math.ceil(16 / targets),
     ).materialize()
     # Materialized first, and nothing after the scorers: they may take every CPU, and then no task could run.
     fitting = variants.filter(lambda row: any(row["fits"])).materialize()

@@ -84,7 +84,7 @@ class EvaluateConfig:
     max_prompt_length: int | None = None  # default: the run's, else 896
     description_mode: str | None = None  # default: the run's prompt style (its fspo_run.json), else "none"
     preferred_only: bool | None = None  # default: the run's, else false
-    batch_size: int = 8  # rows (accuracy: episodes, every k of one in a row) per batch-inference call
+    batch_size: int = 8  # rows (accuracy: episodes, every k of one in a row; a multiple of K) per batch-inference call
     concurrency: int = 1  # model replicas for batch inference
     backend: str = "auto"  # generation engine: auto (vLLM on GPUs, transformers on CPUs) | vllm | transformers
     use_gpu: bool | None = None  # default: when the cluster has GPUs
@@ -182,7 +182,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         raise InputError(f"{', '.join(cfg.datasets)}: no held-out episode of {max_shots} shots (no user has "
                          f"{width} pairs{' among users=' if cfg.users else ''}); lower max_shots")
     reads_base = {"few_shot_base", "base_implicit_reward"} & set(cfg.baselines)
-    scoring = dict(**lengths, batch_size=cfg.batch_size, concurrency=cfg.concurrency, use_gpu=use_gpu)
+    scoring = dict(**lengths, batch_size=cfg.batch_size, targets=cfg.targets_per_prompt, concurrency=cfg.concurrency,
+                   use_gpu=use_gpu)  # fmt: skip
     rows, skipped = score_shots(
         episodes.limit(cfg.n_episodes), shots_list=shots_list, policy_path=policy, reference_path=reference,
         style=style, more_models={"base": base} if reads_base else None, **scoring,
