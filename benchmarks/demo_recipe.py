@@ -1,165 +1,199 @@
-"""The demo's recipe, one process, no Ray: how SFT and IPO settings move held-out accuracy and on-task answers.
+"""The demo's recipe, one process, no Ray: how SFT and IPO settings move held-out accuracy over shots.
 
-Trains `tiny` on the demo's synthetic users with the project's episodes, packed log-probs and losses
-(AdamW, 2 threads), then prints the SFT model's on-task rate, and after IPO the accuracy at 0-3 shots
-(reward against the SFT reference, 256 held-out episodes) and the on-task rate of 64 greedy answers.
-The README's table of recipe changes came from these runs, e.g.
+Trains `tiny` on synthetic users with the project's episodes, packed log-probs and losses (AdamW, 2
+threads), then reports, on held-out users: accuracy at each k in `eval_shots` (the implicit reward
+against the SFT reference) beside the ideal reader of the same shots, the on-task rate of greedy
+answers, and the oracle win rate of the IPO model's answers against the SFT model's (both orders).
+docs/benchmarks.md's recipe tables come from these runs, e.g.
 
-    .venv/bin/python benchmarks/demo_recipe.py schedule=cosine sft_examples=9600 sft_dir=/tmp/sft \
-        ipo_lr=1e-3 sft_weight=2 ipo_examples=6400 ipo_eval_every=200
+    .venv/bin/python benchmarks/demo_recipe.py dims=2 noise=0.1 shots=6 eval_shots=[0,1,2,4,6] \
+        sft_examples=9600 ipo_examples=9600 sft_dir=/tmp/sft-6
 
 `sft_dir` saves the SFT model (and reuses it on the next run with the same settings).
 """
-import copy, math, os, random, sys, time
+
+import copy
+import math
+import os
+import random
+import statistics
+import sys
+import time
+
 import torch
 from omegaconf import OmegaConf
 
-torch.set_num_threads(2)
-from fspo_ray.data.synthetic import make_users, on_task, user_pairs
+from fspo_ray import models
 from fspo_ray.data.episodes import build_episodes
-from fspo_ray.data.tokenize import PromptStyle, fit_episode, render_episode, tokenize_text
 from fspo_ray.data.prompts import strip_completion_header
+from fspo_ray.data.synthetic import bayes_optimal_choice, make_users, on_task, score_answer, user_pairs
+from fspo_ray.data.tokenize import PromptStyle, fit_episode, render_episode, tokenize_text
 from fspo_ray.logprobs import pack, packed_logps
 from fspo_ray.losses import preference_loss, sft_loss
-from fspo_ray import models as M
 
-cfg = OmegaConf.merge(dict(
-    hidden=128, inter=256, layers=2, heads=4, vocab=1024, n_train=256, pairs=16, shots=3, passes=3,
-    preferred_only=True, batch=8, sft_examples=8000, sft_lr=3e-3, ipo_examples=3200, ipo_lr=6e-4, beta=0.1,
-    sft_weight=0.0, schedule="constant", warmup=5, eval_eps=256, gen=64, sft_target="chosen", seed=0,
-    dims=1, sft_eval_every=0, sft_dir="", ipo_eval_every=0, kind="ipo", ipo_schedule=""), OmegaConf.from_cli(sys.argv[1:]))
-print(OmegaConf.to_yaml(cfg).replace("\n", " "), flush=True)
-torch.manual_seed(cfg.seed)
-M.TINY.update(hidden_size=cfg.hidden, intermediate_size=cfg.inter, num_hidden_layers=cfg.layers,
-              num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads)
-path = f"/tmp/demo-recipe-model-{cfg.hidden}-{cfg.layers}-{cfg.heads}-{cfg.vocab}-{os.getpid()}"
-M.build_tiny_model(path, vocab_size=cfg.vocab, seed=cfg.seed)
-from transformers import AutoModelForCausalLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained(path)
-policy = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
-print("params", sum(p.numel() for p in policy.parameters()))
-users = make_users(cfg.n_train, 64, cfg.dims)
-train_pairs = [p for u in users if u.split == "train" for p in user_pairs(u, cfg.pairs, cfg.seed)]
-test_pairs = [p for u in users if u.split == "test" for p in user_pairs(u, 16, cfg.seed)]
-prefs = {u.user_id: u.preferences for u in users}
-style = PromptStyle(preferred_only=cfg.preferred_only)
-train_eps, _ = build_episodes(train_pairs, shots=cfg.shots, passes=cfg.passes, seed=cfg.seed)
-test_eps, _ = build_episodes(test_pairs, shots=3, passes=1, seed=cfg.seed)
-rng = random.Random(0)
-rng.shuffle(test_eps)
-test_eps = test_eps[: cfg.eval_eps]
-train_tok = [fit_episode(e, tok, max_length=512, max_prompt_length=384, style=style).tokens for e in train_eps]
-print("train episodes", len(train_tok), "mean tokens", sum(len(t["prompt_ids"]) + len(t["chosen_ids"]) for t in train_tok) / len(train_tok), flush=True)
+DEFAULTS = dict(
+    hidden=128, inter=256, layers=3, heads=4, vocab=1024, n_train=256, n_test=64, pairs=16, shots=3, passes=3,
+    eval_shots=[0, 1, 2, 3], preferred_only=True, dims=1, noise=0.0, batch=8, sft_examples=9600, sft_lr=3e-3,
+    sft_target="chosen", ipo_examples=14400, ipo_lr=1e-3, beta=0.1, sft_weight=2.0, kind="ipo",
+    schedule="cosine", warmup=5, eval_eps=256, gen=64, seed=0, sft_dir="", ipo_eval_every=0, threads=2,
+)
 
 
-def stream(n_examples, seed):
-    r = random.Random(seed)
-    order = []
-    while len(order) < n_examples:
-        idx = list(range(len(train_tok)))
-        r.shuffle(idx)
-        order += idx
-    order = order[:n_examples]
-    for i in range(0, n_examples - cfg.batch + 1, cfg.batch):
-        rows = [train_tok[j] for j in order[i : i + cfg.batch]]
-        yield rows
+def main(argv: list[str]) -> None:
+    cfg = OmegaConf.merge(DEFAULTS, OmegaConf.from_cli(argv))
+    print(OmegaConf.to_yaml(cfg).replace("\n", " "), flush=True)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    models.TINY.update(hidden_size=cfg.hidden, intermediate_size=cfg.inter, num_hidden_layers=cfg.layers,
+                       num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads)  # fmt: skip
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    path = f"/tmp/demo-recipe-model-{cfg.hidden}-{cfg.layers}-{cfg.heads}-{cfg.vocab}-{os.getpid()}"
+    models.build_tiny_model(path, vocab_size=cfg.vocab, seed=cfg.seed)
+    tok = AutoTokenizer.from_pretrained(path)
+    users = make_users(cfg.n_train, cfg.n_test, cfg.dims)
+    prefs = {u.user_id: u.preferences for u in users}
+    novel = {u.user_id for u in users if u.novel_combination}
+    pairs = {split: [p for u in users if u.split == split for p in user_pairs(u, cfg.pairs, cfg.seed, cfg.noise)]
+             for split in ("train", "test")}  # fmt: skip
+    style = PromptStyle(preferred_only=cfg.preferred_only)
+    train_eps, _ = build_episodes(pairs["train"], shots=cfg.shots, passes=cfg.passes, seed=cfg.seed)
+    test_eps, _ = build_episodes(pairs["test"], shots=max(cfg.eval_shots), passes=1, seed=cfg.seed)
+    random.Random(0).shuffle(test_eps)
+    test_eps = test_eps[: cfg.eval_eps]
+    fit = dict(max_length=768, max_prompt_length=640, style=style)
+    train_rows = [fit_episode(e, tok, **fit).tokens for e in train_eps]
+    print(f"train episodes {len(train_rows)}, mean tokens "
+          f"{statistics.mean(len(t['prompt_ids']) + len(t['chosen_ids']) for t in train_rows):.0f}; "
+          f"held-out episodes {len(test_eps)}", flush=True)  # fmt: skip
 
-def packed(rows, rejected=True):
-    return pack([r["prompt_ids"] for r in rows], [r["chosen_ids"] for r in rows],
-                [r["rejected_ids"] for r in rows] if rejected else None, tok.pad_token_id)
+    def packed(rows, rejected=True):
+        return pack([r["prompt_ids"] for r in rows], [r["chosen_ids"] for r in rows],
+                    [r["rejected_ids"] for r in rows] if rejected else None, tok.pad_token_id)  # fmt: skip
 
+    def batches(n_examples, seed):
+        rng, order = random.Random(seed), []
+        while len(order) < n_examples:
+            more = list(range(len(train_rows)))
+            rng.shuffle(more)
+            order += more
+        for i in range(0, n_examples - cfg.batch + 1, cfg.batch):
+            yield [train_rows[j] for j in order[i : i + cfg.batch]]
 
-def lrf(step, total):
-    if step < cfg.warmup:
-        return (step + 1) / (cfg.warmup + 1)
-    if cfg.schedule == "constant":
-        return 1.0
-    return 0.5 * (1 + math.cos(math.pi * min(1, (step - cfg.warmup) / max(1, total - cfg.warmup))))
+    def lr_factor(step, total):
+        if step < cfg.warmup:
+            return (step + 1) / (cfg.warmup + 1)
+        done = (step - cfg.warmup) / max(1, total - cfg.warmup)
+        return 1.0 if cfg.schedule == "constant" else 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
+    def train(model, loss_name, n_examples, lr, ref=None):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        total = n_examples // cfg.batch
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total))
+        model.train()
+        started = time.time()
+        for step, rows in enumerate(batches(n_examples, cfg.seed + (loss_name != "sft"))):
+            if loss_name == "sft":
+                both = cfg.sft_target == "both"
+                logps = packed_logps(model, packed(rows, both))
+                loss = sft_loss(logps if both else logps[: len(rows)])
+            else:
+                batch = packed(rows)
+                policy_chosen, policy_rejected = packed_logps(model, batch).chunk(2)
+                with torch.no_grad():
+                    ref_chosen, ref_rejected = packed_logps(ref, batch).chunk(2)
+                losses, _, _ = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                               beta=cfg.beta, kind=cfg.kind, sft_weight=cfg.sft_weight)  # fmt: skip
+                loss = losses.mean()
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            optimizer.step()
+            schedule.step()
+            if step % 200 == 0:
+                print(f"  {loss_name} step {step}/{total} loss {loss.item():.3f} {time.time() - started:.0f}s", flush=True)
+            if cfg.ipo_eval_every and ref is not None and step and step % cfg.ipo_eval_every == 0:
+                print(f"   @{step}", accuracy(model, ref)["model"], flush=True)
+                model.train()
+        print(f"  {loss_name} done in {time.time() - started:.0f}s", flush=True)
 
-def train(model, loss_name, n_examples, lr, ref=None):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    total = n_examples // cfg.batch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lrf(s, total))
-    model.train()
-    t0 = time.time()
-    for step, rows in enumerate(stream(n_examples, cfg.seed + (loss_name != "sft"))):
-        if loss_name == "sft":
-            lp = packed_logps(model, packed(rows, cfg.sft_target == "both"))
-            loss = sft_loss(lp if cfg.sft_target == "both" else lp[: len(rows)])
-        else:
-            b = packed(rows)
-            lp = packed_logps(model, b)
-            with torch.no_grad():
-                rl = packed_logps(ref, b)
-            pc, pr = lp.chunk(2); rc, rr = rl.chunk(2)
-            losses, _, _ = preference_loss(pc, pr, rc, rr, beta=cfg.beta, kind=cfg.kind, label_smoothing=0.0,
-                                           reference_free=False, sft_weight=cfg.sft_weight)
-            loss = losses.mean()
-        opt.zero_grad(); loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        opt.step(); sched.step()
-        if step % 200 == 0:
-            print(f"  {loss_name} step {step}/{total} loss {loss.item():.3f} {time.time()-t0:.0f}s", flush=True)
-        if cfg.ipo_eval_every and loss_name != "sft" and step and step % cfg.ipo_eval_every == 0:
-            print(f"   @{step} on-task", ontask(model), "acc", accuracy(model, ref), flush=True); model.train()
-        if cfg.sft_eval_every and loss_name == "sft" and step and step % cfg.sft_eval_every == 0:
-            print("   on-task", ontask(model), flush=True); model.train()
-    print(f"  {loss_name} done in {time.time()-t0:.0f}s", flush=True)
+    @torch.no_grad()
+    def accuracy(model, ref):
+        model.eval()
+        right = {k: [] for k in cfg.eval_shots}
+        reference_alone = {k: [] for k in cfg.eval_shots}  # does the reference (SFT) itself rank them right?
+        for k in cfg.eval_shots:
+            for i in range(0, len(test_eps), 32):
+                chunk = test_eps[i : i + 32]
+                rows = [tokenize_text(tok, render_episode(e, style, len(e.shots) - k)) for e in chunk]
+                batch = packed(rows)
+                policy_chosen, policy_rejected = packed_logps(model, batch).chunk(2)
+                ref_chosen, ref_rejected = packed_logps(ref, batch).chunk(2)
+                right[k] += ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected) > 0).tolist()
+                reference_alone[k] += (ref_chosen - ref_rejected > 0).tolist()
+        ideal = {k: [bayes_optimal_choice([(s.preferred, s.dispreferred) for s in e.shots[len(e.shots) - k:]],
+                                          (e.query.preferred, e.query.dispreferred), cfg.dims,
+                                          label_noise=cfg.noise, preferred_only=cfg.preferred_only)
+                     for e in test_eps] for k in cfg.eval_shots}  # fmt: skip
+        n = len(test_eps)
+        table = {"model": {k: round(sum(v) / n, 3) for k, v in right.items()},
+                 "ideal": {k: round(sum(v) / n, 3) for k, v in ideal.items()}}  # fmt: skip
+        table["reference log-likelihood alone"] = {k: round(sum(v) / n, 3) for k, v in reference_alone.items()}
+        # Half the held-out users hold pole combinations no training user holds (synthetic.py).
+        seen = [e.user_id not in novel for e in test_eps]
+        for name, keep in (("seen combinations", True), ("novel combinations", False)):
+            table[name] = {k: round(statistics.mean(r for r, s in zip(v, seen) if s == keep), 3)
+                           for k, v in right.items()} if keep in seen else {}  # fmt: skip
+        last = max(cfg.eval_shots)
+        diffs = [100.0 * (a - b) for a, b in zip(right[last], right[1])] if 1 in right else []
+        if diffs:
+            mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+            table["gain_last_over_1"] = [round(mean, 1), round(mean - 1.96 * sd / math.sqrt(n), 1),
+                                         round(mean + 1.96 * sd / math.sqrt(n), 1)]  # fmt: skip
+        return table
 
+    @torch.no_grad()
+    def answers(model):
+        model.eval()
+        tok.padding_side = "left"
+        out = []
+        for i in range(0, cfg.gen, 32):
+            chunk = test_eps[i : min(i + 32, cfg.gen)]
+            prompts = [render_episode(e, style).prompt for e in chunk]
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            generated = model.generate(**enc, max_new_tokens=96, do_sample=False, pad_token_id=tok.pad_token_id,
+                                       eos_token_id=tok.eos_token_id)  # fmt: skip
+            for g in generated[:, enc["input_ids"].shape[1] :]:
+                out.append(strip_completion_header(tok.decode(g, skip_special_tokens=True),
+                                                   preferred_only=cfg.preferred_only)[1])  # fmt: skip
+        return out
 
-@torch.no_grad()
-def accuracy(model, ref):
-    model.eval()
-    out = {}
-    for k in range(4):
-        hits = 0
-        for i in range(0, len(test_eps), 32):
-            rows = [tokenize_text(tok, render_episode(e, style, 3 - k)) for e in test_eps[i : i + 32]]
-            b = packed(rows)
-            pc, pr = packed_logps(model, b).chunk(2)
-            rc, rr = packed_logps(ref, b).chunk(2)
-            hits += int(((pc - rc) - (pr - rr) > 0).sum())
-        out[k] = hits / len(test_eps)
-    return out
+    def win_rate(ours, theirs):
+        wins = losses = 0
+        for e, a, b in zip(test_eps, ours, theirs):
+            q, p = e.query.question, prefs[e.user_id]
+            sa, sb = score_answer(a, p, q), score_answer(b, p, q)
+            wins, losses = wins + (sa > sb), losses + (sb > sa)
+        return round(wins / max(1, wins + losses), 3), wins, losses
 
-
-@torch.no_grad()
-def ontask(model, show=0):
-    model.eval()
-    ok = 0
-    eps = test_eps[: cfg.gen]
-    tok.padding_side = "left"
-    for i in range(0, len(eps), 32):
-        chunk = eps[i : i + 32]
-        prompts = [render_episode(e, style).prompt for e in chunk]
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        gen = model.generate(**enc, max_new_tokens=80, do_sample=False, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)
-        for e, g in zip(chunk, gen[:, enc["input_ids"].shape[1]:]):
-            text = tok.decode(g, skip_special_tokens=True)
-            _, ans = strip_completion_header(text, preferred_only=cfg.preferred_only)
-            good = on_task(ans, e.query.question)
-            ok += good
-            if show and not good:
-                show -= 1
-                print("   OFF:", e.query.question, "->", repr(ans))
-    return ok / len(eps)
-
-
-t = time.time()
-if cfg.sft_dir and os.path.exists(cfg.sft_dir):
-    policy = AutoModelForCausalLM.from_pretrained(cfg.sft_dir, attn_implementation="sdpa")
-else:
-    train(policy, "sft", cfg.sft_examples, cfg.sft_lr)
-    if cfg.sft_dir:
-        policy.save_pretrained(cfg.sft_dir)
-    print("SFT on-task", ontask(policy, show=3), flush=True)
-sft = copy.deepcopy(policy).eval().requires_grad_(False)
-if cfg.ipo_schedule:
-    cfg.schedule = cfg.ipo_schedule
-if cfg.ipo_examples:
+    started = time.time()
+    policy = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    if cfg.sft_dir and os.path.exists(cfg.sft_dir):
+        policy = AutoModelForCausalLM.from_pretrained(cfg.sft_dir, attn_implementation="sdpa")
+    else:
+        train(policy, "sft", cfg.sft_examples, cfg.sft_lr)
+        if cfg.sft_dir:
+            policy.save_pretrained(cfg.sft_dir)
+    sft = copy.deepcopy(policy).eval().requires_grad_(False)
+    sft_answers = answers(sft)
+    print("SFT on task", sum(on_task(a, e.query.question) for a, e in zip(sft_answers, test_eps)) / cfg.gen)
     train(policy, "ipo", cfg.ipo_examples, cfg.ipo_lr, ref=sft)
-    print("IPO on-task", ontask(policy, show=3), "acc", accuracy(policy, sft), flush=True)
-print("total", time.time() - t)
+    ours = answers(policy)
+    print("IPO", accuracy(policy, sft), "on task",
+          sum(on_task(a, e.query.question) for a, e in zip(ours, test_eps)) / cfg.gen,
+          "win rate vs SFT", win_rate(ours, sft_answers), flush=True)  # fmt: skip
+    print(f"total {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
