@@ -117,6 +117,13 @@ def main(argv: list[str]) -> None:
                 model.train()
         print(f"  {loss_name} done in {time.time() - started:.0f}s", flush=True)
 
+    # The ideal reader of each k-shot prompt (the newest k shots): the same at every evaluation, so worked out once.
+    ideal = {k: round(statistics.mean(
+        bayes_optimal_choice([(s.preferred, s.dispreferred) for s in e.shots[len(e.shots) - k :]],
+                             (e.query.preferred, e.query.dispreferred), cfg.dims, label_noise=cfg.noise,
+                             preferred_only=cfg.preferred_only)
+        for e in test_eps), 3) for k in cfg.eval_shots}  # fmt: skip
+
     @torch.no_grad()
     def accuracy(model, ref):
         model.eval()
@@ -131,13 +138,8 @@ def main(argv: list[str]) -> None:
                 ref_chosen, ref_rejected = packed_logps(ref, batch).chunk(2)
                 right[k] += ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected) > 0).tolist()
                 reference_alone[k] += (ref_chosen - ref_rejected > 0).tolist()
-        ideal = {k: [bayes_optimal_choice([(s.preferred, s.dispreferred) for s in e.shots[len(e.shots) - k:]],
-                                          (e.query.preferred, e.query.dispreferred), cfg.dims,
-                                          label_noise=cfg.noise, preferred_only=cfg.preferred_only)
-                     for e in test_eps] for k in cfg.eval_shots}  # fmt: skip
         n = len(test_eps)
-        table = {"model": {k: round(sum(v) / n, 3) for k, v in right.items()},
-                 "ideal": {k: round(sum(v) / n, 3) for k, v in ideal.items()}}  # fmt: skip
+        table = {"model": {k: round(sum(v) / n, 3) for k, v in right.items()}, "ideal": ideal}
         table["reference log-likelihood alone"] = {k: round(sum(v) / n, 3) for k, v in reference_alone.items()}
         # Half the held-out users hold pole combinations no training user holds (synthetic.py).
         seen = [e.user_id not in novel for e in test_eps]
@@ -177,10 +179,9 @@ def main(argv: list[str]) -> None:
         return round(wins / max(1, wins + losses), 3), wins, losses
 
     started = time.time()
-    policy = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
-    if cfg.sft_dir and os.path.exists(cfg.sft_dir):
-        policy = AutoModelForCausalLM.from_pretrained(cfg.sft_dir, attn_implementation="sdpa")
-    else:
+    reuse_sft = bool(cfg.sft_dir) and os.path.exists(cfg.sft_dir)
+    policy = AutoModelForCausalLM.from_pretrained(cfg.sft_dir if reuse_sft else path, attn_implementation="sdpa")
+    if not reuse_sft:
         train(policy, "sft", cfg.sft_examples, cfg.sft_lr)
         if cfg.sft_dir:
             policy.save_pretrained(cfg.sft_dir)
