@@ -67,7 +67,7 @@ class PackedBatch:
     input_ids: torch.Tensor  # (B, L)
     position_ids: torch.Tensor  # (B, L)
     segment: torch.Tensor  # (B, L): -1 padding, 0 the prompt; branch b: 1 + 3b its tail, 2 + 3b chosen, 3 + 3b rejected
-    sees: torch.Tensor  # (B, S, L) bool: the keys each segment sees beyond its own (causal) segment
+    sees: torch.Tensor  # (B, 1 + S, L) bool: row 1 + s, the keys segment s sees (causally); row 0, padding's: none
     source: torch.Tensor  # (N,) flat index into B·L of the hidden state that predicts each completion token
     target: torch.Tensor  # (N,) the completion token predicted there
     sequence: torch.Tensor  # (N,) which completion the token belongs to: chosen j → j, rejected j → branches + j
@@ -164,14 +164,14 @@ def pack_branches(rows: Sequence[Row], pad_token_id: int, device: torch.device |
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     segment = torch.full((len(rows), width), -1, dtype=torch.long)  # -1 padding, 0 the prompt, then 3 per branch
-    sees = torch.zeros((len(rows), 1 + 3 * max(len(bs) for _, bs in rows), width), dtype=torch.bool)  # beyond itself
+    sees = torch.zeros((len(rows), 2 + 3 * max(len(bs) for _, bs in rows), width), dtype=torch.bool)
     source, target, sequence = [], [], []
     plain: list = [None] * (2 * n_branches if with_rejected else n_branches)
     j = 0
     for i, (prompt, branches) in enumerate(rows):
         P, at = len(prompt), len(prompt)
         input_ids[i, :P] = torch.tensor(list(prompt), dtype=torch.long)
-        position_ids[i, :P], segment[i, :P] = torch.arange(P), 0
+        position_ids[i, :P], segment[i, :P], sees[i, 1, :P] = torch.arange(P), 0, True
         for b, (cut, tail, chosen, rejected) in enumerate(branches):
             if not 0 <= cut <= P:
                 raise ValueError(f"row {i}: a branch cuts the prompt at {cut}, outside its {P} tokens")
@@ -179,16 +179,16 @@ def pack_branches(rows: Sequence[Row], pad_token_id: int, device: torch.device |
                 raise ValueError(f"row {i}: empty prompt (a completion's first token needs a position to predict it)")
             tail_segment, context = 1 + 3 * b, cut + len(tail)
             tail_span = (at, at + len(tail))
-            sees[i, tail_segment, :cut] = True
+            sees[i, 1 + tail_segment, :cut] = True
             completions = [(chosen, j)] + ([(rejected, n_branches + j)] if with_rejected else [])
             for n, (tokens, seq) in enumerate([(tail, None), *completions]):
                 end, start = at + len(tokens), cut if n == 0 else context
                 input_ids[i, at:end] = torch.tensor(list(tokens), dtype=torch.long)
                 position_ids[i, at:end] = torch.arange(start, start + len(tokens))
                 segment[i, at:end] = tail_segment + n
-                if n:  # a completion sees what its tail sees, and the tail
-                    sees[i, tail_segment + n] = sees[i, tail_segment]
-                    sees[i, tail_segment + n, tail_span[0] : tail_span[1]] = True
+                sees[i, 1 + tail_segment + n, at:end] = True  # itself (causally, by the mask's predicate)
+                if n:  # a completion sees what its tail sees, the tail included
+                    sees[i, 1 + tail_segment + n] |= sees[i, 1 + tail_segment]
                     # Token t is predicted by the hidden state before it: the context's last for t = 0.
                     last = tail_span[1] - 1 if len(tail) else cut - 1
                     source += [i * width + last] + [i * width + at + t - 1 for t in range(1, len(tokens))]
@@ -216,17 +216,15 @@ def pack_branches(rows: Sequence[Row], pad_token_id: int, device: torch.device |
     )
 
 
-def may_attend(batch: PackedBatch, window: int | None, b, q, k, beyond: torch.Tensor | None = None) -> torch.Tensor:
-    """May token q of row b attend to token k (within `window` positions, for a sliding-window layer)? Its own
-    segment causally, and what its segment sees beyond it; a padding token sees itself alone (no NaN, never
-    read). FlexAttention's mask_mod and, on broadcast index tensors, the dense mask: one predicate for both.
-    `beyond`: `sees` read at (b, q's segment, k), where the caller has it already."""
-    query, key = batch.segment[b, q], batch.segment[b, k]
-    padding = query == -1
-    if beyond is None:
-        beyond = batch.sees[b, query.clamp(min=0), k]
-    allowed = ((query == key) & (k <= q) & ~padding) | (beyond & ~padding)
-    allowed = allowed | ((q == k) & padding)
+def may_attend(batch: PackedBatch, window: int | None, b, q, k, visible: torch.Tensor | None = None) -> torch.Tensor:
+    """May token q of row b attend to token k (within `window` positions, for a sliding-window layer)? What its
+    segment sees, causally; a padding token sees itself alone (no NaN, never read). FlexAttention's mask_mod and,
+    on broadcast index tensors, the dense mask: one predicate for both. `visible`: `sees` read at
+    (b, 1 + q's segment, k), where the caller has it already."""
+    if visible is None:
+        visible = batch.sees[b, batch.segment[b, q] + 1, k]
+    # q == k at a padding key: a padding query's diagonal (read at the key, a broadcast the dense mask pays little for).
+    allowed = (visible & (k <= q)) | ((q == k) & (batch.segment[b, k] == -1))
     if window is None:
         return allowed
     # Counted in positions, as each completion would sit after its prompt alone (the query's minus the key's).
@@ -252,10 +250,12 @@ def packed_attention_mask(batch: PackedBatch, block: bool = False, window: int |
 
         return create_block_mask(mask_mod, rows, None, width, width, device=device)
     index = torch.arange(width, device=device)
-    b = torch.arange(rows, device=device)[:, None, None]
-    # One gather reads `sees` for every (q, k) at a third of what indexing with broadcast tensors costs.
-    beyond = torch.gather(batch.sees, 1, batch.segment.clamp(min=0).unsqueeze(2).expand(-1, -1, width))
-    return may_attend(batch, window, b, index[None, :, None], index[None, None, :], beyond).unsqueeze(1)
+    b = torch.arange(rows, device=device)[:, None]
+    # Each query's row of `sees`, copied whole by one index_select: indexing with broadcast tensors reads element
+    # by element, ~20x slower on a CPU, and this mask is built every micro-batch.
+    picks = batch.segment + 1 + batch.sees.shape[1] * b
+    visible = batch.sees.flatten(0, 1).index_select(0, picks.flatten()).view(rows, width, width)
+    return may_attend(batch, window, b[..., None], index[None, :, None], index[None, None, :], visible).unsqueeze(1)
 
 
 def _softcap(config, logits: torch.Tensor) -> torch.Tensor:
