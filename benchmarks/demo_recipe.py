@@ -24,15 +24,15 @@ import torch
 from omegaconf import OmegaConf
 
 from fspo_ray import models
-from fspo_ray.data.episodes import build_episodes
+from fspo_ray.data.episodes import build_episodes, shot_sets
 from fspo_ray.data.prompts import strip_completion_header
 from fspo_ray.data.synthetic import bayes_optimal_choice, make_users, on_task, score_answer, user_pairs
-from fspo_ray.data.tokenize import PromptStyle, fit_episode, render_episode, tokenize_text
+from fspo_ray.data.tokenize import PromptStyle, fit_shot_set, render_episode, tokenize_text
 from fspo_ray.logprobs import pack, packed_logps
 from fspo_ray.losses import preference_loss, sft_loss
 
 DEFAULTS = dict(
-    hidden=128, inter=256, layers=3, heads=4, vocab=1024, n_train=256, n_test=64, pairs=16, shots=3, passes=3,
+    hidden=128, inter=256, layers=3, heads=4, vocab=1024, n_train=256, n_test=64, pairs=16, shots=3, passes=3, targets=1,
     eval_shots=[0, 1, 2, 3], preferred_only=True, dims=1, noise=0.0, batch=8, sft_examples=9600, sft_lr=3e-3,
     sft_target="chosen", ipo_examples=14400, ipo_lr=1e-3, beta=0.1, sft_weight=2.0, kind="ipo",
     schedule="cosine", warmup=5, eval_eps=256, gen=64, seed=0, sft_dir="", ipo_eval_every=0, threads=2,
@@ -57,28 +57,32 @@ def main(argv: list[str]) -> None:
     pairs = {split: [p for u in users if u.split == split for p in user_pairs(u, cfg.pairs, cfg.seed, cfg.noise)]
              for split in ("train", "test")}  # fmt: skip
     style = PromptStyle(preferred_only=cfg.preferred_only)
-    train_eps, _ = build_episodes(pairs["train"], shots=cfg.shots, passes=cfg.passes, seed=cfg.seed)
+    train_eps, _ = build_episodes(pairs["train"], shots=cfg.shots, passes=cfg.passes, seed=cfg.seed,
+                                  targets=cfg.targets)
     test_eps, _ = build_episodes(pairs["test"], shots=max(cfg.eval_shots), passes=1, seed=cfg.seed)
     random.Random(0).shuffle(test_eps)
     test_eps = test_eps[: cfg.eval_eps]
     fit = dict(max_length=768, max_prompt_length=640, style=style)
-    train_rows = [fit_episode(e, tok, **fit).tokens for e in train_eps]
+    # A shot set's K targets stay together (one packed row, one batch): batches are drawn as whole shot sets.
+    train_sets = [[f.tokens for f in fit_shot_set(group, tok, **fit)] for group in shot_sets(train_eps)]
+    train_rows = [row for group in train_sets for row in group]
     print(f"train episodes {len(train_rows)}, mean tokens "
           f"{statistics.mean(len(t['prompt_ids']) + len(t['chosen_ids']) for t in train_rows):.0f}; "
           f"held-out episodes {len(test_eps)}", flush=True)  # fmt: skip
 
     def packed(rows, rejected=True):
         return pack([r["prompt_ids"] for r in rows], [r["chosen_ids"] for r in rows],
-                    [r["rejected_ids"] for r in rows] if rejected else None, tok.pad_token_id)  # fmt: skip
+                    [r["rejected_ids"] for r in rows] if rejected else None, tok.pad_token_id,
+                    shots_lengths=[r["shots_length"] for r in rows] if "shots_length" in rows[0] else None)  # fmt: skip
 
     def batches(n_examples, seed):
         rng, order = random.Random(seed), []
         while len(order) < n_examples:
-            more = list(range(len(train_rows)))
+            more = list(range(len(train_sets)))
             rng.shuffle(more)
-            order += more
+            order += [row for j in more for row in train_sets[j]]
         for i in range(0, n_examples - cfg.batch + 1, cfg.batch):
-            yield [train_rows[j] for j in order[i : i + cfg.batch]]
+            yield order[i : i + cfg.batch]
 
     def lr_factor(step, total):
         if step < cfg.warmup:
