@@ -22,6 +22,7 @@ class DemoConfig:
     n_test_users: int = 64  # held-out synthetic users for evaluation and serving
     pairs_per_user: int = 16  # labelled preference pairs per user
     dims_per_user: int = 1  # properties each user cares about (synthetic.py)
+    label_noise: float = 0.0  # the fraction of each user's pairs whose labels are flipped (synthetic.py)
     shots: int = 3  # preference pairs in each prompt
     passes: int = 3  # training episodes per user = passes * K * (pairs_per_user // (shots + K))
     targets_per_prompt: int = 1  # K: episodes sharing one window of shots, in training and evaluation (speed)
@@ -81,7 +82,8 @@ def _demo(cfg: DemoConfig, out: str, log: str) -> dict:
     _step("1/5 synthetic users: preferences known exactly, held-out users unseen in training")
     data = write_synthetic(
         os.path.join(out, "data"), n_train_users=cfg.n_train_users, n_test_users=cfg.n_test_users,
-        pairs_per_user=cfg.pairs_per_user, dims_per_user=cfg.dims_per_user, seed=cfg.seed,
+        pairs_per_user=cfg.pairs_per_user, dims_per_user=cfg.dims_per_user,
+        label_noise=cfg.label_noise, seed=cfg.seed,
     )  # fmt: skip
     held_out = [f"eval_datasets=[{data['test']}]", f"n_eval_examples={cfg.train_eval_examples}",
                 "eval_batch_size=32"] if cfg.train_eval_examples else []  # fmt: skip
