@@ -32,8 +32,8 @@ from fspo_ray.logprobs import pack, packed_logps
 from fspo_ray.losses import preference_loss, sft_loss
 
 DEFAULTS = dict(
-    hidden=128, inter=256, layers=3, heads=4, vocab=1024, n_train=256, n_test=64, pairs=16, shots=3, passes=3, targets=1,
-    eval_shots=[0, 1, 2, 3], preferred_only=True, dims=1, noise=0.0, batch=8, sft_examples=9600, sft_lr=3e-3,
+    hidden=128, inter=256, layers=3, heads=4, vocab=1024, n_train=256, n_test=64, pairs=16, shots=3, passes=3,
+    targets=1, eval_shots=[0, 1, 2, 3], preferred_only=True, dims=1, noise=0.0, batch=8, sft_examples=9600, sft_lr=3e-3,
     sft_target="chosen", ipo_examples=14400, ipo_lr=1e-3, beta=0.1, sft_weight=2.0, kind="ipo",
     schedule="cosine", warmup=5, eval_eps=256, gen=64, seed=0, sft_dir="", ipo_eval_every=0, threads=2,
 )
