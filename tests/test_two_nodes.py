@@ -162,11 +162,13 @@ class TwoNodeCluster:
         reply.raise_for_status()
         return reply.json()["data"]["result"]["result"]
 
-    def submit(self, *entrypoint: str) -> subprocess.Popen:
-        """`ray job submit` of `python -m ...` from this checkout; the process follows the job to its end."""
+    def submit(self, *entrypoint: str, env_vars: dict[str, str] | None = None) -> subprocess.Popen:
+        """`ray job submit` of `python -m ...` from this checkout, with `env_vars` in the job's environment;
+        the process follows the job to its end."""
+        runtime_env = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
         return subprocess.Popen(
-            [BIN / "ray", "job", "submit", f"--address={self.dashboard}", f"--working-dir={REPO}", "--",
-             "python", "-m", *entrypoint],
+            [BIN / "ray", "job", "submit", f"--address={self.dashboard}", f"--working-dir={REPO}", *runtime_env,
+             "--", "python", "-m", *entrypoint],
             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
 
@@ -285,6 +287,10 @@ def test_evaluation_batch_inference_runs_on_both_nodes(cluster, users, uninterru
         "jobs.evaluate", f"model={uninterrupted.run_dir}", f"datasets=[{users['test']}]",
         f"users_file={users['users']}", f"out={tmp_path / 'eval'}", "shots=[0,1]", "n_episodes=16", "n_queries=4",
         "max_new_tokens=8", "concurrency=2", "backend=transformers",
+        # Each stage's work takes a replica a moment: on a busy machine the first replica up finished it
+        # before the second's process had started, and Ray Data dropped the unplaced one (CI saw it). Ray Data
+        # waits for the whole pool before a stage starts, so both are placed, as a cluster's are anyway.
+        env_vars={"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300"},
     ))  # fmt: skip
     replicas = [a for a in cluster.state("actors")
                 if a["actor_id"] not in seen_before and "MapWorker" in a["class_name"]]  # fmt: skip
