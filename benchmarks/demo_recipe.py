@@ -36,6 +36,7 @@ DEFAULTS = dict(
     targets=1, eval_shots=[0, 1, 2, 3], preferred_only=True, dims=1, noise=0.0, batch=8, sft_examples=9600, sft_lr=3e-3,
     sft_target="chosen", ipo_examples=14400, ipo_lr=1e-3, beta=0.1, sft_weight=2.0, kind="ipo",
     schedule="cosine", warmup=5, eval_eps=256, gen=64, seed=0, sft_dir="", ipo_eval_every=0, threads=2,
+    min_shots=None,  # each training window draws its shot count from min_shots..shots (episodes.py)
 )
 
 
@@ -58,7 +59,7 @@ def main(argv: list[str]) -> None:
              for split in ("train", "test")}  # fmt: skip
     style = PromptStyle(preferred_only=cfg.preferred_only)
     train_eps, _ = build_episodes(pairs["train"], shots=cfg.shots, passes=cfg.passes, seed=cfg.seed,
-                                  targets=cfg.targets)
+                                  targets=cfg.targets, min_shots=cfg.min_shots)
     test_eps, _ = build_episodes(pairs["test"], shots=max(cfg.eval_shots), passes=1, seed=cfg.seed)
     random.Random(0).shuffle(test_eps)
     test_eps = test_eps[: cfg.eval_eps]

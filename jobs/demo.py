@@ -24,6 +24,7 @@ class DemoConfig:
     dims_per_user: int = 1  # properties each user cares about (synthetic.py)
     label_noise: float = 0.0  # the fraction of each user's pairs whose labels are flipped (synthetic.py)
     shots: int = 3  # preference pairs in each prompt
+    min_shots: int | None = None  # training prompts hold min_shots..shots pairs (drawn per window); default: shots
     passes: int = 3  # training episodes per user = passes * K * (pairs_per_user // (shots + K))
     targets_per_prompt: int = 1  # K: episodes sharing one window of shots, in training and evaluation (speed)
     preferred_only: bool = True  # shots show the preferred answer only (the reference's preferred-only prompt)
@@ -85,9 +86,10 @@ def _demo(cfg: DemoConfig, out: str, log: str) -> dict:
         pairs_per_user=cfg.pairs_per_user, dims_per_user=cfg.dims_per_user,
         label_noise=cfg.label_noise, seed=cfg.seed,
     )  # fmt: skip
+    fewer = [f"min_shots={cfg.min_shots}"] if cfg.min_shots is not None else []
     held_out = [f"eval_datasets=[{data['test']}]", f"n_eval_examples={cfg.train_eval_examples}",
                 "eval_batch_size=32"] if cfg.train_eval_examples else []  # fmt: skip
-    common = [*held_out, f"model={cfg.model}", f"datasets=[{data['train']}]",
+    common = [*held_out, *fewer, f"model={cfg.model}", f"datasets=[{data['train']}]",
               f"shots={cfg.shots}", f"passes={cfg.passes}", f"preferred_only={cfg.preferred_only}",
               f"batch_size={cfg.batch_size}", f"max_length={cfg.max_length}",
               f"max_prompt_length={cfg.max_prompt_length}", f"storage_path={out}/runs", "zero_stage=2",

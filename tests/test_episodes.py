@@ -86,6 +86,31 @@ def test_a_window_holds_n_shots_and_k_targets_that_share_them():
         build_episodes(make_pairs({"alice": 13}), shots=3, passes=1, seed=0, targets=0)
 
 
+def test_with_min_shots_each_window_draws_its_shot_count_and_passes_stay_partitions():
+    pairs = make_pairs({"alice": 40, "bob": 30})
+    episodes, stats = build_episodes(pairs, shots=6, passes=3, seed=0, targets=2, min_shots=2)
+    by_set: dict[str, list] = {}
+    for e in episodes:
+        by_set.setdefault(e.shot_set, []).append(e)
+    assert all(len(targets) == 2 and targets[0].shots == targets[1].shots for targets in by_set.values())
+    assert {len(targets[0].shots) for targets in by_set.values()} == {2, 3, 4, 5, 6}
+    used_in_pass: dict[str, list[str]] = {}  # "{user}/{pass}" -> every pair its windows hold
+    for shot_set, targets in by_set.items():
+        user, p, _ = shot_set.split("/")
+        window = [s.question for s in targets[0].shots] + [t.query.question for t in targets]
+        assert {q.split()[0] for q in window} == {user}
+        used_in_pass.setdefault(f"{user}/{p}", []).extend(window)
+    assert sorted(used_in_pass) == [f"{u}/{p}" for u in ("alice", "bob") for p in range(3)]
+    assert all(len(used) == len(set(used)) for used in used_in_pass.values())  # a window never reuses a pair
+    assert stats.episodes == len(episodes) and stats.pairs_in_no_episode == 0
+    # min_shots = shots draws nothing new: the fixed-N windows.
+    fixed, _ = build_episodes(pairs, shots=6, passes=3, seed=0, targets=2)
+    assert build_episodes(pairs, shots=6, passes=3, seed=0, targets=2, min_shots=6)[0] == fixed
+    for bad in (0, 7):
+        with pytest.raises(ValueError, match=f"min_shots must be between 1 and shots=6, got {bad}"):
+            build_episodes(pairs, shots=6, passes=1, seed=0, min_shots=bad)
+
+
 def test_user_less_data_needs_zero_shots():
     pairs = [PreferencePair(None, f"q{k}", "w", "l", order=k) for k in range(3)]
     episodes, stats = build_episodes(pairs, shots=0, passes=1, seed=0)
@@ -95,13 +120,14 @@ def test_user_less_data_needs_zero_shots():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shots, targets", [(0, 1), (3, 1), (3, 2)])
-def test_ray_data_gives_the_same_episodes_and_stats(local_ray, shots, targets):
+@pytest.mark.parametrize("shots, targets, min_shots", [(0, 1, None), (3, 1, None), (3, 2, None), (4, 2, 1)])
+def test_ray_data_gives_the_same_episodes_and_stats(local_ray, shots, targets, min_shots):
     pairs = make_pairs(COUNTS)
-    expected, expected_stats = build_episodes(pairs, shots=shots, passes=2, seed=3, targets=targets)
+    windows = dict(shots=shots, passes=2, seed=3, targets=targets, min_shots=min_shots)
+    expected, expected_stats = build_episodes(pairs, **windows)
     ds = local_ray.data.from_items([p.as_row() for p in pairs], override_num_blocks=3)
-    rows = build_episode_dataset(ds, shots=shots, passes=2, seed=3, num_partitions=2, targets=targets).take_all()
+    rows = build_episode_dataset(ds, num_partitions=2, **windows).take_all()
     from fspo_ray.data.episodes import Episode
 
     assert sorted(repr(Episode.from_row(r)) for r in rows) == sorted(map(repr, expected))
-    assert episode_dataset_stats(ds, shots=shots, passes=2, seed=3, targets=targets) == expected_stats
+    assert episode_dataset_stats(ds, **windows) == expected_stats

@@ -13,8 +13,10 @@ import pytest
 import ray
 import torch
 
+from fspo_ray.data.episodes import build_episodes, shot_sets
+from fspo_ray.data.readers import read_pairs
 from fspo_ray.data.synthetic import write_synthetic
-from fspo_ray.data.tokenize import PromptStyle
+from fspo_ray.data.tokenize import PromptStyle, fit_shot_set, load_tokenizer
 from fspo_ray.logprobs import pack, plain_logps
 from fspo_ray.models import build_tiny_model
 from fspo_ray.train.config import parse_train_config
@@ -27,11 +29,12 @@ COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 SCORER = "MapWorker(MapBatches(CompletionScorer))"  # the reference pass's replicas, as Ray Data names them
 
 
-def _prepare(users, model, length_window=0, limit=24, shots=2, max_length=1024, which="train", targets=1):
+def _prepare(users, model, length_window=0, limit=24, shots=2, max_length=1024, which="train", targets=1,
+             min_shots=None):  # fmt: skip
     return prepare(
         [users[which]], split=None, shots=shots, passes=1, purpose="train", tokenizer_path=model,
         max_length=max_length, max_prompt_length=max_length * 3 // 4, style=PromptStyle(), seed=0,
-        rows_per_step=4, limit=limit, length_window=length_window, targets=targets,
+        rows_per_step=4, limit=limit, length_window=length_window, targets=targets, min_shots=min_shots,
     )  # fmt: skip
 
 
@@ -195,17 +198,27 @@ def test_length_windows_cut_padding_and_keep_the_rows(local_ray, tmp_path):
     assert [r["episode_id"] for r in _rows(again)] == [r["episode_id"] for r in _rows(grouped)]
 
 
-@pytest.mark.parametrize("length_window", [0, 4])
-def test_a_shot_sets_targets_stay_together_and_are_scored_exactly(local_ray, tmp_path, length_window):
+@pytest.mark.parametrize("length_window, min_shots", [(0, None), (4, None), (4, 1)])
+def test_a_shot_sets_targets_stay_together_and_are_scored_exactly(local_ray, tmp_path, length_window, min_shots):
     """K=2: each shot set's two targets are consecutive rows of one shard beginning with the same shot ids
     (so they share a micro-batch's packed row), and the reference pass, which packs them, scores each as
-    the plain path does."""
+    the plain path does; with min_shots=1 too, where shot sets hold 1 or 2 shots."""
     users = write_synthetic(str(tmp_path / "users"), n_train_users=4, n_test_users=2, pairs_per_user=8)
     model = build_tiny_model(str(tmp_path / "tiny"), seed=3)
     scoring = ReferenceScoring(model, "float32", None)
-    prepared, scored = _scored(users, model, scoring, length_window=length_window, limit=None, targets=2)
+    prepared, scored = _scored(users, model, scoring, length_window=length_window, limit=None, targets=2,
+                               min_shots=min_shots)  # fmt: skip
     assert prepared.stats["targets_per_prompt"] == 2
-    assert prepared.examples == scored == 4 * 2 * 2  # users × windows × K
+    if min_shots is None:
+        assert prepared.examples == scored == 4 * 2 * 2  # users × windows of 2 + 2 pairs × K
+    else:  # each row's prompt holds the shots its window drew: the plain episodes' prompts, 1 or 2 shots
+        expected, _ = build_episodes(read_pairs(users["train"]), shots=2, passes=1, seed=0, targets=2, min_shots=1)
+        assert {len(e.shots) for e in expected} == {1, 2} and prepared.stats["min_shots"] == 1
+        tokenizer, fit = load_tokenizer(model), dict(max_length=1024, max_prompt_length=768, style=PromptStyle())
+        want = {e.episode_id: list(f.tokens["prompt_ids"])
+                for group in shot_sets(expected) for e, f in zip(group, fit_shot_set(group, tokenizer, **fit))}
+        got = {r["episode_id"]: list(r["prompt_ids"]) for r in _rows(prepared)}
+        assert len(got) == prepared.examples == scored == len(expected) and got == want
     for shard in prepared.shards(2):
         rows = list(shard.iter_rows())
         for first, second in zip(rows[::2], rows[1::2]):

@@ -214,12 +214,14 @@ def test_a_run_folder_records_its_config_and_refuses_to_resume_another(tmp_path)
 @pytest.mark.parametrize("override, message", [
     ("shots=-1", "shots=-1 must be >= 0"),
     ("passes=0", "passes=0 must be >= 1"),
+    ("min_shots=0", "min_shots=0 must be >= 1"),
+    ("shots=3 min_shots=4", "min_shots=4 must be <= shots=3"),
     ("description_mode=generated", "preferred_only=true has no description_mode=generated prompt"),
     ("resume=sometimes", "resume"),
 ])  # fmt: skip
 def test_bad_values_are_refused_up_front(override, message):
     with pytest.raises(ConfigError, match=message):
-        parse_train_config(["datasets=[x.jsonl]", "preferred_only=true", override])
+        parse_train_config(["datasets=[x.jsonl]", "preferred_only=true", *override.split()])
 
 
 def test_reference_free_is_refused_where_the_reference_ignores_it():

@@ -5,11 +5,13 @@ generator seeded by (seed, user, pass), and cut non-overlapping windows of **N+K
 are the shots, pairs N..N+K-1 are K queries ("targets") that share those shots. Each target is an
 ordinary episode (its shots, its query pair); the K of one window carry the window's id as `shot_set`, and
 training and evaluation compute their shared shots once (logprobs.py). K = `targets`, 1 by default: windows
-of N+1, today's episodes. (The reference cuts N+2 and never uses the last pair, an off-by-one we do not
-copy.) The tail that does not fill a window is left out of that pass; R passes with fresh shuffles put
-each pair in many contexts, so few pairs end up in no episode at all, and those are counted. Shuffles
-depend only on the seed, the user id and the user's pair count, never on how the data is partitioned, so
-Ray Data and plain lists give the same episodes. At 0 shots there is nothing to share: K is taken as 1.
+of N+1, today's episodes. With `min_shots` M, each window draws its own N from M..N (the same generator,
+after the shuffle), so training also shows the shorter histories a user brings before they have N pairs.
+(The reference cuts N+2 and never uses the last pair, an off-by-one we do not copy.) The tail that does not
+fill a window is left out of that pass; R passes with fresh shuffles put each pair in many contexts, so few
+pairs end up in no episode at all, and those are counted. Shuffles depend only on the seed, the user id and
+the user's pair count, never on how the data is partitioned, so Ray Data and plain lists give the same
+episodes. At 0 shots there is nothing to share: K is taken as 1.
 """
 
 from __future__ import annotations
@@ -88,26 +90,41 @@ def default_passes(shots: int, split: str = "train", targets: int = 1) -> int:
 
 
 def episode_windows(
-    user_id: str | None, n_pairs: int, shots: int, passes: int, seed: int, targets: int = 1
-) -> list[list[int]]:
-    """Indices into the user's pairs (in data order) of each window: N shots, then K targets."""
+    user_id: str | None, n_pairs: int, shots: int, passes: int, seed: int, targets: int = 1,
+    min_shots: int | None = None,
+) -> list[tuple[int, int, list[int]]]:
+    """(pass, window number in the pass, indices into the user's pairs in data order) of each window: its shots
+    (N, or drawn from `min_shots`..N), then K targets."""
     if targets < 1:
         raise ValueError(f"targets_per_prompt must be >= 1, got {targets}")
-    width = shots + (targets if shots else 1)
+    if min_shots is not None and not 1 <= min_shots <= shots:
+        raise ValueError(f"min_shots must be between 1 and shots={shots}, got {min_shots}")
     windows = []
     for p in range(passes):
-        order = list(range(n_pairs))
-        random.Random(f"{seed}/{user_id}/{p}").shuffle(order)
-        windows += [order[i : i + width] for i in range(0, n_pairs - width + 1, width)]
+        order, rng = list(range(n_pairs)), random.Random(f"{seed}/{user_id}/{p}")
+        rng.shuffle(order)
+        start, first = 0, len(windows)
+        while True:
+            n = rng.randint(min_shots, shots) if min_shots is not None else shots
+            width = n + (targets if n else 1)
+            if start + width > n_pairs:
+                break
+            windows.append((p, len(windows) - first, order[start : start + width]))
+            start += width
     return windows
 
 
+def _shots_in(window: list[int], shots: int, targets: int) -> int:
+    """How many of a window's pairs are shots: all but its K targets (a 0-shot window is one target)."""
+    return len(window) - targets if shots else 0
+
+
 def _window_stats(
-    user_id: str | None, n_pairs: int, shots: int, passes: int, seed: int, targets: int
+    user_id: str | None, n_pairs: int, shots: int, passes: int, seed: int, targets: int, min_shots: int | None
 ) -> EpisodeStats:
-    windows = episode_windows(user_id, n_pairs, shots, passes, seed, targets)
-    used = {i for w in windows for i in w}
-    episodes = sum(len(w) - shots for w in windows)
+    windows = episode_windows(user_id, n_pairs, shots, passes, seed, targets, min_shots)
+    used = {i for _, _, w in windows for i in w}
+    episodes = sum(len(w) - _shots_in(w, shots, targets) for _, _, w in windows)
     return EpisodeStats(
         users=1, episodes=episodes, users_without_episode=int(not windows), pairs_in_no_episode=n_pairs - len(used)
     )
@@ -123,7 +140,8 @@ def _check_shots(user_id: str | None, shots: int) -> None:
 
 
 def user_episodes(
-    pairs: Sequence[PreferencePair], shots: int, passes: int, seed: int, targets: int = 1
+    pairs: Sequence[PreferencePair], shots: int, passes: int, seed: int, targets: int = 1,
+    min_shots: int | None = None,
 ) -> list[Episode]:
     """All episodes of one user's pairs: window by window, the K targets of a window one after another."""
     if not pairs:
@@ -132,17 +150,17 @@ def user_episodes(
     _check_shots(user_id, shots)
     ordered = sorted(pairs, key=lambda p: p.order)
     if user_id is None:  # no user: every pair stands alone, in data order
-        windows = [[i] for _ in range(passes) for i in range(len(ordered))]
+        windows = [(p, i, [i]) for p in range(passes) for i in range(len(ordered))]
     else:
-        windows = episode_windows(user_id, len(ordered), shots, passes, seed, targets)
-    per_pass = len(windows) // passes if passes else 0
+        windows = episode_windows(user_id, len(ordered), shots, passes, seed, targets, min_shots)
     episodes = []
-    for k, window in enumerate(windows):
-        context, queries = [ordered[i] for i in window[:shots]], [ordered[i] for i in window[shots:]]
-        shot_set = f"{user_id}/{k // per_pass}/{k % per_pass}"
+    for p, w, window in windows:
+        n = _shots_in(window, shots, targets)
+        context, queries = [ordered[i] for i in window[:n]], [ordered[i] for i in window[n:]]
+        shot_set = f"{user_id}/{p}/{w}"
         for j, query in enumerate(queries):
             if not context:  # a 0-shot episode is its pair: named by the pair, however the pairs were grouped
-                episode_id = shot_set = f"{query.source}/{k // per_pass}"
+                episode_id = shot_set = f"{query.source}/{p}"
             else:
                 episode_id = f"{shot_set}/{j}" if len(queries) > 1 else shot_set
             episodes.append(
@@ -167,20 +185,21 @@ def shot_sets(episodes: Iterable[Episode]) -> list[list[Episode]]:
 
 
 def build_episodes(
-    pairs: Iterable[PreferencePair], shots: int, passes: int, seed: int, targets: int = 1
+    pairs: Iterable[PreferencePair], shots: int, passes: int, seed: int, targets: int = 1,
+    min_shots: int | None = None,
 ) -> tuple[list[Episode], EpisodeStats]:
     """Episodes of every user in `pairs` (plain Python, for small data), users in first-seen order;
-    `targets` queries per window of shots (K)."""
+    `targets` queries per window of shots (K), each window of `min_shots`..`shots` shots where min_shots is set."""
     by_user: dict[str | None, list[PreferencePair]] = defaultdict(list)
     for pair in pairs:
         by_user[pair.user_id].append(pair)
     episodes, stats = [], EpisodeStats()
     for user_id, user_pairs in by_user.items():
-        episodes += user_episodes(user_pairs, shots, passes, seed, targets)
+        episodes += user_episodes(user_pairs, shots, passes, seed, targets, min_shots)
         if user_id is None:
             stats.add(EpisodeStats(episodes=len(user_pairs) * passes))
         else:
-            stats.add(_window_stats(user_id, len(user_pairs), shots, passes, seed, targets))
+            stats.add(_window_stats(user_id, len(user_pairs), shots, passes, seed, targets, min_shots))
     return episodes, stats
 
 
@@ -201,7 +220,8 @@ def use_task_shuffles() -> None:
 
 
 def build_episode_dataset(
-    pairs_ds, shots: int, passes: int, seed: int, num_partitions: int | None = None, targets: int = 1
+    pairs_ds, shots: int, passes: int, seed: int, num_partitions: int | None = None, targets: int = 1,
+    min_shots: int | None = None,
 ):
     """The same episodes on a Ray Dataset of `PreferencePair.as_row()` rows: a group-by over users, whose
     output keeps a window's targets together.
@@ -218,13 +238,15 @@ def build_episode_dataset(
     def group_episodes(group: dict[str, Any]) -> dict[str, list]:
         n = len(group["question"])
         pairs = [PreferencePair(**{c: _plain(group[c][i]) for c in columns}) for i in range(n)]
-        rows = [e.as_row() for e in user_episodes(pairs, shots, passes, seed, targets)]
+        rows = [e.as_row() for e in user_episodes(pairs, shots, passes, seed, targets, min_shots)]
         return {key: [r[key] for r in rows] for key in Episode.__dataclass_fields__} if rows else {}
 
     return pairs_ds.groupby("user_id", num_partitions=num_partitions).map_groups(group_episodes, batch_format="numpy")
 
 
-def episode_dataset_stats(pairs_ds, shots: int, passes: int, seed: int, targets: int = 1) -> EpisodeStats:
+def episode_dataset_stats(
+    pairs_ds, shots: int, passes: int, seed: int, targets: int = 1, min_shots: int | None = None
+) -> EpisodeStats:
     """What `build_episode_dataset` will leave out, from per-user pair counts alone.
 
     Counts are taken per block and summed here (users × blocks small numbers), which needs no shuffle.
@@ -241,7 +263,7 @@ def episode_dataset_stats(pairs_ds, shots: int, passes: int, seed: int, targets:
     for user_id, n_pairs in per_user.items():
         _check_shots(user_id, shots)
         stats.add(
-            _window_stats(user_id, n_pairs, shots, passes, seed, targets)
+            _window_stats(user_id, n_pairs, shots, passes, seed, targets, min_shots)
             if user_id is not None
             else EpisodeStats(episodes=n_pairs * passes)
         )

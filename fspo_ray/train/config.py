@@ -112,6 +112,7 @@ class TrainConfig:
     data_split: str | None = None  # split of save_to_disk DatasetDicts in `datasets`
     eval_split: str | None = None  # split of save_to_disk DatasetDicts in `eval_datasets`
     shots: int | None = None  # default: the first data set's format's
+    min_shots: int | None = None  # training windows draw their shot count from min_shots..shots; default: all N
     passes: int | None = None  # default: ⌈2(N+K)/K⌉, 2(N+1) at K=1 (1 for 0 shots); evaluation always 1
     targets_per_prompt: int = 1  # K: episodes sharing one window of shots, scored in one packed row (a speed knob)
     sft_target: str = "chosen"  # chosen (the paper) | both (the released code)
@@ -177,10 +178,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.preferred_only and cfg.description_mode != "none":
         raise ConfigError(f"preferred_only=true has no description_mode={cfg.description_mode} prompt "
                           "(fspo-method.md §1.4)")
-    for name in ("shots", "passes"):
+    for name in ("shots", "passes", "min_shots"):
         value = getattr(cfg, name)
         if value is not None and value < (0 if name == "shots" else 1):
             raise ConfigError(f"{name}={value} must be >= {0 if name == 'shots' else 1}")
+    if cfg.min_shots is not None and cfg.shots is not None and cfg.min_shots > cfg.shots:
+        raise ConfigError(f"min_shots={cfg.min_shots} must be <= shots={cfg.shots}")
     for name in ("num_workers", "reference_concurrency", "targets_per_prompt", "gradient_accumulation_steps",
                  "batch_size", "eval_batch_size", "eval_every", "max_length", "max_prompt_length",
                  "n_eval_examples"):  # fmt: skip

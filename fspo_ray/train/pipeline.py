@@ -111,9 +111,11 @@ def prepare(
     limit: int | None = None,
     length_window: int = 0,
     targets: int = 1,
+    min_shots: int | None = None,
 ) -> PreparedData:
     """Episodes of `specs`, fitted and tokenized: a multiple of `rows_per_step` rows, in a fixed order;
-    `targets` (K) episodes per shot set (episodes.py), next to each other.
+    `targets` (K) episodes per shot set (episodes.py), next to each other; each shot set of `min_shots`..`shots`
+    shots where min_shots is set.
 
     `limit` caps the rows (n_examples, n_eval_examples): the first rows of the shuffled order are kept; rows
     beyond it or past the last whole step are left out and counted.
@@ -127,12 +129,14 @@ def prepare(
     context.execution_options.preserve_order = True  # a rank's shard must hold the same rows in the same order
     passes = passes if passes is not None else default_passes(shots, purpose, targets)
     pairs = read_pair_dataset(specs, split).materialize()
-    stats = episode_dataset_stats(pairs, shots, passes, seed, targets)
+    stats = episode_dataset_stats(pairs, shots, passes, seed, targets, min_shots)
     if stats.episodes == 0:
-        width = shots + (targets if shots else 1)
+        fewest = min_shots if min_shots is not None else shots
+        width = fewest + (targets if shots else 1)
         raise InputError(f"{', '.join(specs)}: no episodes ({stats.users} users, none with {width} pairs)")
     partitions = max(1, min(32, pairs.num_blocks() * 2))
-    episodes = build_episode_dataset(pairs, shots, passes, seed, num_partitions=partitions, targets=targets)
+    episodes = build_episode_dataset(pairs, shots, passes, seed, num_partitions=partitions, targets=targets,
+                                     min_shots=min_shots)
     windows = max(1, stats.episodes // length_window) if length_window > 1 else 1
     tokenize = Tokenize(tokenizer_path, max_length, max_prompt_length, style, seed, windows)
     # Batches of whole shot sets: the episodes come K at a time per user, so a multiple of K never cuts one.
@@ -159,6 +163,7 @@ def prepare(
             "shots_dropped_for_length": int(fitted.sum("shots_dropped") or 0),
             "episodes_left_out": kept - usable,  # past n_examples / n_eval_examples, or short of a whole step
             "shots": shots,
+            "min_shots": min_shots,
             "targets_per_prompt": targets,
             "passes": passes,
             "rows_skipped": skipped_rows(specs, split),  # rows that hold no preference (a vote log's "I'm not sure")

@@ -73,6 +73,8 @@ def run_training(cfg: TrainConfig):
         start_model = archive_to_folder(cfg.model.archive, model_path, os.path.join(cfg.local_dir, "archive"))
 
     shots = cfg.shots if cfg.shots is not None else default_shots(cfg.datasets[0], cfg.data_split)
+    if cfg.min_shots is not None and cfg.min_shots > shots:
+        raise ConfigError(f"min_shots={cfg.min_shots} must be <= shots={shots} (the data format's)")
     use_gpu = resolve_use_gpu(cfg.use_gpu)
     reference = reference_scoring(cfg, start_model, tokenizer_path, use_gpu)
     common = dict(
@@ -86,7 +88,7 @@ def run_training(cfg: TrainConfig):
     )
     train = prepare(
         cfg.datasets, split=cfg.data_split, passes=cfg.passes, purpose="train", rows_per_step=cfg.batch_size,
-        limit=cfg.n_examples, length_window=cfg.length_window, **common
+        limit=cfg.n_examples, length_window=cfg.length_window, min_shots=cfg.min_shots, **common
     )
     sets = {"train": train}
     summary = {"train": train.stats, "train_examples_per_epoch": train.examples}
