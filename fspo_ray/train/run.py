@@ -110,7 +110,8 @@ def run_training(cfg: TrainConfig):
     logger.info(f"[{cfg.exp_name}] data: {json.dumps(summary)}")
     held_out = f"; {summary['eval_examples']:,} held-out episodes" if cfg.eval_datasets else ""
     scored = f"; reference scored for {summary['reference_scored']:,}" if "reference_scored" in summary else ""
-    print(f"[{cfg.exp_name}] {summary['planned_examples']:,} episodes of {shots} shots from {train.stats['users']:,} users"
+    counts = f"{cfg.min_shots}-{shots}" if cfg.min_shots is not None and cfg.min_shots < shots else shots
+    print(f"[{cfg.exp_name}] {summary['planned_examples']:,} episodes of {counts} shots from {train.stats['users']:,} users"
           f" in {total_steps:,} steps{held_out}{scored} (details: the data line in the log)", flush=True)  # fmt: skip
 
     cpus = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else (1.0 if use_gpu else 0.5)
