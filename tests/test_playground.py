@@ -5,6 +5,7 @@ JSONL, and `jobs.train` trains on the export. A screenshot goes to FSPO_SCREENSH
 
 import json
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -23,6 +24,7 @@ PAIRS = [("How do I brew coffee?", "Certainly. Grind fresh beans. That is all.",
           "Hey! Grind fresh beans. You are going to love it!"),
          ("How do I sleep better?", "Indeed. Keep a fixed bedtime. Proceed with care.",
           "Yo! Keep a fixed bedtime. Enjoy every minute!")]  # fmt: skip
+QUESTIONS = ("How do I bake bread?", "How do I learn to swim?", "How do I plant a tree?", "How do I fix a bike?")
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +67,21 @@ def test_feedback_clicked_in_the_browser_is_stored_exported_and_trained_on(playg
             page.click("#pair-form button")
             expect(page.locator("#status")).to_have_text("preference added")
         expect(page.locator("#pairs li")).to_have_count(2)  # the ordinary key: the pairs added here
-        page.fill("#question", "How do I bake bread?")
-        page.click("#ask-form button")
-        expect(page.locator("#status")).to_have_text("which answer does the user prefer?", timeout=120_000)
+        # The tiny test model may answer a question alike with and without the history (machines differ in
+        # which): the page then offers nothing to choose, and the person asks another question.
+        for question in QUESTIONS:
+            page.fill("#question", question)
+            page.click("#ask-form button")
+            expect(page.locator("#status")).to_have_text(
+                re.compile("which answer does the user prefer\\?|the two answers are the same: nothing to choose"),
+                timeout=120_000,
+            )
+            if page.inner_text("#status") == "which answer does the user prefer?":
+                break
+            expect(page.locator("#prefer-personalized")).to_be_disabled()
+            expect(page.locator("#prefer-base")).to_be_disabled()
+        else:
+            pytest.fail(f"the personalized and base answers were the same for every one of {QUESTIONS}")
         personalized = page.inner_text("#answer-personalized")
         base = page.inner_text("#answer-base")
         assert personalized and base and personalized != base
@@ -82,7 +96,7 @@ def test_feedback_clicked_in_the_browser_is_stored_exported_and_trained_on(playg
 
     rows = sql(playground["store"], "SELECT question, preferred, dispreferred, source FROM pairs WHERE user_id = ?"
                                     " ORDER BY seq", "ada")  # fmt: skip
-    assert rows == [(*pair, "api") for pair in PAIRS] + [("How do I bake bread?", personalized.strip(), base.strip(),
+    assert rows == [(*pair, "api") for pair in PAIRS] + [(question, personalized.strip(), base.strip(),
                                                           "feedback")]  # fmt: skip
 
     from jobs.export_preferences import main as export
@@ -91,7 +105,7 @@ def test_feedback_clicked_in_the_browser_is_stored_exported_and_trained_on(playg
     counts = export([f"store={playground['store']}", f"out={out}", "test_fraction=0"])
     assert counts == {"train_pairs": 3, "test_pairs": 0, "train_users": 1, "test_users": 0}
     exported = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
-    assert exported[-1] == {"user_id": "ada", "question": "How do I bake bread?", "preferred": personalized.strip(),
+    assert exported[-1] == {"user_id": "ada", "question": question, "preferred": personalized.strip(),
                             "dispreferred": base.strip()}  # fmt: skip
 
     # The job as users run it, in this process: it joins the module's Ray, which serves the playground.
