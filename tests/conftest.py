@@ -8,12 +8,6 @@ import pytest
 # imported here or in any process started from here (Ray's workers, jobs run as subprocesses). Two files
 # (test_lora, test_reference, test_evaluate, test_smollm2_lora) at a time: 334 s -> 313 s, medians of two.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# PyTorch's CPU kernels are held to AVX2, the floor of the machines CI runs on (DEVELOPERS.md): on an AVX-512/AMX
-# machine they sum floats in another order, the tiny models train to other weights, and tests that read what a
-# model learned (the reduced demo's gain from shots: 14 points [-1, 29] there against passing under AVX2, on the
-# same code) pass or fail with the CI machine's CPU. Held here, every machine trains the same models.
-for name, isa in (("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_ENABLE_INSTRUCTIONS", "AVX2"), ("ONEDNN_MAX_CPU_ISA", "AVX2")):
-    os.environ.setdefault(name, isa)
 # Ray Train starts a preemption watcher actor with every fit (a process importing Ray Train, ~1.5 CPU-seconds):
 # it polls for nodes being drained, which no test's cluster does. The suite runs about a dozen fits.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
