@@ -34,7 +34,7 @@ from fspo_ray.losses import preference_loss, sft_loss
 DEFAULTS = dict(
     hidden=128, inter=256, layers=3, heads=4, vocab=1024, n_train=256, n_test=64, pairs=16, shots=3, passes=3,
     targets=1, eval_shots=[0, 1, 2, 3], preferred_only=True, dims=1, noise=0.0, batch=8, sft_examples=9600, sft_lr=3e-3,
-    sft_target="chosen", ipo_examples=14400, ipo_lr=1e-3, beta=0.1, sft_weight=2.0, kind="ipo",
+    sft_target="chosen", ipo_examples=14400, ipo_lr=1e-3, beta=0.1, sft_weight=2.0, kind="ipo", label_smoothing=0.0,
     schedule="cosine", warmup=5, eval_eps=256, gen=64, seed=0, sft_dir="", ipo_eval_every=0, threads=2,
     min_shots=None,  # each training window draws its shot count from min_shots..shots (episodes.py)
 )
@@ -108,7 +108,8 @@ def main(argv: list[str]) -> None:
                 with torch.no_grad():
                     ref_chosen, ref_rejected = packed_logps(ref, batch).chunk(2)
                 losses, _, _ = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                               beta=cfg.beta, kind=cfg.kind, sft_weight=cfg.sft_weight)  # fmt: skip
+                                               beta=cfg.beta, kind=cfg.kind, sft_weight=cfg.sft_weight,
+                                               label_smoothing=cfg.label_smoothing)  # fmt: skip
                 loss = losses.mean()
             optimizer.zero_grad()
             loss.backward()
