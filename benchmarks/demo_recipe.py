@@ -37,6 +37,7 @@ DEFAULTS = dict(
     sft_target="chosen", ipo_examples=14400, ipo_lr=1e-3, beta=0.1, sft_weight=2.0, kind="ipo", label_smoothing=0.0,
     schedule="cosine", warmup=5, eval_eps=256, gen=64, seed=0, sft_dir="", ipo_eval_every=0, threads=2,
     min_shots=None,  # each training window draws its shot count from min_shots..shots (episodes.py)
+    train_noise=None,  # the training users' label noise, where it differs from the held-out users' (`noise`)
 )
 
 
@@ -55,7 +56,8 @@ def main(argv: list[str]) -> None:
     users = make_users(cfg.n_train, cfg.n_test, cfg.dims)
     prefs = {u.user_id: u.preferences for u in users}
     novel = {u.user_id for u in users if u.novel_combination}
-    pairs = {split: [p for u in users if u.split == split for p in user_pairs(u, cfg.pairs, cfg.seed, cfg.noise)]
+    noise = {"train": cfg.noise if cfg.train_noise is None else cfg.train_noise, "test": cfg.noise}
+    pairs = {split: [p for u in users if u.split == split for p in user_pairs(u, cfg.pairs, cfg.seed, noise[split])]
              for split in ("train", "test")}  # fmt: skip
     style = PromptStyle(preferred_only=cfg.preferred_only)
     train_eps, _ = build_episodes(pairs["train"], shots=cfg.shots, passes=cfg.passes, seed=cfg.seed,
