@@ -190,9 +190,10 @@ def test_evaluate_scores_a_vote_log_beside_every_baseline(local_ray, trained_tin
                         for e in episodes)  # fmt: skip
     assert versus["wins"] == expected_wins and versus["wins"] + versus["losses"] + versus["ties"] == 6
     for changed in report["changed_by_shots"]:  # people whose vote the model reads differently with 2 shots
-        # One person can hold several target pairs: the pair's question and vote say which episode this is.
-        [e] = [e for e in episodes if (e.user_id, e.query.question, e.query.preferred)
-               == (changed["user_id"], changed["question"], changed["their_vote"])]  # fmt: skip
+        # One person can hold several target pairs: the pair's question and the answer not voted for say which
+        # episode this is (the vote itself stays for the assertion below).
+        [e] = [e for e in episodes if (e.user_id, e.query.question, e.query.dispreferred)
+               == (changed["user_id"], changed["question"], changed["the_other_answer"])]  # fmt: skip
         assert right[e.episode_id, 0] != right[e.episode_id, 2]
         assert changed["shots"] == [vars(s) for s in e.shots] and changed["their_vote"] == e.query.preferred
     assert len(report["changed_by_shots"]) == sum(right[e.episode_id, 0] != right[e.episode_id, 2] for e in episodes)
