@@ -131,3 +131,16 @@ def test_ray_data_gives_the_same_episodes_and_stats(local_ray, shots, targets, m
 
     assert sorted(repr(Episode.from_row(r)) for r in rows) == sorted(map(repr, expected))
     assert episode_dataset_stats(ds, **windows) == expected_stats
+
+
+@pytest.mark.slow
+def test_pairs_read_as_one_block_are_grouped_by_as_many_tasks_as_partitions(local_ray):
+    """One file is read as one block, and a sort-based group-by keeps its input's blocks: without a split,
+    every user's episodes (and the tokenizing fused after them) would fall to one task on one CPU."""
+    pairs = make_pairs({f"user-{i:02d}": 8 for i in range(12)})
+    ds = local_ray.data.from_items([p.as_row() for p in pairs], override_num_blocks=1)
+    episodes = build_episode_dataset(ds, shots=3, passes=2, seed=3, num_partitions=3)
+    per_block = [len(batch["user_id"]) for batch in episodes.iter_batches(batch_size=None, batch_format="numpy")]
+    assert len(per_block) == 3 and min(per_block) > 0, per_block
+    users_per_block = [set(batch["user_id"]) for batch in episodes.iter_batches(batch_size=None)]
+    assert sum(map(len, users_per_block)) == len(set.union(*users_per_block))  # no user split across tasks

@@ -226,7 +226,9 @@ def build_episode_dataset(
     """The same episodes on a Ray Dataset of `PreferencePair.as_row()` rows: a group-by over users, whose
     output keeps a window's targets together.
 
-    `num_partitions` sets the group-by's shuffle width (Ray's default, 200, is far too wide for a laptop).
+    `num_partitions` sets the group-by's width: the blocks it is split into, each grouped (and whatever
+    follows fused, such as tokenizing) in its own task. A sort-based group-by keeps its input's blocks, so
+    the pairs are split first: one file is one block, and would be tokenized by one task on one CPU.
     """
     if shots == 0:
         # Zero-shot episodes need no grouping; skip the all-to-all shuffle.
@@ -241,6 +243,8 @@ def build_episode_dataset(
         rows = [e.as_row() for e in user_episodes(pairs, shots, passes, seed, targets, min_shots)]
         return {key: [r[key] for r in rows] for key in Episode.__dataclass_fields__} if rows else {}
 
+    if num_partitions:
+        pairs_ds = pairs_ds.repartition(num_partitions)
     return pairs_ds.groupby("user_id", num_partitions=num_partitions).map_groups(group_episodes, batch_format="numpy")
 
 

@@ -172,6 +172,7 @@ def fit_shot_set(
     row; each is then exactly the ordinary episode with those shots. None for a target that no number of
     shots makes fit (`fit_episode`'s None); a target that the shared drop would not fit (tokens need not
     shrink with the text) keeps its own fit, and its own row."""
+    tokenizer = _RememberedIds(tokenizer)
     own = [
         fit_episode(e, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, style=style)
         for e in episodes
@@ -188,6 +189,19 @@ def fit_shot_set(
         fits = len(tokens["prompt_ids"]) <= _prompt_budget(longer, max_length, max_prompt_length)
         fitted.append(FittedEpisode(text, tokens, dropped) if fits else alone)
     return fitted
+
+
+class _RememberedIds:
+    """A tokenizer that tokenizes each text once: a shot set's targets share their shots, whose text (the
+    longest of an episode) fitting and then rendering each target would tokenize twice per target."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.eos_token_id, self.ids = tokenizer, tokenizer.eos_token_id, {}
+
+    def __call__(self, text: str, add_special_tokens: bool) -> dict[str, list[int]]:
+        if text not in self.ids:
+            self.ids[text] = _ids(self.tokenizer, text)
+        return {"input_ids": self.ids[text]}
 
 
 def _prompt_budget(completion_length: int, max_length: int, max_prompt_length: int) -> int:

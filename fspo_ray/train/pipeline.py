@@ -134,7 +134,7 @@ def prepare(
         fewest = min_shots if min_shots is not None else shots
         width = fewest + (targets if shots else 1)
         raise InputError(f"{', '.join(specs)}: no episodes ({stats.users} users, none with {width} pairs)")
-    partitions = max(1, min(32, pairs.num_blocks() * 2))
+    partitions = max(2, min(32, int(ray.cluster_resources().get("CPU", 1))))  # one tokenizing task per CPU
     episodes = build_episode_dataset(pairs, shots, passes, seed, num_partitions=partitions, targets=targets,
                                      min_shots=min_shots)
     windows = max(1, stats.episodes // length_window) if length_window > 1 else 1
