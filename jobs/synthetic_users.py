@@ -21,6 +21,7 @@ class SyntheticUsersConfig:
     pairs_per_user: int = 40  # labelled preference pairs per user
     dims_per_user: int = 2  # properties each user cares about
     label_noise: float = 0.0  # fraction of pairs whose labels are flipped
+    train_label_noise: float | None = None  # the training users' flip rate, where it differs (default: label_noise)
     seed: int = 0  # seeds users and pairs
 
 

@@ -191,6 +191,21 @@ def test_label_noise_flips_about_that_share_of_pairs(tmp_path):
     assert 0.15 <= flipped / len(rows) <= 0.25
 
 
+def test_training_users_can_be_consistent_while_held_out_users_flip_labels(tmp_path):
+    paths = write_synthetic(str(tmp_path), n_train_users=50, n_test_users=25, pairs_per_user=40, label_noise=0.2,
+                            train_label_noise=0.0)  # fmt: skip
+    users = load_users(paths)
+
+    def flipped(split):
+        rows = load_jsonl(paths[split])
+        return sum(score_answer(r["preferred"], users[r["user_id"]]["preferences"]) <
+                   score_answer(r["dispreferred"], users[r["user_id"]]["preferences"]) for r in rows) / len(rows)  # fmt: skip
+
+    assert flipped("train") == 0.0 and 0.15 <= flipped("test") <= 0.25
+    # The ideal reader reads each user's own rate from the users file.
+    assert {(u["split"], u["label_noise"]) for u in users.values()} == {("train", 0.0), ("test", 0.2)}
+
+
 def test_a_first_word_that_is_no_opener_shows_no_tone():
     for text in ("I would mix flour and water.", "In short, knead it.", "He says: bake it.", "Of all ways, this."):
         assert detect_properties(text)["tone"] is None, text

@@ -296,23 +296,28 @@ def write_synthetic(
     pairs_per_user: int = 40,
     dims_per_user: int = 2,
     label_noise: float = 0.0,
+    train_label_noise: float | None = None,
     seed: int = 0,
 ) -> dict[str, str]:
-    """Write `train.jsonl` and `test.jsonl` (canonical schema) and `users.json`; return their paths."""
+    """Write `train.jsonl` and `test.jsonl` (canonical schema) and `users.json`; return their paths.
+
+    `train_label_noise` sets the training users' flip rate apart from the held-out users' `label_noise`:
+    consistent training users teach the reading in fewer steps than the noisy users it is then used on."""
     os.makedirs(out_dir, exist_ok=True)
     users = make_users(n_train_users, n_test_users, dims_per_user)
+    noise = {"train": label_noise if train_label_noise is None else train_label_noise, "test": label_noise}
     paths = {split: os.path.join(out_dir, f"{split}.jsonl") for split in ("train", "test")}
     files = {split: open(path, "w", encoding="utf-8") for split, path in paths.items()}
     with files["train"], files["test"]:
         for user in users:
-            for pair in user_pairs(user, pairs_per_user, seed, label_noise):
+            for pair in user_pairs(user, pairs_per_user, seed, noise[user.split]):
                 row = {k: v for k, v in pair.as_row().items() if k not in ("source", "order")}
                 files[user.split].write(json.dumps(row) + "\n")
     paths["users"] = os.path.join(out_dir, "users.json")
     with open(paths["users"], "w", encoding="utf-8") as f:
         json.dump(
             {u.user_id: {"split": u.split, "preferences": u.preferences, "description": u.description,
-                         "novel_combination": u.novel_combination, "label_noise": label_noise} for u in users},
+                         "novel_combination": u.novel_combination, "label_noise": noise[u.split]} for u in users},
             f, indent=1,
         )  # fmt: skip
     return paths
