@@ -24,11 +24,13 @@ def summary(report: dict) -> str:
             f"{row['k']:<6} {row['n']:<5} {row['accuracy']:.3f} [{low:.3f}, {high:.3f}]   {best}{row['margin']:+.4f}   "
             f"{row['shots_used_mean']:.2f}; {row['episodes_that_lost_shots']}"
         )
-    gain = report.get("gain_over_zero_shots")
-    if gain:
-        low, high = gain["ci"]
-        lines.append(f"learning from shots: {gain['points']:+.1f} points of accuracy at {gain['k']} shots over 0 shots "
-                     f"[95% CI {low:+.1f}, {high:+.1f}] on the same {gain['n']} episodes")  # fmt: skip
+    for key, what in (("gain_over_zero_shots", "learning from shots"), ("gain_over_one_shot", "reading several")):
+        gain = report.get(key)
+        if gain:
+            low, high = gain["ci"]
+            fewer = f"{gain['over']} shot" + ("s" if gain["over"] != 1 else "")
+            lines.append(f"{what}: {gain['points']:+.1f} points of accuracy at {gain['k']} shots over {fewer} "
+                         f"[95% CI {low:+.1f}, {high:+.1f}] on the same {gain['n']} episodes")  # fmt: skip
     systems = report.get("systems_by_shots", {})
     if systems:
         ks = [row["k"] for row in systems["fspo"]]

@@ -203,19 +203,20 @@ def bayes_optimal_by_shots(episodes: list[Episode], shots_list: list[int], users
     return table
 
 
-def gain_over_zero_shots(rows: list[dict], beta: float) -> dict | None:
-    """Accuracy at the largest k minus accuracy at k = 0 on the same episodes, in points, with a 95%
-    interval of the paired difference (each episode is its own control); None without both ends."""
+def gain_over_shots(rows: list[dict], beta: float, fewer: int) -> dict | None:
+    """Accuracy at the largest k minus accuracy at k = `fewer` on the same episodes, in points, with a 95%
+    interval of the paired difference (each episode is its own control); None without both ends. Over 0
+    shots it says the model reads shots at all; over 1 it says the model pools several, not recalls one."""
     ks = sorted({int(row["k"]) for row in rows})
-    if len(ks) < 2 or ks[0] != 0:
+    if fewer not in ks or ks[-1] <= fewer:
         return None
     right: dict[tuple[str, int], bool] = {}
     for row in rows:
         margin = (row["policy_chosen"] - row["reference_chosen"]) - (row["policy_rejected"] - row["reference_rejected"])
         right[row["episode_id"], int(row["k"])] = beta * margin > 0
-    both = [e for e, k in right if k == ks[-1] and (e, 0) in right]
-    mean, ci = paired_interval([100.0 * (right[e, ks[-1]] - right[e, 0]) for e in both])
-    return {"k": ks[-1], "n": len(both), "points": mean, "ci": ci}
+    both = [e for e, k in right if k == ks[-1] and (e, fewer) in right]
+    mean, ci = paired_interval([100.0 * (right[e, ks[-1]] - right[e, fewer]) for e in both])
+    return {"k": ks[-1], "over": fewer, "n": len(both), "points": mean, "ci": ci}
 
 
 def paired_interval(differences: list[float]) -> tuple[float, list[float]]:

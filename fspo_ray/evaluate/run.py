@@ -25,7 +25,7 @@ from fspo_ray.engines import Sampling, vllm_usable
 from fspo_ray.evaluate.accuracy import (
     accuracy_by_shots,
     bayes_optimal_by_shots,
-    gain_over_zero_shots,
+    gain_over_shots,
     held_out_episodes,
     score_shots,
     wilson_interval,
@@ -195,7 +195,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "beta": beta,
         "rows_skipped": skipped_rows(cfg.datasets, cfg.split),
         "accuracy_by_shots": accuracy_by_shots(rows, beta),
-        "gain_over_zero_shots": gain_over_zero_shots(rows, beta),
+        "gain_over_zero_shots": gain_over_shots(rows, beta, fewer=0),
+        "gain_over_one_shot": gain_over_shots(rows, beta, fewer=1),
         "episode_variants_skipped_for_length": skipped,
         "lengths": lengths,
     }  # fmt: skip
