@@ -38,8 +38,8 @@ def watch_metrics(port: int, seen: dict, stop: threading.Event) -> None:
 
 def episode_verdicts(out, data, ks) -> dict[int, list[bool]]:
     """{k: whether the implicit reward ranks the preferred answer first, per held-out episode}, with the first
-    k shots in the prompt, in the demo's prompt style and limits (preferred-only, 640/512 tokens), one episode
-    at a time (the evaluation reads a window's 4 targets in one packed row)."""
+    k shots in the prompt, in the demo's prompt style and limits (preferred-only, 640/512 tokens), each episode
+    in its own rows (the evaluation reads a window's 4 targets in one packed row)."""
     import dataclasses
 
     import torch
@@ -53,20 +53,30 @@ def episode_verdicts(out, data, ks) -> dict[int, list[bool]]:
     tokenizer = AutoTokenizer.from_pretrained(out / "runs" / "ipo" / "LATEST")
     models = [AutoModelForCausalLM.from_pretrained(out / "runs" / run / "LATEST").eval() for run in ("ipo", "sft")]
 
-    def logp(model, prompt, completion):
+    def logps(model, rows):
+        """Each (prompt, completion)'s summed log-prob, in one right-padded batch: a causal model's positions
+        before the padding do not see it."""
+        width = max(len(prompt) + len(completion) for prompt, completion in rows)
+        ids = torch.tensor([prompt + completion + [0] * (width - len(prompt) - len(completion))
+                            for prompt, completion in rows])  # fmt: skip
         with torch.no_grad():
-            logits = model(torch.tensor([prompt + completion])).logits[0].log_softmax(-1)
-        return sum(logits[len(prompt) + t - 1, token].item() for t, token in enumerate(completion))
+            logits = model(ids).logits.log_softmax(-1)
+        return [logits[i, len(prompt) - 1 : len(prompt) + len(completion) - 1].gather(-1, torch.tensor([completion]).T)
+                .sum().item() for i, (prompt, completion) in enumerate(rows)]  # fmt: skip
 
-    right: dict[int, list[bool]] = {}
-    for k in ks:
-        for episode in episodes:
-            variant = dataclasses.replace(episode, shots=episode.shots[:k])
-            tokens = fit_episode(variant, tokenizer, max_length=640, max_prompt_length=512,
-                                 style=PromptStyle(preferred_only=True)).tokens  # fmt: skip
-            pc, rc = (logp(m, tokens["prompt_ids"], tokens["chosen_ids"]) for m in models)
-            pr, rr = (logp(m, tokens["prompt_ids"], tokens["rejected_ids"]) for m in models)
-            right.setdefault(k, []).append((pc - rc) - (pr - rr) > 0)
+    right: dict[int, list[bool]] = {k: [] for k in ks}
+    style = PromptStyle(preferred_only=True)
+    for episode in episodes:
+        rows = []
+        for k in ks:
+            tokens = fit_episode(dataclasses.replace(episode, shots=episode.shots[:k]), tokenizer, max_length=640,
+                                 max_prompt_length=512, style=style).tokens  # fmt: skip
+            rows += [(tokens["prompt_ids"], tokens["chosen_ids"]), (tokens["prompt_ids"], tokens["rejected_ids"])]
+        policy, reference = (logps(model, rows) for model in models)
+        for i, k in enumerate(ks):
+            chosen, rejected = 2 * i, 2 * i + 1
+            margin = (policy[chosen] - reference[chosen]) - (policy[rejected] - reference[rejected])
+            right[k].append(margin > 0)
     assert [len(v) for v in right.values()] == [N] * len(ks)
     return right
 
