@@ -14,12 +14,16 @@ from fspo_ray.evaluate.run import EvaluateConfig, evaluate
 
 
 def summary(report: dict) -> str:
-    ceiling = {row["k"]: row["accuracy"] for row in report.get("bayes_optimal_by_shots", [])}
-    lines = ["shots  n     accuracy [95% CI]       " + ("bayes_optimal  " if ceiling else "") +
-             "margin    shots used (mean; episodes that lost some)"]  # fmt: skip
+    ceiling = {row["k"]: row for row in report.get("bayes_optimal_by_shots", [])}
+    lines = ["shots  n     accuracy [95% CI]       " + ("bayes_optimal  below it [95% CI]          " if ceiling else "")
+             + "margin    shots used (mean; episodes that lost some)"]  # fmt: skip
     for row in report["accuracy_by_shots"]:
         low, high = row["accuracy_ci"]
-        best = f"{ceiling[row['k']]:.3f}          " if ceiling else ""
+        best = ""
+        if ceiling:
+            gap = ceiling[row["k"]].get("model_gap")
+            below = f"{gap['gap']:+.3f} [{gap['ci'][0]:+.3f}, {gap['ci'][1]:+.3f}]" if gap else ""
+            best = f"{ceiling[row['k']]['accuracy']:.3f}          {below:<28}"
         lines.append(
             f"{row['k']:<6} {row['n']:<5} {row['accuracy']:.3f} [{low:.3f}, {high:.3f}]   {best}{row['margin']:+.4f}   "
             f"{row['shots_used_mean']:.2f}; {row['episodes_that_lost_shots']}"

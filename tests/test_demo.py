@@ -9,6 +9,10 @@ import threading
 import httpx
 import pytest
 
+from fspo_ray.data.episodes import build_episodes
+from fspo_ray.data.readers import read_pairs
+from fspo_ray.data.synthetic import bayes_optimal_choice
+
 pytestmark = pytest.mark.slow
 
 # The demo's users at a reduced size: each prefers a pole on 2 properties, and a pair need not show both, so one
@@ -45,8 +49,6 @@ def episode_verdicts(out, data, ks) -> dict[int, list[bool]]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fspo_ray.data.episodes import build_episodes
-    from fspo_ray.data.readers import read_pairs
     from fspo_ray.data.tokenize import PromptStyle, fit_episode
 
     episodes, _ = build_episodes(read_pairs(str(data)), shots=SHOTS, passes=1, seed=0, targets=4)
@@ -137,6 +139,21 @@ def test_demo_at_reduced_size(tmp_path, monkeypatch, capsys):
     # of a user's properties), and short of certainty at 4.
     ideal = [r["accuracy"] for r in report["bayes_optimal_by_shots"]]
     assert ideal[0] == 0.5 and ideal[0] < ideal[1] < ideal[2] < ideal[3] < 1.0, ideal
+    # How far below that reader the model is, on the same episodes (a paired difference), as the report states it.
+    users = json.loads((tmp_path / "data" / "users.json").read_text())
+    episodes, _ = build_episodes(read_pairs(str(tmp_path / "data" / "test.jsonl")), shots=SHOTS, passes=1, seed=0,
+                                 targets=4)  # fmt: skip
+    for k in (1, SHOTS):
+        reads = [bayes_optimal_choice([(s.preferred, s.dispreferred) for s in e.first_shots(k).shots],
+                                      (e.query.preferred, e.query.dispreferred), 2, label_noise=0.0,
+                                      preferred_only=True) for e in episodes]  # fmt: skip
+        differences = [float(best) - float(model) for best, model in zip(reads, right[k])]
+        mean = sum(differences) / N
+        half = 1.96 * math.sqrt(sum((d - mean) ** 2 for d in differences) / (N - 1)) / math.sqrt(N)
+        gap = next(r for r in report["bayes_optimal_by_shots"] if r["k"] == k)["model_gap"]
+        assert gap["n"] == N and gap["gap"] == pytest.approx(mean)
+        assert gap["ci"] == pytest.approx([mean - half, mean + half])
+        assert f"{gap['gap']:+.3f} [{gap['ci'][0]:+.3f}, {gap['ci'][1]:+.3f}]" in printed  # the table's "below it"
     assert (tmp_path / "eval" / "accuracy_vs_shots.png").read_bytes().startswith(b"\x89PNG")
     assert (tmp_path / "eval" / "per_user.csv").read_text().startswith("user_id,")
 

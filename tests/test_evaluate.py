@@ -15,7 +15,7 @@ from fspo_ray.data.episodes import Episode, build_episodes
 from fspo_ray.data.readers import read_pairs
 from fspo_ray.data.synthetic import on_task, render_answer, write_synthetic
 from fspo_ray.data.tokenize import fit_episode
-from fspo_ray.evaluate.accuracy import accuracy_by_shots, wilson_interval
+from fspo_ray.evaluate.accuracy import accuracy_by_shots, bayes_optimal_by_shots, verdicts, wilson_interval
 from fspo_ray.evaluate.winrate import oracle_judge
 from fspo_ray.judge import judge_both_orders, parse_verdict
 
@@ -44,6 +44,31 @@ def test_accuracy_by_shots_from_log_probs():
     assert [(r["shots_used_mean"], r["episodes_that_lost_shots"]) for r in table] == [(0.0, 0), (1.5, 1)]
     assert table[0]["margin"] == pytest.approx((0.5 * 1 + 0.5 * -3) / 2)
     assert table[1]["margin"] == pytest.approx((0.5 * 2 + 0.5 * -1) / 2)
+
+
+def test_the_gap_to_the_ideal_reader_pairs_each_episode_with_itself(tmp_path):
+    data = write_synthetic(str(tmp_path), n_train_users=2, n_test_users=2, pairs_per_user=8, dims_per_user=2)
+    episodes, _ = build_episodes(read_pairs(data["test"]), shots=2, passes=1, seed=0)
+    users = json.load(open(data["users"]))
+    first = [e.episode_id for e in episodes[:3]]
+    rows = [  # the model's verdict at 0 shots on three of the episodes: right, wrong, right (the rest did not fit)
+        {"k": 0, "episode_id": first[0], "policy_chosen": -1.0, "reference_chosen": -2.0, "policy_rejected": -3.0,
+         "reference_rejected": -3.0},
+        {"k": 0, "episode_id": first[1], "policy_chosen": -5.0, "reference_chosen": -2.0, "policy_rejected": -3.0,
+         "reference_rejected": -3.0},
+        {"k": 0, "episode_id": first[2], "policy_chosen": -1.0, "reference_chosen": -1.0, "policy_rejected": -4.0,
+         "reference_rejected": -2.0},
+    ]  # fmt: skip
+    assert verdicts(rows, beta=0.1) == {(first[0], 0): True, (first[1], 0): False, (first[2], 0): True}
+    (row,) = bayes_optimal_by_shots(episodes, [0], users, preferred_only=True, right=verdicts(rows, beta=0.1))
+    # Without shots the ideal reader is a coin on every episode: 0.5 - 1, 0.5 - 0, 0.5 - 1 on the three scored.
+    assert (row["n"], row["accuracy"]) == (len(episodes), 0.5)
+    differences = [-0.5, 0.5, -0.5]
+    mean = -1 / 6
+    half = 1.96 * math.sqrt(sum((d - mean) ** 2 for d in differences) / 2) / math.sqrt(3)
+    assert row["model_gap"]["n"] == 3 and row["model_gap"]["gap"] == pytest.approx(mean)
+    assert row["model_gap"]["ci"] == pytest.approx([mean - half, mean + half])
+    assert "model_gap" not in bayes_optimal_by_shots(episodes, [0], users, preferred_only=True)[0]
 
 
 def test_a_judge_stuck_on_one_position_gives_no_consistent_verdict():

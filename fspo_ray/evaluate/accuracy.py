@@ -185,22 +185,48 @@ def accuracy_by_shots(rows: list[dict], beta: float) -> list[dict]:
     return table
 
 
-def bayes_optimal_by_shots(episodes: list[Episode], shots_list: list[int], users: dict, preferred_only: bool) -> list[dict]:
+def bayes_optimal_by_shots(
+    episodes: list[Episode], shots_list: list[int], users: dict, preferred_only: bool, right: dict | None = None
+) -> list[dict]:
     """Per k: the accuracy of an ideal reader of the same first k shots (seeing what the model's prompt
     shows) on the same query pairs: the ceiling a model of synthetic users can reach. `users` is
-    users.json: each user's number of cared properties and label noise."""
+    users.json: each user's number of cared properties and label noise. With the model's `right`
+    ({(episode_id, k): verdict}, see `verdicts`), also how far the model is below it (`gap_to_ideal`)."""
     table = []
     for k in shots_list:
-        right = 0.0
+        ideal = {}
         for e in episodes:
             user = users[e.user_id]
-            right += bayes_optimal_choice(
+            ideal[e.episode_id, k] = bayes_optimal_choice(
                 [(s.preferred, s.dispreferred) for s in e.first_shots(k).shots],
                 (e.query.preferred, e.query.dispreferred), len(user["preferences"]),
                 label_noise=user.get("label_noise", 0.0), preferred_only=preferred_only,
             )  # fmt: skip
-        table.append({"k": k, "n": len(episodes), "accuracy": right / len(episodes) if episodes else float("nan")})
+        accuracy = sum(ideal.values()) / len(episodes) if episodes else float("nan")
+        row = {"k": k, "n": len(episodes), "accuracy": accuracy}
+        gap = gap_to_ideal(ideal, right) if right is not None else None
+        table.append({**row, "model_gap": gap} if gap else row)
     return table
+
+
+def gap_to_ideal(ideal: dict[tuple[str, int], float], right: dict[tuple[str, int], bool]) -> dict | None:
+    """The ideal reader's accuracy minus the model's on the (episode, k) both scored, with a 95% interval of
+    the paired difference (each episode is its own control, so the interval is far narrower than either
+    accuracy's); positive: the model is below the ceiling. None where they share no episode."""
+    both = [key for key in ideal if key in right]
+    if not both:
+        return None
+    mean, ci = paired_interval([float(ideal[key]) - float(right[key]) for key in both])
+    return {"n": len(both), "gap": mean, "ci": ci}
+
+
+def verdicts(rows: list[dict], beta: float) -> dict[tuple[str, int], bool]:
+    """{(episode_id, k): whether the implicit reward ranks the preferred answer first} for score_shots' rows."""
+    right = {}
+    for row in rows:
+        margin = (row["policy_chosen"] - row["reference_chosen"]) - (row["policy_rejected"] - row["reference_rejected"])
+        right[row["episode_id"], int(row["k"])] = beta * margin > 0
+    return right
 
 
 def gain_over_shots(rows: list[dict], beta: float, fewer: int) -> dict | None:
@@ -210,10 +236,7 @@ def gain_over_shots(rows: list[dict], beta: float, fewer: int) -> dict | None:
     ks = sorted({int(row["k"]) for row in rows})
     if fewer not in ks or ks[-1] <= fewer:
         return None
-    right: dict[tuple[str, int], bool] = {}
-    for row in rows:
-        margin = (row["policy_chosen"] - row["reference_chosen"]) - (row["policy_rejected"] - row["reference_rejected"])
-        right[row["episode_id"], int(row["k"])] = beta * margin > 0
+    right = verdicts(rows, beta)
     both = [e for e, k in right if k == ks[-1] and (e, fewer) in right]
     mean, ci = paired_interval([100.0 * (right[e, ks[-1]] - right[e, fewer]) for e in both])
     return {"k": ks[-1], "over": fewer, "n": len(both), "points": mean, "ci": ci}

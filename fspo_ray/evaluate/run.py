@@ -28,6 +28,7 @@ from fspo_ray.evaluate.accuracy import (
     gain_over_shots,
     held_out_episodes,
     score_shots,
+    verdicts,
     wilson_interval,
 )
 from fspo_ray.evaluate.baselines import (
@@ -221,7 +222,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             report[f"win_rate_vs_{opponent}"] = {"fspo": head_to_head(scores["fspo"], scores[opponent], targets,
                                                                       shots_list[-1])}  # fmt: skip
     if "bayes_optimal" in cfg.baselines:
-        report["bayes_optimal_by_shots"] = bayes_optimal_by_shots(sample, shots_list, users, style.preferred_only)
+        report["bayes_optimal_by_shots"] = bayes_optimal_by_shots(sample, shots_list, users, style.preferred_only,
+                                                                  right=verdicts(rows, beta))  # fmt: skip
     per_user = _per_user_accuracy(rows, beta)
 
     if cfg.judge in ("oracle", "llm"):
