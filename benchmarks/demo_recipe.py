@@ -36,6 +36,7 @@ DEFAULTS = dict(
     targets=1, eval_shots=[0, 1, 2, 3], preferred_only=True, dims=1, noise=0.0, batch=8, sft_examples=9600, sft_lr=3e-3,
     sft_target="chosen", ipo_examples=14400, ipo_lr=1e-3, beta=0.1, sft_weight=2.0, kind="ipo", label_smoothing=0.0,
     schedule="cosine", warmup=5, eval_eps=256, gen=64, seed=0, sft_dir="", ipo_eval_every=0, threads=2,
+    eval_targets=1,  # held-out targets per window of shots: 4 gives the demo's 1,024 held-out episodes
     min_shots=None,  # each training window draws its shot count from min_shots..shots (episodes.py)
     train_noise=None,  # the training users' label noise, where it differs from the held-out users' (`noise`)
 )
@@ -62,7 +63,8 @@ def main(argv: list[str]) -> None:
     style = PromptStyle(preferred_only=cfg.preferred_only)
     train_eps, _ = build_episodes(pairs["train"], shots=cfg.shots, passes=cfg.passes, seed=cfg.seed,
                                   targets=cfg.targets, min_shots=cfg.min_shots)
-    test_eps, _ = build_episodes(pairs["test"], shots=max(cfg.eval_shots), passes=1, seed=cfg.seed)
+    test_eps, _ = build_episodes(pairs["test"], shots=max(cfg.eval_shots), passes=1, seed=cfg.seed,
+                                 targets=cfg.eval_targets)
     random.Random(0).shuffle(test_eps)
     test_eps = test_eps[: cfg.eval_eps]
     fit = dict(max_length=768, max_prompt_length=640, style=style)
@@ -126,11 +128,12 @@ def main(argv: list[str]) -> None:
         print(f"  {loss_name} done in {time.time() - started:.0f}s", flush=True)
 
     # The ideal reader of each k-shot prompt (the newest k shots): the same at every evaluation, so worked out once.
-    ideal = {k: round(statistics.mean(
+    ideal_verdicts = {k: [
         bayes_optimal_choice([(s.preferred, s.dispreferred) for s in e.shots[len(e.shots) - k :]],
                              (e.query.preferred, e.query.dispreferred), cfg.dims, label_noise=cfg.noise,
                              preferred_only=cfg.preferred_only)
-        for e in test_eps), 3) for k in cfg.eval_shots}  # fmt: skip
+        for e in test_eps] for k in cfg.eval_shots}  # fmt: skip
+    ideal = {k: round(statistics.mean(v), 3) for k, v in ideal_verdicts.items()}
 
     @torch.no_grad()
     def accuracy(model, ref):
@@ -154,6 +157,12 @@ def main(argv: list[str]) -> None:
         for name, keep in (("seen combinations", True), ("novel combinations", False)):
             table[name] = {k: round(statistics.mean(r for r, s in zip(v, seen) if s == keep), 3)
                            for k, v in right.items()} if keep in seen else {}  # fmt: skip
+        # Below the ideal reader, paired: each episode's ideal verdict minus the model's, with a 95% interval.
+        table["below ideal [95% CI]"] = {}
+        for k, v in right.items():
+            gaps = [i - r for i, r in zip(ideal_verdicts[k], v)]
+            mean, half = statistics.mean(gaps), 1.96 * statistics.stdev(gaps) / math.sqrt(n)
+            table["below ideal [95% CI]"][k] = [round(mean, 3), round(mean - half, 3), round(mean + half, 3)]
         last = max(cfg.eval_shots)
         diffs = [100.0 * (a - b) for a, b in zip(right[last], right[1])] if 1 in right else []
         if diffs:

@@ -28,6 +28,12 @@ def summary(report: dict) -> str:
             f"{row['k']:<6} {row['n']:<5} {row['accuracy']:.3f} [{low:.3f}, {high:.3f}]   {best}{row['margin']:+.4f}   "
             f"{row['shots_used_mean']:.2f}; {row['episodes_that_lost_shots']}"
         )
+    sides = ceiling[max(ceiling)].get("model_gap_by_combination") if ceiling else None
+    if sides:
+        shown = [f"{side} {g['gap']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] on {g['n']}"
+                 for side, g in (("trained", sides["trained"]), ("novel", sides["novel"]))]  # fmt: skip
+        lines.append(f"below the ideal reader at {max(ceiling)} shots, by whether a training user holds the user's "
+                     f"pole combination: {'; '.join(shown)}")  # fmt: skip
     for key, what in (("gain_over_zero_shots", "learning from shots"), ("gain_over_one_shot", "reading several")):
         gain = report.get(key)
         if gain:

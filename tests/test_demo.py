@@ -154,6 +154,19 @@ def test_demo_at_reduced_size(tmp_path, monkeypatch, capsys):
         assert gap["n"] == N and gap["gap"] == pytest.approx(mean)
         assert gap["ci"] == pytest.approx([mean - half, mean + half])
         assert f"{gap['gap']:+.3f} [{gap['ci'][0]:+.3f}, {gap['ci'][1]:+.3f}]" in printed  # the table's "below it"
+    # The same gap at 4 shots, split by whether some training user holds the held-out user's pole combination.
+    sides = next(r for r in report["bayes_optimal_by_shots"] if r["k"] == SHOTS)["model_gap_by_combination"]
+    shown = []
+    for side, is_novel in (("trained", False), ("novel", True)):
+        kept = [d for d, e in zip(differences, episodes) if users[e.user_id]["novel_combination"] is is_novel]
+        mean = sum(kept) / len(kept)
+        half = 1.96 * math.sqrt(sum((d - mean) ** 2 for d in kept) / (len(kept) - 1)) / math.sqrt(len(kept))
+        assert sides[side]["n"] == len(kept) and sides[side]["gap"] == pytest.approx(mean)
+        assert sides[side]["ci"] == pytest.approx([mean - half, mean + half])
+        shown.append(f"{side} {mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] on {len(kept)}")
+    assert 0 < sides["novel"]["n"] < N
+    assert (f"below the ideal reader at {SHOTS} shots, by whether a training user holds the user's pole "
+            f"combination: {'; '.join(shown)}") in printed  # fmt: skip
     assert (tmp_path / "eval" / "accuracy_vs_shots.png").read_bytes().startswith(b"\x89PNG")
     assert (tmp_path / "eval" / "per_user.csv").read_text().startswith("user_id,")
 

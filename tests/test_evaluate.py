@@ -71,6 +71,26 @@ def test_the_gap_to_the_ideal_reader_pairs_each_episode_with_itself(tmp_path):
     assert "model_gap" not in bayes_optimal_by_shots(episodes, [0], users, preferred_only=True)[0]
 
 
+def test_the_gap_to_the_ideal_reader_is_split_by_whether_training_held_the_users_combination(tmp_path):
+    data = write_synthetic(str(tmp_path), n_train_users=2, n_test_users=2, pairs_per_user=8, dims_per_user=2)
+    episodes, _ = build_episodes(read_pairs(data["test"]), shots=2, passes=1, seed=0)
+    users = json.load(open(data["users"]))
+    # test-00000 holds a pole combination no training user holds; test-00001 one that training users hold.
+    assert [(e.user_id, users[e.user_id]["novel_combination"]) for e in episodes] == [
+        ("test-00000", True), ("test-00000", True), ("test-00001", False), ("test-00001", False)]
+    right = {(episodes[0].episode_id, 0): True, (episodes[1].episode_id, 0): False,
+             (episodes[2].episode_id, 0): True, (episodes[3].episode_id, 0): True}  # fmt: skip
+    (row,) = bayes_optimal_by_shots(episodes, [0], users, preferred_only=True, right=right)
+    # The ideal reader is a coin at 0 shots: novel 0.5 - 1 and 0.5 - 0, trained 0.5 - 1 twice.
+    half = 1.96 * math.sqrt(0.5**2 + 0.5**2) / math.sqrt(2)
+    assert row["model_gap_by_combination"]["novel"] == {"n": 2, "gap": 0.0, "ci": pytest.approx([-half, half])}
+    assert row["model_gap_by_combination"]["trained"] == {"n": 2, "gap": -0.5, "ci": [-0.5, -0.5]}
+    # Users with no such mark (real people, a generator's users) get the whole gap only.
+    unmarked = {user_id: {k: v for k, v in user.items() if k != "novel_combination"} for user_id, user in users.items()}
+    (row,) = bayes_optimal_by_shots(episodes, [0], unmarked, preferred_only=True, right=right)
+    assert row["model_gap"]["n"] == 4 and "model_gap_by_combination" not in row
+
+
 def test_a_judge_stuck_on_one_position_gives_no_consistent_verdict():
     always_first = lambda *args: "m"  # noqa: E731
     assert judge_both_orders(always_first, "q", "ours", "theirs", "d", {}) is None

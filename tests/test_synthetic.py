@@ -279,6 +279,18 @@ def test_label_noise_makes_contradicting_shots_a_tie_and_a_majority_win():
     assert bayes_optimal_choice([for_casual], for_formal, 1, label_noise=0.2) == 0.0
 
 
+def test_the_ideal_reader_with_the_training_users_prior_infers_a_property_no_shot_shows():
+    # Training users who care about tone and format hold only formal with prose, casual with bullets.
+    prior = [{"tone": "formal", "format": "prose"}, {"tone": "casual", "format": "bullets"}]
+    shot = (answer("formal brief bullets reserved"), answer("casual brief bullets reserved"))  # tone only
+    prose, bullets = answer("casual detailed prose enthusiastic"), answer("casual detailed bullets enthusiastic")
+    # Every profile alike: a shot about tone says nothing about format.
+    assert bayes_optimal_choice([shot], (prose, bullets), 2) == 0.5
+    # The training users' prior: formal means prose, whatever the query's own tone.
+    assert bayes_optimal_choice([shot], (prose, bullets), 2, profiles=prior) == 1.0
+    assert bayes_optimal_choice([shot], (bullets, prose), 2, profiles=prior) == 0.0
+
+
 def episodes_of(dims_per_user, shots, n_users=24, pairs=12, label_noise=0.0):
     pairs_ = [p for u in make_users(0, n_users, dims_per_user) for p in user_pairs(u, pairs, seed=3, label_noise=label_noise)]
     episodes, _ = build_episodes(pairs_, shots=shots, passes=1, seed=0)

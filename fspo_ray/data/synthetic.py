@@ -180,12 +180,13 @@ def _likelihood(shown: dict, other: dict | None, preferences: dict, noise: Fract
 
 def bayes_optimal_choice(
     shots: list[tuple[str, str]], query: tuple[str, str], dims_per_user: int, *, label_noise: float = 0.0,
-    preferred_only: bool = False,
+    preferred_only: bool = False, profiles: list[dict[str, str]] | None = None,
 ) -> float:
     """What an ideal reader of `shots` (preferred, dispreferred) gets right on `query` (preferred,
     dispreferred) knowing how synthetic users are made, but not which user this is: 1 if it ranks the
     query's preferred answer first, 0 if second, 0.5 on a tie. It weighs every possible user by how
-    likely they make the shots (seeing only the preferred answers when `preferred_only`)."""
+    likely they make the shots (seeing only the preferred answers when `preferred_only`), each alike a
+    priori; `profiles` sets another prior, e.g. the training users' preferences (one entry per user)."""
     noise = Fraction(str(label_noise))
     poles = []
     for text in [t for pair in [*shots, query] for t in pair]:
@@ -195,7 +196,7 @@ def bayes_optimal_choice(
         poles.append(shown)
     *shot_poles, won, lost = poles
     for_won = for_lost = Fraction(0)
-    for profile in _all_profiles(dims_per_user):
+    for profile in _all_profiles(dims_per_user) if profiles is None else profiles:
         weight = Fraction(1)
         for shown, other in zip(shot_poles[::2], shot_poles[1::2]):
             weight *= _likelihood(shown, None if preferred_only else other, profile, noise)

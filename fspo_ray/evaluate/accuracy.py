@@ -191,7 +191,11 @@ def bayes_optimal_by_shots(
     """Per k: the accuracy of an ideal reader of the same first k shots (seeing what the model's prompt
     shows) on the same query pairs: the ceiling a model of synthetic users can reach. `users` is
     users.json: each user's number of cared properties and label noise. With the model's `right`
-    ({(episode_id, k): verdict}, see `verdicts`), also how far the model is below it (`gap_to_ideal`)."""
+    ({(episode_id, k): verdict}, see `verdicts`), also how far the model is below it (`gap_to_ideal`), and
+    where users.json marks which users hold a pole combination no training user holds, that gap for each
+    side (`model_gap_by_combination`): a model that matches profiles it trained on, not reads each property,
+    is below the ideal reader on the novel side only."""
+    novel = {e.episode_id: users[e.user_id].get("novel_combination") for e in episodes}
     table = []
     for k in shots_list:
         ideal = {}
@@ -205,7 +209,13 @@ def bayes_optimal_by_shots(
         accuracy = sum(ideal.values()) / len(episodes) if episodes else float("nan")
         row = {"k": k, "n": len(episodes), "accuracy": accuracy}
         gap = gap_to_ideal(ideal, right) if right is not None else None
-        table.append({**row, "model_gap": gap} if gap else row)
+        if gap:
+            row["model_gap"] = gap
+            sides = {side: gap_to_ideal({key: v for key, v in ideal.items() if novel[key[0]] is is_novel}, right)
+                     for side, is_novel in (("trained", False), ("novel", True))}  # fmt: skip
+            if all(sides.values()):
+                row["model_gap_by_combination"] = sides
+        table.append(row)
     return table
 
 

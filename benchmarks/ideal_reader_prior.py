@@ -1,0 +1,63 @@
+"""Two ideal readers beside a demo's model, split by whether a training user holds the held-out user's
+pole combination: one that weighs every combination alike (the evaluation's `bayes_optimal`) and one
+whose prior is the training users' own preferences (what the training data can teach).
+
+Half of the synthetic held-out users hold a combination no training user holds (synthetic.py), so
+the two readers part on those users. Run after `make demo` and an evaluation of all its held-out episodes:
+
+    .venv/bin/python -m jobs.evaluate model=runs/demo/runs/ipo "datasets=[runs/demo/data/test.jsonl]" \
+        users_file=runs/demo/data/users.json out=runs/demo/eval1024 max_shots=6 n_episodes=1024 \
+        targets_per_prompt=4 "baselines=[bayes_optimal]" judge=none
+    .venv/bin/python benchmarks/ideal_reader_prior.py demo=runs/demo eval=runs/demo/eval1024
+"""
+
+import collections
+import csv
+import json
+import os
+import statistics
+import sys
+
+from omegaconf import OmegaConf
+
+from fspo_ray.data.episodes import build_episodes
+from fspo_ray.data.readers import read_pairs
+from fspo_ray.data.synthetic import bayes_optimal_choice
+
+DEFAULTS = dict(demo="runs/demo", eval="runs/demo/eval1024", shots=6, targets=4, eval_shots=[1, 2, 4, 6], seed=0)
+
+
+def main(argv: list[str]) -> None:
+    cfg = OmegaConf.merge(DEFAULTS, OmegaConf.from_cli(argv))
+    users = json.load(open(os.path.join(cfg.demo, "data", "users.json")))
+    trained_prior = [u["preferences"] for u in users.values() if u["split"] == "train"]
+    episodes, _ = build_episodes(read_pairs(os.path.join(cfg.demo, "data", "test.jsonl")), shots=cfg.shots,
+                                 passes=1, seed=cfg.seed, targets=cfg.targets)  # fmt: skip
+    readers = {"every combination alike": None, "the training users' prior": trained_prior}
+    ideal = collections.defaultdict(list)
+    for name, profiles in readers.items():
+        for k in cfg.eval_shots:
+            for e in episodes:
+                user = users[e.user_id]
+                ideal[name, k, user["novel_combination"]].append(bayes_optimal_choice(
+                    [(s.preferred, s.dispreferred) for s in e.first_shots(k).shots],
+                    (e.query.preferred, e.query.dispreferred), len(user["preferences"]),
+                    label_noise=user["label_noise"], preferred_only=True, profiles=profiles))  # fmt: skip
+    model = collections.defaultdict(lambda: [0.0, 0])
+    with open(os.path.join(cfg.eval, "per_user.csv")) as f:
+        for row in csv.DictReader(f):
+            if row["measure"] == "accuracy":
+                kept = model[int(row["k"]), users[row["user_id"]]["novel_combination"]]
+                kept[0] += float(row["value"]) * int(row["n"])
+                kept[1] += int(row["n"])
+    print(f"{len(episodes)} held-out episodes; accuracy at k shots")
+    print(f"{'users':<34}{'k':<4}{'n':<6}{'model':<8}" + "".join(f"{name:<28}" for name in readers))
+    for novel, side in ((False, "a combination training users hold"), (True, "a combination none holds")):
+        for k in cfg.eval_shots:
+            right, n = model[k, novel]
+            print(f"{side:<34}{k:<4}{n:<6}{right / n:<8.3f}"
+                  + "".join(f"{statistics.mean(ideal[name, k, novel]):<28.3f}" for name in readers))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
