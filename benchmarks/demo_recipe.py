@@ -26,7 +26,15 @@ from omegaconf import OmegaConf
 from fspo_ray import models
 from fspo_ray.data.episodes import build_episodes, shot_sets
 from fspo_ray.data.prompts import strip_completion_header
-from fspo_ray.data.synthetic import bayes_optimal_choice, make_users, on_task, score_answer, user_pairs
+from fspo_ray.data.synthetic import (
+    SyntheticUser,
+    _all_profiles,
+    bayes_optimal_choice,
+    make_users,
+    on_task,
+    score_answer,
+    user_pairs,
+)
 from fspo_ray.data.tokenize import PromptStyle, fit_shot_set, render_episode, tokenize_text
 from fspo_ray.logprobs import pack, packed_logps
 from fspo_ray.losses import preference_loss, sft_loss
@@ -36,6 +44,7 @@ DEFAULTS = dict(
     targets=1, eval_shots=[0, 1, 2, 3], preferred_only=True, dims=1, noise=0.0, batch=8, sft_examples=9600, sft_lr=3e-3,
     sft_target="chosen", ipo_examples=14400, ipo_lr=1e-3, beta=0.1, sft_weight=2.0, kind="ipo", label_smoothing=0.0,
     schedule="cosine", warmup=5, eval_eps=256, gen=64, seed=0, sft_dir="", ipo_eval_every=0, threads=2,
+    every_combination=False,  # training users hold every pole combination: none is novel to the held-out users
     eval_targets=1,  # held-out targets per window of shots: 4 gives the demo's 1,024 held-out episodes
     min_shots=None,  # each training window draws its shot count from min_shots..shots (episodes.py)
     train_noise=None,  # the training users' label noise, where it differs from the held-out users' (`noise`)
@@ -55,6 +64,11 @@ def main(argv: list[str]) -> None:
     models.build_tiny_model(path, vocab_size=cfg.vocab, seed=cfg.seed)
     tok = AutoTokenizer.from_pretrained(path)
     users = make_users(cfg.n_train, cfg.n_test, cfg.dims)
+    if cfg.every_combination:  # the ideal reader's prior, every combination alike, is then the training users'
+        # The held-out users keep their mark: "novel" then names the combinations the default world holds out.
+        every = _all_profiles(cfg.dims)
+        users = [SyntheticUser(u.user_id, every[i % len(every)], "train", False) if u.split == "train" else u
+                 for i, u in enumerate(users)]  # fmt: skip
     prefs = {u.user_id: u.preferences for u in users}
     novel = {u.user_id for u in users if u.novel_combination}
     noise = {"train": cfg.noise if cfg.train_noise is None else cfg.train_noise, "test": cfg.noise}

@@ -52,11 +52,12 @@ def main(argv: list[str]) -> None:
                 kept[1] += int(row["n"])
     print(f"{len(episodes)} held-out episodes; accuracy at k shots")
     print(f"{'users':<34}{'k':<4}{'n':<6}{'model':<8}" + "".join(f"{name:<28}" for name in readers))
-    for novel, side in ((False, "a combination training users hold"), (True, "a combination none holds")):
+    sides = {"a combination training users hold": [False], "a combination none holds": [True], "all": [False, True]}
+    for side, marks in sides.items():
         for k in cfg.eval_shots:
-            right, n = model[k, novel]
-            print(f"{side:<34}{k:<4}{n:<6}{right / n:<8.3f}"
-                  + "".join(f"{statistics.mean(ideal[name, k, novel]):<28.3f}" for name in readers))  # fmt: skip
+            right, n = (sum(model[k, mark][i] for mark in marks) for i in (0, 1))
+            print(f"{side:<34}{k:<4}{n:<6}{right / n:<8.3f}" + "".join(
+                f"{statistics.mean([v for mark in marks for v in ideal[name, k, mark]]):<28.3f}" for name in readers))
 
 
 if __name__ == "__main__":
