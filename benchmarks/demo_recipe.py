@@ -36,6 +36,7 @@ from fspo_ray.data.synthetic import (
     user_pairs,
 )
 from fspo_ray.data.tokenize import PromptStyle, fit_shot_set, render_episode, tokenize_text
+from fspo_ray.evaluate.accuracy import paired_interval
 from fspo_ray.logprobs import pack, packed_logps
 from fspo_ray.losses import preference_loss, sft_loss
 
@@ -174,9 +175,8 @@ def main(argv: list[str]) -> None:
         # Below the ideal reader, paired: each episode's ideal verdict minus the model's, with a 95% interval.
         table["below ideal [95% CI]"] = {}
         for k, v in right.items():
-            gaps = [i - r for i, r in zip(ideal_verdicts[k], v)]
-            mean, half = statistics.mean(gaps), 1.96 * statistics.stdev(gaps) / math.sqrt(n)
-            table["below ideal [95% CI]"][k] = [round(mean, 3), round(mean - half, 3), round(mean + half, 3)]
+            mean, ci = paired_interval([i - r for i, r in zip(ideal_verdicts[k], v)])
+            table["below ideal [95% CI]"][k] = [round(x, 3) for x in (mean, *ci)]
         last = max(cfg.eval_shots)
         diffs = [100.0 * (a - b) for a, b in zip(right[last], right[1])] if 1 in right else []
         if diffs:
