@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 
@@ -44,8 +45,27 @@ def local_ray(_ray_down_at_the_end):
     console between tests, where pytest does not capture."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_local_ray(log_to_driver=False)
     return ray
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_local_ray(**options) -> None:
+    """ray.init for a test's own cluster: 2 CPUs, and a dashboard on a port of its own.
+
+    Without a dashboard, the cluster's state API address is still 127.0.0.1:8265, the default port, which the
+    dashboard of another Ray on this machine (a job run as a subprocess by the other pytest worker) may hold.
+    Ray Train's placement-group cleaner asks that address whether the run's controller is alive, finds no such
+    actor in the other cluster, and removes the live run's placement group: the workers die mid-run ("A worker
+    health check failed"), as CI saw in the demo test."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(), **options)
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,11 @@
 import json
 import math
 import re
-import socket
 import threading
 
 import httpx
 import pytest
+from conftest import free_port, start_local_ray
 
 from fspo_ray.data.episodes import build_episodes
 from fspo_ray.data.readers import read_pairs
@@ -88,13 +88,11 @@ def test_demo_at_reduced_size(tmp_path, monkeypatch, capsys):
 
     from jobs.demo import main
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("RAY_metrics_report_interval_ms", "1000")  # Ray's default 10 s outlasts this short run
     if ray.is_initialized():  # the Ray that earlier modules shared (conftest): this one starts with the setting
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False)
+    start_local_ray()
     capsys.readouterr()  # the test's own Ray start-up lines: what follows is the demo's console
     seen: dict = {}
     stop = threading.Event()

@@ -6,11 +6,11 @@ import concurrent.futures
 import json
 import os
 import shutil
-import socket
 
 import httpx
 import openai
 import pytest
+from conftest import free_port
 from test_serve import HISTORY, QUERY, direct_greedy, fuzz, service_app, small_json_error, training_prompt
 from test_store import postgres_url, sql  # noqa: F401 (a fixture)
 
@@ -32,9 +32,7 @@ def service(request, local_ray, tmp_path_factory, trained_tiny):
         with psycopg.connect(store, autocommit=True) as db:
             for table in ("pairs", "answers", "users"):
                 db.execute(f"DROP TABLE IF EXISTS {table}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     run = tmp_path_factory.mktemp("runs") / "trained" / "LATEST"
     shutil.copytree(trained_tiny, run)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

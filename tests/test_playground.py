@@ -7,10 +7,10 @@ import json
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from test_openai import ADMIN, KEY
 from test_serve import service_app
 from test_store import sql
@@ -36,9 +36,7 @@ def playground(local_ray, tmp_path_factory, trained_tiny):
             pytest.fail("chromium is not installed: .ci/run installs Debian's chromium")
         pytest.skip("chromium is not installed (apt-get install chromium)")
     store = tmp_path_factory.mktemp("store") / "histories.db"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = service_app(trained_tiny, "transformers", 0.25, env={"FSPO_TEST_KEY": KEY, "FSPO_TEST_ADMIN": ADMIN},
                       api_key_env="FSPO_TEST_KEY", admin_key_env="FSPO_TEST_ADMIN", store_url=str(store),

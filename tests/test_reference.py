@@ -63,8 +63,7 @@ def _plain(model_path, rows):
 
 
 def _scorer_actors() -> set[str]:
-    """The ids of every reference replica this Ray has had (the GCS's actor table: the module's Ray has no
-    dashboard for the state API)."""
+    """The ids of every reference replica this Ray has had, dead ones included (the GCS's actor table)."""
     return {a["ActorID"] for a in ray._private.state.actors().values() if a["ActorClassName"] == SCORER}
 
 

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 
@@ -14,6 +13,7 @@ import httpx
 import hypothesis
 import pytest
 import schemathesis
+from conftest import free_port
 
 from fspo_ray.data.episodes import Episode
 from fspo_ray.data.prompts import Shot, strip_completion_header
@@ -54,9 +54,7 @@ def service(local_ray, tmp_path_factory, trained_tiny):
     from fspo_ray.models import build_tiny_model
 
     model = build_tiny_model(str(tmp_path_factory.mktemp("model") / "tiny"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = service_app(model, "transformers", 0.25, env={"FSPO_TEST_KEY": KEY}, api_key_env="FSPO_TEST_KEY",
                       max_requests_per_replica=2)  # fmt: skip

@@ -3,13 +3,13 @@ and the shipped autoscaling config adds a replica under load and removes it afte
 
 import asyncio
 import json
-import socket
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+from conftest import free_port
 from test_serve import service_app
 
 pytestmark = pytest.mark.slow
@@ -28,9 +28,7 @@ def shipped(deployment: str) -> dict:
 def url(local_ray):
     from ray import serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()

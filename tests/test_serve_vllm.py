@@ -4,11 +4,11 @@ prefix cache of their replica. Its greedy answers against transformers': test_sm
 
 import importlib.util
 import os
-import socket
 import time
 
 import httpx
 import pytest
+from conftest import free_port
 from test_serve import (
     HISTORY,
     HOSTILE_BODIES,
@@ -37,9 +37,7 @@ def vllm_service(local_ray, tmp_path_factory):
     from fspo_ray.models import build_tiny_model
 
     model = build_tiny_model(str(tmp_path_factory.mktemp("model") / "tiny"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = service_app(model, "vllm", 0.5, env={"FSPO_TEST_KEY": KEY}, generator={"num_replicas": 2},
                       api_key_env="FSPO_TEST_KEY", base_max_prompt_length=2048)  # fmt: skip

@@ -10,10 +10,10 @@ import importlib.util
 import json
 import math
 import os
-import socket
 
 import httpx
 import pytest
+from conftest import free_port
 from test_lora import merged_equals_base_plus_adapters
 from test_serve import direct_greedy, training_prompt
 
@@ -138,9 +138,7 @@ def test_vllm_serves_the_greedy_answer_transformers_writes_from_the_export(run):
 
     from serve.app import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     pairs = list(read_pairs(run["data"]["test"]))
     requests = []
     for user in dict.fromkeys(p.user_id for p in pairs):

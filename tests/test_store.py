@@ -4,7 +4,6 @@ server (a private one started here, or FSPO_TEST_POSTGRES_URL). Checked with SQL
 import glob
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from fspo_ray.serve.store import StoredPair, StoreError, open_store
 
@@ -34,9 +34,7 @@ def postgres_url():
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # postgres refuses to run as root
     if as_user:
         shutil.chown(folder, "postgres")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     data, bin_dir = str(folder / "data"), os.path.dirname(initdb)
     subprocess.run([*as_user, initdb, "-D", data, "--auth=trust", "-U", "postgres"], check=True, capture_output=True)
     options = f"-c listen_addresses=127.0.0.1 -p {port} -k {folder}"

@@ -10,10 +10,10 @@ ZeRO-3 too (sharded with the policy, or the policy with its LoRA adapters off).
 """
 
 import os
-import socket
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 from fspo_ray.logprobs import pack, packed_logps
@@ -28,9 +28,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def world_of_one():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     saved = dict(os.environ)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     start_deepspeed(on_gpu=False)

@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port
 
 from fspo_ray.data.synthetic import write_synthetic
 
@@ -34,12 +34,6 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's `ray` and `serve`
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(what: str, happened, timeout: float = 300) -> None:
@@ -59,7 +53,7 @@ class TwoNodeCluster:
         # each node's temp dir, must stay under 107 characters.
         self.root = Path(tempfile.mkdtemp(prefix="two-nodes-"))
         self.token = secrets.token_hex(32)
-        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         # PYTHONPATH: every node's Ray processes import the Serve app (serve/) from the checkout, as
         # cluster.yaml's nodes do; only fspo_ray is installed.
@@ -78,14 +72,14 @@ class TwoNodeCluster:
         its death is noticed, so only ids the cluster has not had before count)."""
         known = {n["node_id"] for n in self.state("nodes")} if role != "head" else set()
         args = ["--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
-                "--dashboard-host=127.0.0.1", f"--ray-client-server-port={_free_port()}"] if role == "head" else [
+                "--dashboard-host=127.0.0.1", f"--ray-client-server-port={free_port()}"] if role == "head" else [
                 f"--address=127.0.0.1:{self.gcs_port}"]  # fmt: skip
         subprocess.run(
             # The agent's HTTP port defaults to 52365 on every node: a second Ray on this machine (another
             # node, or another test file's Ray) would leave this node's agent without one, and the head's job
             # server needs its agent.
             [BIN / "ray", "start", *args, "--num-cpus=2", f"--resources={json.dumps({role: 1})}",
-             f"--dashboard-agent-listen-port={_free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}",
              f"--temp-dir={self._temp_dir(role)}", "--object-store-memory=500000000", "--disable-usage-stats"],
             env=self.env, check=True, capture_output=True, cwd=self.root,
         )  # fmt: skip
@@ -337,7 +331,7 @@ def _wait_for_replicas(cluster: TwoNodeCluster, timeout: float) -> None:
 def test_serving_survives_losing_a_node_and_recovers_its_replicas(cluster, users, uninterrupted, tmp_path):
     import yaml
 
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump(_serve_config(cluster, uninterrupted.run_dir, port)))
     subprocess.run([BIN / "serve", "deploy", str(config), f"--address={cluster.dashboard}"], env=cluster.env,
