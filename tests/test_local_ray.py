@@ -1,9 +1,6 @@
-"""The tests' own Ray (conftest.start_local_ray): its state API answers for this cluster, not another one.
-
-Ray Train's placement-group cleaner asks the state API each second whether a run's controller is alive, and
-removes the run's placement group when the answer is "no such actor". A cluster without a dashboard gives
-127.0.0.1:8265 as that API's address, where another Ray on this machine may answer: it then tears down a live
-run (CI's demo test once lost both its workers so)."""
+"""The tests' own Ray (conftest.start_local_ray) records a state API address that knows its own actors: Ray
+Train's placement-group cleaner asks there whether a run lives, and tears down the runs it does not find
+(start_local_ray says how another cluster's dashboard did so in CI)."""
 
 def test_the_state_api_address_of_the_tests_ray_knows_its_own_actors(local_ray):
     from ray.util.state import get_actor
