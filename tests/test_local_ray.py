@@ -2,6 +2,7 @@
 Train's placement-group cleaner asks there whether a run lives, and tears down the runs it does not find
 (start_local_ray says how another cluster's dashboard did so in CI)."""
 
+
 def test_the_state_api_address_of_the_tests_ray_knows_its_own_actors(local_ray):
     from ray.util.state import get_actor
 
