@@ -28,7 +28,7 @@ from fspo_ray.data.episodes import build_episodes, shot_sets
 from fspo_ray.data.prompts import strip_completion_header
 from fspo_ray.data.synthetic import (
     SyntheticUser,
-    _all_profiles,
+    all_profiles,
     bayes_optimal_choice,
     make_users,
     on_task,
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> None:
     users = make_users(cfg.n_train, cfg.n_test, cfg.dims)
     if cfg.every_combination:  # the ideal reader's prior, every combination alike, is then the training users'
         # The held-out users keep their mark: "novel" then names the combinations the default world holds out.
-        every = _all_profiles(cfg.dims)
+        every = all_profiles(cfg.dims)
         users = [SyntheticUser(u.user_id, every[i % len(every)], "train", False) if u.split == "train" else u
                  for i, u in enumerate(users)]  # fmt: skip
     prefs = {u.user_id: u.preferences for u in users}
@@ -180,9 +180,8 @@ def main(argv: list[str]) -> None:
         last = max(cfg.eval_shots)
         diffs = [100.0 * (a - b) for a, b in zip(right[last], right[1])] if 1 in right else []
         if diffs:
-            mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-            table["gain_last_over_1"] = [round(mean, 1), round(mean - 1.96 * sd / math.sqrt(n), 1),
-                                         round(mean + 1.96 * sd / math.sqrt(n), 1)]  # fmt: skip
+            mean, ci = paired_interval(diffs)
+            table["gain_last_over_1"] = [round(x, 1) for x in (mean, *ci)]
         return table
 
     @torch.no_grad()

@@ -21,4 +21,3 @@ def test_the_state_api_address_of_the_tests_ray_knows_its_own_actors(local_ray):
         assert state is not None and state.state == "ALIVE", state
     finally:
         ray.kill(probe)
-

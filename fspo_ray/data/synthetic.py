@@ -196,7 +196,7 @@ def bayes_optimal_choice(
         poles.append(shown)
     *shot_poles, won, lost = poles
     for_won = for_lost = Fraction(0)
-    for profile in _all_profiles(dims_per_user) if profiles is None else profiles:
+    for profile in all_profiles(dims_per_user) if profiles is None else profiles:
         weight = Fraction(1)
         for shown, other in zip(shot_poles[::2], shot_poles[1::2]):
             weight *= _likelihood(shown, None if preferred_only else other, profile, noise)
@@ -205,7 +205,7 @@ def bayes_optimal_choice(
     return 1.0 if for_won > for_lost else 0.0 if for_won < for_lost else 0.5
 
 
-def _all_profiles(dims_per_user: int) -> list[dict[str, str]]:
+def all_profiles(dims_per_user: int) -> list[dict[str, str]]:
     """Every user `dims_per_user` allows, equally likely a priori."""
     trained, held_out_only = _profiles(dims_per_user)
     return trained + held_out_only
