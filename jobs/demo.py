@@ -101,12 +101,13 @@ def _demo(cfg: DemoConfig, out: str, log: str) -> dict:
     _step(f"2/5 few-shot SFT on the {answers} (2 Ray Train workers, DeepSpeed ZeRO-2)")
     sft = parse_train_config([*common, "loss=sft", f"lr={cfg.sft_lr}", f"sft_target={cfg.sft_target}",
                               f"n_examples={cfg.sft_examples}", "exp_name=sft", "do_first_eval=false"])  # fmt: skip
-    run_training(sft)
+    fitted = {}  # both stages train on the same episodes: built and tokenized once
+    run_training(sft, fitted)
     _step("3/5 few-shot IPO from the SFT model, referenced to it")
     ipo = parse_train_config([*common, "loss=ipo", f"loss.beta={cfg.ipo_beta}", f"lr={cfg.ipo_lr}",
                               f"loss.sft_weight={cfg.ipo_sft_weight}", f"n_examples={cfg.ipo_examples}",
-                              "exp_name=ipo", f"model.archive={sft.run_dir}", "eval_every=1000"])  # fmt: skip
-    run_training(ipo)
+                              "exp_name=ipo", f"model.archive={sft.run_dir}", "eval_every=4000"])  # fmt: skip
+    run_training(ipo, fitted)
 
     # The win rate's opponent is the SFT model: on task but not personalized (the base model answers nothing
     # the oracle could prefer, so a win over it says little).

@@ -13,6 +13,7 @@ import pytest
 import ray
 import torch
 
+from fspo_ray.config import InputError
 from fspo_ray.data.episodes import build_episodes, shot_sets
 from fspo_ray.data.readers import read_pairs
 from fspo_ray.data.synthetic import write_synthetic
@@ -30,11 +31,12 @@ SCORER = "MapWorker(MapBatches(CompletionScorer))"  # the reference pass's repli
 
 
 def _prepare(users, model, length_window=0, limit=24, shots=2, max_length=1024, which="train", targets=1,
-             min_shots=None):  # fmt: skip
+             min_shots=None, seed=0, fitted_cache=None):  # fmt: skip
     return prepare(
         [users[which]], split=None, shots=shots, passes=1, purpose="train", tokenizer_path=model,
-        max_length=max_length, max_prompt_length=max_length * 3 // 4, style=PromptStyle(), seed=0,
+        max_length=max_length, max_prompt_length=max_length * 3 // 4, style=PromptStyle(), seed=seed,
         rows_per_step=4, limit=limit, length_window=length_window, targets=targets, min_shots=min_shots,
+        fitted_cache=fitted_cache,
     )  # fmt: skip
 
 
@@ -195,6 +197,23 @@ def test_length_windows_cut_padding_and_keep_the_rows(local_ray, tmp_path):
     assert padding(grouped) < padding(plain)
     again = _prepare(users, model, length_window=8, limit=None)  # the order is fixed: resume stays exact
     assert [r["episode_id"] for r in _rows(again)] == [r["episode_id"] for r in _rows(grouped)]
+
+
+def test_a_second_stage_on_the_same_data_reuses_the_first_ones_episodes(local_ray, tmp_path):
+    """The demo's IPO stage takes the episodes its SFT stage built (a shared fitted_cache): the file is gone by
+    then, so reading it again would fail; its rows are the first ones of the same order, counted as such."""
+    users = write_synthetic(str(tmp_path / "users"), n_train_users=8, n_test_users=2, pairs_per_user=12)
+    model = build_tiny_model(str(tmp_path / "tiny"))
+    cache = {}
+    first = _prepare(users, model, limit=None, fitted_cache=cache)
+    os.remove(users["train"])
+    second = _prepare(users, model, limit=8, fitted_cache=cache)
+    assert [r["episode_id"] for r in _rows(second)] == [r["episode_id"] for r in _rows(first)][:8]
+    assert second.examples == 8 and second.stats["episodes_left_out"] == first.examples - 8
+    assert {k: v for k, v in second.stats.items() if k not in ("episodes_left_out", "shots_dropped_for_length")} == \
+        {k: v for k, v in first.stats.items() if k not in ("episodes_left_out", "shots_dropped_for_length")}
+    with pytest.raises(InputError, match="train.jsonl: no such file"):  # another seed: other episodes, from the file
+        _prepare(users, model, limit=8, seed=1, fitted_cache=cache)
 
 
 def test_balanced_shards_deal_whole_micro_batches_so_each_step_waits_less(local_ray, tmp_path):

@@ -171,6 +171,7 @@ def prepare(
     length_window: int = 0,
     targets: int = 1,
     min_shots: int | None = None,
+    fitted_cache: dict | None = None,
 ) -> PreparedData:
     """Episodes of `specs`, fitted and tokenized: a multiple of `rows_per_step` rows, in a fixed order;
     `targets` (K) episodes per shot set (episodes.py), next to each other; each shot set of `min_shots`..`shots`
@@ -179,6 +180,9 @@ def prepare(
     `limit` caps the rows (n_examples, n_eval_examples): the first rows of the shuffled order are kept; rows
     beyond it or past the last whole step are left out and counted.
     `length_window` > 1 orders rows by length inside seeded windows of about that many rows (see Tokenize).
+    `fitted_cache`, a dict the caller keeps, holds the fitted episodes for the next call on the same files with
+    the same settings, whatever its `limit` and `rows_per_step`: a run's SFT and IPO stages (jobs.demo) read,
+    build and tokenize them once. The files must not change in between.
     """
     import ray.data
 
@@ -187,6 +191,40 @@ def prepare(
     context.enable_progress_bars = False  # they flood the job's log from every worker; we print summaries
     context.execution_options.preserve_order = True  # a rank's shard must hold the same rows in the same order
     passes = passes if passes is not None else default_passes(shots, purpose, targets)
+    key = (tuple(specs), split, shots, passes, tokenizer_path, max_length, max_prompt_length, style, seed,
+           length_window, targets, min_shots)  # fmt: skip
+    if fitted_cache is not None and key in fitted_cache:
+        fitted, stats = fitted_cache[key]
+    else:
+        fitted, stats = _fit(specs, split, shots, passes, tokenizer_path, max_length, max_prompt_length, style, seed,
+                             length_window, targets, min_shots)  # fmt: skip
+        if fitted_cache is not None:
+            fitted_cache[key] = fitted, stats
+    kept = fitted.count()
+    usable = min(kept, limit) if limit is not None else kept
+    usable -= usable % rows_per_step
+    if usable == 0:
+        raise InputError(
+            f"{', '.join(specs)}: {kept} episodes fit the length limits, fewer than one step's {rows_per_step}"
+        )
+    fitted = fitted.limit(usable).materialize()
+    return PreparedData(
+        rows=fitted,
+        examples=usable,
+        stats={
+            **stats,
+            "episodes_skipped_for_length": stats["episodes"] - kept,
+            "shots_dropped_for_length": int(fitted.sum("shots_dropped") or 0),
+            "episodes_left_out": kept - usable,  # past n_examples / n_eval_examples, or short of a whole step
+        },
+    )
+
+
+def _fit(specs, split, shots, passes, tokenizer_path, max_length, max_prompt_length, style, seed, length_window,
+         targets, min_shots):  # fmt: skip
+    """(the fitted episodes of `specs` in their fixed order, materialized; their counts before any limit)."""
+    import ray
+
     pairs = read_pair_dataset(specs, split).materialize()
     stats = episode_dataset_stats(pairs, shots, passes, seed, targets, min_shots)
     if stats.episodes == 0:
@@ -201,33 +239,18 @@ def prepare(
     # Batches of whole shot sets: the episodes come K at a time per user, so a multiple of K never cuts one.
     fitted = episodes.map_batches(tokenize, batch_size=targets * max(1, 64 // targets))
     fitted = fitted.sort(["window", "length", "order", "target"] if windows > 1 else ["order", "target"])
-    fitted = fitted.materialize()
-    kept = fitted.count()
-    usable = min(kept, limit) if limit is not None else kept
-    usable -= usable % rows_per_step
-    if usable == 0:
-        raise InputError(
-            f"{', '.join(specs)}: {kept} episodes fit the length limits, fewer than one step's {rows_per_step}"
-        )
-    fitted = fitted.limit(usable).materialize()
-    return PreparedData(
-        rows=fitted,
-        examples=usable,
-        stats={
-            "users": stats.users,
-            "users_without_episode": stats.users_without_episode,
-            "pairs_in_no_episode": stats.pairs_in_no_episode,
-            "episodes": stats.episodes,
-            "episodes_skipped_for_length": stats.episodes - kept,
-            "shots_dropped_for_length": int(fitted.sum("shots_dropped") or 0),
-            "episodes_left_out": kept - usable,  # past n_examples / n_eval_examples, or short of a whole step
-            "shots": shots,
-            "min_shots": min_shots,
-            "targets_per_prompt": targets,
-            "passes": passes,
-            "rows_skipped": skipped_rows(specs, split),  # rows that hold no preference (a vote log's "I'm not sure")
-        },
-    )
+    stats = {
+        "users": stats.users,
+        "users_without_episode": stats.users_without_episode,
+        "pairs_in_no_episode": stats.pairs_in_no_episode,
+        "episodes": stats.episodes,
+        "shots": shots,
+        "min_shots": min_shots,
+        "targets_per_prompt": targets,
+        "passes": passes,
+        "rows_skipped": skipped_rows(specs, split),  # rows that hold no preference (a vote log's "I'm not sure")
+    }
+    return fitted.materialize(), stats
 
 
 def add_reference(sets: list[PreparedData], reference: ReferenceScoring) -> int:

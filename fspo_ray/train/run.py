@@ -60,9 +60,10 @@ def claim_run_dir(cfg: TrainConfig) -> bool:
     return False
 
 
-def run_training(cfg: TrainConfig):
+def run_training(cfg: TrainConfig, fitted_cache: dict | None = None):
     """Train; return Ray Train's Result. Re-running the same exp_name and storage_path with the same
-    config resumes; with another config it stops, naming what differs (see claim_run_dir)."""
+    config resumes; with another config it stops, naming what differs (see claim_run_dir).
+    `fitted_cache` (pipeline.prepare) lets the next stage on the same data skip building its episodes."""
     if claim_run_dir(cfg):
         print(f"[{cfg.exp_name}] resuming {cfg.run_dir}: its recorded config is this one", flush=True)
 
@@ -85,6 +86,7 @@ def run_training(cfg: TrainConfig):
         style=PromptStyle(cfg.preferred_only, cfg.description_mode),
         seed=cfg.seed,
         targets=cfg.targets_per_prompt,
+        fitted_cache=fitted_cache,
     )
     train = prepare(
         cfg.datasets, split=cfg.data_split, passes=cfg.passes, purpose="train", rows_per_step=cfg.batch_size,
