@@ -96,7 +96,7 @@ class PreparedData:
         With `micro_batch` (the rows a rank trains on at once), the ranks' i-th micro-batches are of about the
         same length (balanced_rounds): the ranks wait for each other at every step, so a step costs its
         longest micro-batch. The rows keep their order otherwise, so this too is the same on every run. The
-        driver reads three numbers a row to deal them (about 24 MB for a million rows)."""
+        driver reads three numbers a row to deal them (tens of MB for a million rows)."""
         rows = self.rows
         if micro_batch and num_workers > 1:
             import numpy as np
