@@ -216,37 +216,6 @@ def test_a_second_stage_on_the_same_data_reuses_the_first_ones_episodes(local_ra
         _prepare(users, model, limit=8, seed=1, fitted_cache=cache)
 
 
-def test_balanced_shards_deal_whole_micro_batches_so_each_step_waits_less(local_ray, tmp_path):
-    """Two ranks, micro-batches of one 2-target shot set of 1-4 shots: dealt by length, each step's two
-    micro-batches pack to rows of about the same size (a step costs its larger one), and the shards still hold
-    every row, in the same micro-batches, in the same order on every call."""
-    users = write_synthetic(str(tmp_path / "users"), n_train_users=8, n_test_users=2, pairs_per_user=24)
-    model = build_tiny_model(str(tmp_path / "tiny"))
-    prepared = _prepare(users, model, limit=None, shots=4, targets=2, min_shots=1)
-    pad = load_tokenizer(model).pad_token_id
-
-    def steps(shards):
-        ranks = [list(shard.iter_rows()) for shard in shards]
-        assert len(ranks[0]) == len(ranks[1]) == prepared.examples // 2
-        return [[rows[i : i + 2] for rows in ranks] for i in range(0, len(ranks[0]), 2)]
-
-    def size(micro):  # the packed row's positions, padding included: what a rank computes
-        packed = pack(*([r[c] for r in micro] for c in COLUMNS), pad, shots_lengths=[r["shots_length"] for r in micro])
-        return packed.tokens + packed.padding
-
-    def ids(micro):
-        return frozenset(r["episode_id"] for r in micro)
-
-    plain, balanced = steps(prepared.shards(2)), steps(prepared.shards(2, micro_batch=2))
-    assert len(plain) >= 16
-    assert {ids(m) for step in balanced for m in step} == {ids(m) for step in plain for m in step}
-    waits = {name: sum(abs(size(a) - size(b)) for a, b in dealt) for name, dealt in (("plain", plain),
-             ("balanced", balanced))}  # fmt: skip
-    assert waits["balanced"] < waits["plain"] / 3, waits
-    again = steps(prepared.shards(2, micro_batch=2))
-    assert [[ids(m) for m in step] for step in again] == [[ids(m) for m in step] for step in balanced]
-
-
 @pytest.mark.parametrize("length_window, min_shots", [(0, None), (4, None), (4, 1)])
 def test_a_shot_sets_targets_stay_together_and_are_scored_exactly(local_ray, tmp_path, length_window, min_shots):
     """K=2: each shot set's two targets are consecutive rows of one shard beginning with the same shot ids

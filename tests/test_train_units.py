@@ -12,7 +12,6 @@ from fspo_ray.logprobs import CompletionLogps
 from fspo_ray.models import archive_to_folder, build_tiny_model, load_policy_state, resolve_archive, resolve_model
 from fspo_ray.train.config import LossConfig, parse_train_config
 from fspo_ray.train.loop import deepspeed_config
-from fspo_ray.train.pipeline import balanced_rounds
 from fspo_ray.train.step import batch_loss, collate
 
 CHANGED = "model.layers.0.mlp.down_proj.weight"
@@ -259,15 +258,3 @@ def test_a_shot_sets_episodes_share_one_packed_row_and_keep_their_loss():
         for key, (value, count) in alone[1].items():
             assert together[1][key][1] == count == 2, key
             assert together[1][key][0].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key
-
-
-def test_balanced_rounds_give_each_step_micro_batches_of_like_cost():
-    # costs 1 10 2 9 | 3 8 4 7 at indices 0-7; windows of two rounds: {1, 2} and {9, 10}, then {3, 4} and {7, 8}
-    assert balanced_rounds([1, 10, 2, 9, 3, 8, 4, 7], ranks=2, window=2) == [[0, 2], [1, 3], [4, 6], [5, 7]]
-    # a window of one round leaves the shuffled order as it was; of two, it pairs 1 with 2 and 5 with 6
-    assert balanced_rounds([1, 5, 2, 6], ranks=2, window=1) == [[0, 1], [2, 3]]
-    assert balanced_rounds([1, 5, 2, 6], ranks=2, window=2) == [[0, 2], [1, 3]]
-    # three ranks: 1 2 3 at indices 1 3 5 and 4 5 6 at 2 0 4; the round holding index 0 goes first
-    assert balanced_rounds([5, 1, 4, 2, 6, 3], ranks=3, window=2) == [[0, 2, 4], [1, 3, 5]]
-    with pytest.raises(ValueError, match="7 micro-batches do not deal evenly to 2 ranks"):
-        balanced_rounds([1] * 7, ranks=2)

@@ -90,69 +90,9 @@ class PreparedData:
     examples: int  # its rows
     stats: dict[str, int] = field(default_factory=dict)
 
-    def shards(self, num_workers: int, micro_batch: int | None = None) -> list[Any]:
-        """One Ray Dataset per worker, equal and contiguous: rank r's rows and their order are fixed.
-
-        With `micro_batch` (the rows a rank trains on at once), the ranks' i-th micro-batches are of about the
-        same length (balanced_rounds): the ranks wait for each other at every step, so a step costs its
-        longest micro-batch. The rows keep their order otherwise, so this too is the same on every run. The
-        driver reads three numbers a row to deal them (tens of MB for a million rows)."""
-        rows = self.rows
-        if micro_batch and num_workers > 1:
-            import numpy as np
-
-            columns = {c: [] for c in ("order", "target", "length")}
-            for batch in rows.select_columns(list(columns)).iter_batches(batch_size=None, batch_format="numpy"):
-                for c in columns:
-                    columns[c].append(batch[c])
-            order, target, length = (np.concatenate(columns[c]) for c in ("order", "target", "length"))
-            # A micro-batch costs the packed length of each shot set it holds (its targets share one row).
-            first_of_set = np.ones(len(order), dtype=bool)
-            first_of_set[1:] = order[1:] != order[:-1]
-            first_of_set[::micro_batch] = True
-            costs = np.add.reduceat(np.where(first_of_set, length, 0), np.arange(0, len(order), micro_batch))
-            place = np.empty(len(order), dtype=np.int64)
-            per_rank = len(order) // num_workers
-            for step, micro_batches in enumerate(balanced_rounds(costs.tolist(), num_workers)):
-                for rank, i in enumerate(micro_batches):
-                    offsets = np.arange(micro_batch)
-                    place[i * micro_batch + offsets] = rank * per_rank + step * micro_batch + offsets
-            starts = {int(o): p for p, o in enumerate(order) if target[p] == 0}  # targets count from 0 in a set
-            rows = rows.map_batches(_Place(starts, place), batch_format="pyarrow").sort("place")
-            rows = rows.drop_columns(["place"]).materialize()
-        return rows.split(num_workers, equal=True)
-
-
-@dataclass(frozen=True)
-class _Place:
-    """A Ray Data batch UDF: each row's place in the balanced order, from its shot set's first row (`starts`)."""
-
-    starts: dict[int, int]
-    place: Any  # numpy: the place of the row at each position of the current order
-
-    def __call__(self, batch):
-        import numpy as np
-        import pyarrow as pa
-
-        positions = [self.starts[o] + t for o, t in zip(batch["order"].to_pylist(), batch["target"].to_pylist())]
-        return batch.append_column("place", pa.array(self.place[np.array(positions, dtype=np.int64)]))
-
-
-def balanced_rounds(costs: list[int], ranks: int, window: int = 16) -> list[list[int]]:
-    """Micro-batches (indices into `costs`, given in the data's shuffled order) dealt into rounds of `ranks`,
-    one micro-batch per rank and step. Within each run of `window` rounds' micro-batches, they go by cost and
-    each round takes `ranks` neighbours; the window's rounds then go in the order of their first micro-batch,
-    so short and long steps stay mixed as the shuffle left them. Each rank takes the round's micro-batches in
-    their shuffled order."""
-    if len(costs) % ranks:
-        raise ValueError(f"{len(costs)} micro-batches do not deal evenly to {ranks} ranks")
-    rounds = []
-    size = window * ranks
-    for start in range(0, len(costs), size):
-        by_cost = sorted(range(start, min(start + size, len(costs))), key=lambda i: (costs[i], i))
-        dealt = [sorted(by_cost[j : j + ranks]) for j in range(0, len(by_cost), ranks)]
-        rounds += sorted(dealt)
-    return rounds
+    def shards(self, num_workers: int) -> list[Any]:
+        """One Ray Dataset per worker, equal and contiguous: rank r's rows and their order are fixed."""
+        return self.rows.split(num_workers, equal=True)
 
 
 def prepare(

@@ -102,9 +102,7 @@ def run_training(cfg: TrainConfig, fitted_cache: dict | None = None):
         summary.update(eval=sets["eval"].stats, eval_examples=sets["eval"].examples)
     if reference is not None:  # the rows that will be used, training's and held-out alike, in one pass
         summary["reference_scored"] = add_reference(list(sets.values()), reference)
-    micro_batches = {"train": cfg.micro_batch_size, "eval": None}  # held-out passes wait at no step
-    datasets = {f"{name}_{r}": shard for name, s in sets.items()
-                for r, shard in enumerate(s.shards(cfg.num_workers, micro_batches[name]))}  # fmt: skip
+    datasets = {f"{name}_{r}": shard for name, s in sets.items() for r, shard in enumerate(s.shards(cfg.num_workers))}
 
     steps_per_epoch = train.examples // cfg.batch_size
     total_steps = cfg.n_examples // cfg.batch_size if cfg.n_examples else cfg.n_epochs * steps_per_epoch
