@@ -137,8 +137,7 @@ def prepare(
     if fitted_cache is not None and key in fitted_cache:
         fitted, stats = fitted_cache[key]
     else:
-        fitted, stats = _fit(specs, split, shots, passes, tokenizer_path, max_length, max_prompt_length, style, seed,
-                             length_window, targets, min_shots)  # fmt: skip
+        fitted, stats = _fit(specs, *key[1:])  # the key is _fit's arguments
         if fitted_cache is not None:
             fitted_cache[key] = fitted, stats
     kept = fitted.count()
