@@ -27,8 +27,6 @@ from fspo_ray import models
 from fspo_ray.data.episodes import build_episodes, shot_sets
 from fspo_ray.data.prompts import strip_completion_header
 from fspo_ray.data.synthetic import (
-    SyntheticUser,
-    all_profiles,
     bayes_optimal_choice,
     make_users,
     on_task,
@@ -45,7 +43,7 @@ DEFAULTS = dict(
     targets=1, eval_shots=[0, 1, 2, 3], preferred_only=True, dims=1, noise=0.0, batch=8, sft_examples=9600, sft_lr=3e-3,
     sft_target="chosen", ipo_examples=14400, ipo_lr=1e-3, beta=0.1, sft_weight=2.0, kind="ipo", label_smoothing=0.0,
     schedule="cosine", warmup=5, eval_eps=256, gen=64, seed=0, sft_dir="", ipo_eval_every=0, threads=2,
-    every_combination=False,  # training users hold every pole combination: none is novel to the held-out users
+    every_combination=False,  # training and held-out users hold every pole combination alike (make_users)
     eval_targets=1,  # held-out targets per window of shots: 4 gives the demo's 1,024 held-out episodes
     min_shots=None,  # each training window draws its shot count from min_shots..shots (episodes.py)
     train_noise=None,  # the training users' label noise, where it differs from the held-out users' (`noise`)
@@ -64,12 +62,7 @@ def main(argv: list[str]) -> None:
     path = f"/tmp/demo-recipe-model-{cfg.hidden}-{cfg.layers}-{cfg.heads}-{cfg.vocab}-{os.getpid()}"
     models.build_tiny_model(path, vocab_size=cfg.vocab, seed=cfg.seed)
     tok = AutoTokenizer.from_pretrained(path)
-    users = make_users(cfg.n_train, cfg.n_test, cfg.dims)
-    if cfg.every_combination:  # the ideal reader's prior, every combination alike, is then the training users'
-        # The held-out users keep their mark: "novel" then names the combinations the default world holds out.
-        every = all_profiles(cfg.dims)
-        users = [SyntheticUser(u.user_id, every[i % len(every)], "train", False) if u.split == "train" else u
-                 for i, u in enumerate(users)]  # fmt: skip
+    users = make_users(cfg.n_train, cfg.n_test, cfg.dims, held_out_combinations=not cfg.every_combination)
     prefs = {u.user_id: u.preferences for u in users}
     novel = {u.user_id for u in users if u.novel_combination}
     noise = {"train": cfg.noise if cfg.train_noise is None else cfg.train_noise, "test": cfg.noise}

@@ -24,6 +24,7 @@ class DemoConfig:
     dims_per_user: int = 1  # properties each user cares about (synthetic.py)
     label_noise: float = 0.0  # the fraction of each user's pairs whose labels are flipped (synthetic.py)
     train_label_noise: float | None = None  # the training users' flip rate where it differs (default: label_noise)
+    held_out_combinations: bool = True  # half the held-out users hold pole combinations no training user holds
     shots: int = 3  # preference pairs in each prompt
     min_shots: int | None = None  # training prompts hold min_shots..shots pairs (drawn per window); default: shots
     passes: int = 3  # training episodes per user = passes * K * (pairs_per_user // (shots + K))
@@ -85,7 +86,8 @@ def _demo(cfg: DemoConfig, out: str, log: str) -> dict:
     data = write_synthetic(
         os.path.join(out, "data"), n_train_users=cfg.n_train_users, n_test_users=cfg.n_test_users,
         pairs_per_user=cfg.pairs_per_user, dims_per_user=cfg.dims_per_user,
-        label_noise=cfg.label_noise, train_label_noise=cfg.train_label_noise, seed=cfg.seed,
+        label_noise=cfg.label_noise, train_label_noise=cfg.train_label_noise,
+        held_out_combinations=cfg.held_out_combinations, seed=cfg.seed,
     )  # fmt: skip
     fewer = [f"min_shots={cfg.min_shots}"] if cfg.min_shots is not None else []
     held_out = [f"eval_datasets=[{data['test']}]", f"n_eval_examples={cfg.train_eval_examples}",

@@ -22,6 +22,7 @@ class SyntheticUsersConfig:
     dims_per_user: int = 2  # properties each user cares about
     label_noise: float = 0.0  # fraction of pairs whose labels are flipped
     train_label_noise: float | None = None  # the training users' flip rate, where it differs (default: label_noise)
+    held_out_combinations: bool = True  # half the held-out users hold pole combinations no training user holds
     seed: int = 0  # seeds users and pairs
 
 

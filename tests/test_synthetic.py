@@ -108,6 +108,24 @@ def test_train_and_test_users_are_disjoint_and_some_test_users_hold_unseen_combi
     assert all(set(users[u]["preferences"].items()) <= trained_poles for u in novel)
 
 
+def test_without_held_out_combinations_training_users_hold_every_combination_the_held_out_users_hold(tmp_path):
+    # 4 properties, 2 of them per user, 2 poles each: 6 x 4 = 24 combinations; 48 training users hold each twice.
+    paths = synthetic_users.main([f"out={tmp_path}", "n_train_users=48", "n_test_users=30", "pairs_per_user=1",
+                                  "held_out_combinations=false"])  # fmt: skip
+    users = load_users(paths)
+    profiles = Counter(frozenset(u["preferences"].items()) for u in users.values() if u["split"] == "train")
+    assert len(profiles) == 24 and set(profiles.values()) == {2}
+    assert all(len(p) == 2 and {d for d, _ in p} <= set(DIMENSIONS) for p in profiles)
+    held_out = [u for u in users.values() if u["split"] == "test"]
+    assert len(held_out) == 30 and not any(u["novel_combination"] for u in held_out)
+    assert {frozenset(u["preferences"].items()) for u in held_out} == set(profiles)
+    # The combinations the default world holds out are among the held-out users' too.
+    default = load_users(write_synthetic(str(tmp_path / "default"), n_train_users=48, n_test_users=30,
+                                         pairs_per_user=1))  # fmt: skip
+    unseen = {frozenset(u["preferences"].items()) for u in default.values() if u["novel_combination"]}
+    assert len(unseen) == 6 and unseen <= {frozenset(u["preferences"].items()) for u in held_out}
+
+
 @pytest.mark.parametrize("dims_per_user", [1, 2, 3, 4])
 def test_each_pole_is_equally_common_among_training_users(tmp_path, dims_per_user):
     def train_prefs(n_train, out):

@@ -13,9 +13,12 @@ properties (the preferred one holding the user's poles there) and agree on every
 users each pole is equally common, so without shots the preferred answer cannot be guessed: a model
 can only personalize by reading the shots.
 
-Held-out users are disjoint from training users. Half of them hold combinations of poles that no
-training user holds: for some property pairs only the "diagonal" combinations are trained, which keeps
-every single pole balanced in training while the "anti-diagonal" ones are held out.
+Held-out users are disjoint from training users. By default half of them hold combinations of poles that
+no training user holds: for some property pairs only the "diagonal" combinations are trained, which keeps
+every single pole balanced in training while the "anti-diagonal" ones are held out. That measures reading
+beyond the training population. With `held_out_combinations=False` training and held-out users alike
+cycle through every combination: one population, the one the ideal reader (`bayes_optimal_choice`)
+assumes, so that reader is the ceiling a model of the training users can reach.
 """
 
 from __future__ import annotations
@@ -240,15 +243,23 @@ def _profiles(dims_per_user: int) -> tuple[list[dict], list[dict]]:
     return trained, novel
 
 
-def make_users(n_train: int, n_test: int, dims_per_user: int = 2) -> list[SyntheticUser]:
+def make_users(n_train: int, n_test: int, dims_per_user: int = 2, held_out_combinations: bool = True
+               ) -> list[SyntheticUser]:
+    """`n_train` training users, then `n_test` held-out ones; with `held_out_combinations`, half the held-out
+    users hold a combination of poles no training user holds, else every user cycles through them all."""
     if not 1 <= dims_per_user <= len(DIMENSIONS):
         raise ValueError(f"dims_per_user must be in 1..{len(DIMENSIONS)}, got {dims_per_user}")
     trained, novel = _profiles(dims_per_user)
+    if not held_out_combinations:
+        trained, novel = trained + novel, []
     users = [SyntheticUser(f"train-{i:05d}", trained[i % len(trained)], "train", False) for i in range(n_train)]
     seen = {tuple(sorted(u.preferences.items())) for u in users}
     for i in range(n_test):
-        pool = novel if (i % 2 == 0 and novel) else trained
-        profile = pool[(i // 2) % len(pool)]
+        if held_out_combinations:  # every other held-out user holds a combination no training user holds
+            pool = novel if (i % 2 == 0 and novel) else trained
+            profile = pool[(i // 2) % len(pool)]
+        else:
+            profile = trained[i % len(trained)]
         users.append(SyntheticUser(f"test-{i:05d}", profile, "test", tuple(sorted(profile.items())) not in seen))
     return users
 
@@ -298,6 +309,7 @@ def write_synthetic(
     dims_per_user: int = 2,
     label_noise: float = 0.0,
     train_label_noise: float | None = None,
+    held_out_combinations: bool = True,
     seed: int = 0,
 ) -> dict[str, str]:
     """Write `train.jsonl` and `test.jsonl` (canonical schema) and `users.json`; return their paths.
@@ -305,7 +317,7 @@ def write_synthetic(
     `train_label_noise` sets the training users' flip rate apart from the held-out users' `label_noise`:
     consistent training users teach the reading in fewer steps than the noisy users it is then used on."""
     os.makedirs(out_dir, exist_ok=True)
-    users = make_users(n_train_users, n_test_users, dims_per_user)
+    users = make_users(n_train_users, n_test_users, dims_per_user, held_out_combinations)
     noise = {"train": label_noise if train_label_noise is None else train_label_noise, "test": label_noise}
     paths = {split: os.path.join(out_dir, f"{split}.jsonl") for split in ("train", "test")}
     files = {split: open(path, "w", encoding="utf-8") for split, path in paths.items()}
