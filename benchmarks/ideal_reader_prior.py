@@ -3,8 +3,10 @@ pole combination: one that weighs every combination alike (the evaluation's `bay
 whose prior is the training users' own preferences (what the training data can teach); then, at the largest
 k, each pole combination's held-out users beside the first reader, the largest gap first.
 
-Half of the synthetic held-out users hold a combination no training user holds (synthetic.py), so
-the two readers part on those users. Run after `make demo` and an evaluation of all its held-out episodes:
+In the default synthetic world half the held-out users hold a combination no training user holds
+(synthetic.py), and the two readers part on those users; in the demo's (`held_out_combinations: false`) no
+held-out user does, the two readers nearly agree, and the per-combination table says where a gap sits. Run
+after `make demo` and an evaluation of all its held-out episodes:
 
     .venv/bin/python -m jobs.evaluate model=runs/demo/runs/ipo "datasets=[runs/demo/data/test.jsonl]" \
         users_file=runs/demo/data/users.json out=runs/demo/eval1024 max_shots=6 n_episodes=1024 \
