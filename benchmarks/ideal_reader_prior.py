@@ -38,17 +38,19 @@ def main(argv: list[str]) -> None:
                                  passes=1, seed=cfg.seed, targets=cfg.targets)  # fmt: skip
     readers = {"every combination alike": None, "the training users' prior": trained_prior}
     ideal = collections.defaultdict(list)
+    last = max(cfg.eval_shots)
     by_user = collections.defaultdict(list)  # the first reader's verdicts at the largest k, per held-out user
     for name, profiles in readers.items():
         for k in cfg.eval_shots:
             for e in episodes:
                 user = users[e.user_id]
-                ideal[name, k, user["novel_combination"]].append(bayes_optimal_choice(
+                verdict = bayes_optimal_choice(
                     [(s.preferred, s.dispreferred) for s in e.first_shots(k).shots],
                     (e.query.preferred, e.query.dispreferred), len(user["preferences"]),
-                    label_noise=user["label_noise"], preferred_only=True, profiles=profiles))  # fmt: skip
-                if profiles is None and k == max(cfg.eval_shots):
-                    by_user[e.user_id].append(ideal[name, k, user["novel_combination"]][-1])
+                    label_noise=user["label_noise"], preferred_only=True, profiles=profiles)  # fmt: skip
+                ideal[name, k, user["novel_combination"]].append(verdict)
+                if profiles is None and k == last:
+                    by_user[e.user_id].append(verdict)
     model = collections.defaultdict(lambda: [0.0, 0])
     model_by_user = {}
     with open(os.path.join(cfg.eval, "per_user.csv")) as f:
@@ -57,7 +59,7 @@ def main(argv: list[str]) -> None:
                 kept = model[int(row["k"]), users[row["user_id"]]["novel_combination"]]
                 kept[0] += float(row["value"]) * int(row["n"])
                 kept[1] += int(row["n"])
-                if int(row["k"]) == max(cfg.eval_shots):
+                if int(row["k"]) == last:
                     model_by_user[row["user_id"]] = float(row["value"])
     print(f"{len(episodes)} held-out episodes; accuracy at k shots")
     print(f"{'users':<34}{'k':<4}{'n':<6}{'model':<8}" + "".join(f"{name:<28}" for name in readers))
@@ -70,7 +72,7 @@ def main(argv: list[str]) -> None:
             print(f"{side:<34}{k:<4}{n:<6}{right / n:<8.3f}" + "".join(
                 f"{statistics.mean([v for mark in marks for v in ideal[name, k, mark]]):<28.3f}" for name in readers))
     # Per combination: where a gap that the sides above average over sits (each user's episodes alike).
-    print(f"\nat {max(cfg.eval_shots)} shots, per combination: its held-out users, the ideal reader (every "
+    print(f"\nat {last} shots, per combination: its held-out users, the ideal reader (every "
           "combination alike) and the model")
     combos = collections.defaultdict(list)
     for user_id, verdicts in by_user.items():

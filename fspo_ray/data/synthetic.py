@@ -251,15 +251,15 @@ def make_users(n_train: int, n_test: int, dims_per_user: int = 2, held_out_combi
         raise ValueError(f"dims_per_user must be in 1..{len(DIMENSIONS)}, got {dims_per_user}")
     trained, novel = _profiles(dims_per_user)
     if not held_out_combinations:
-        trained, novel = trained + novel, []
+        trained = trained + novel
     users = [SyntheticUser(f"train-{i:05d}", trained[i % len(trained)], "train", False) for i in range(n_train)]
     seen = {tuple(sorted(u.preferences.items())) for u in users}
     for i in range(n_test):
-        if held_out_combinations:  # every other held-out user holds a combination no training user holds
+        if not held_out_combinations:
+            profile = trained[i % len(trained)]
+        else:  # every other held-out user holds a combination no training user holds (one property: none)
             pool = novel if (i % 2 == 0 and novel) else trained
             profile = pool[(i // 2) % len(pool)]
-        else:
-            profile = trained[i % len(trained)]
         users.append(SyntheticUser(f"test-{i:05d}", profile, "test", tuple(sorted(profile.items())) not in seen))
     return users
 
