@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fspo_ray from this checkout
 
-from fspo_ray.logprobs import pack, packed_attention_mask, packed_logps, plain_logps  # noqa: E402
+from fspo_ray.attention import packed_attention_mask  # noqa: E402
+from fspo_ray.logprobs import pack, packed_logps, plain_logps  # noqa: E402
 from fspo_ray.losses import preference_loss  # noqa: E402
 
 # Peak dense bf16 tensor FLOP/s by device name (vendor data sheets, without sparsity).

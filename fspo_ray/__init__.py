@@ -8,8 +8,8 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     # plumbing: typed settings, the console, folders that appear whole
     ("fspo_ray.config", "fspo_ray.console", "fspo_ray.files"),
     # what several stages share: models, losses and log-probs, engines, the judge, run info, Ray scheduling
-    ("fspo_ray.models", "fspo_ray.losses", "fspo_ray.logprobs", "fspo_ray.engines", "fspo_ray.judge",
-     "fspo_ray.runinfo", "fspo_ray.scheduling"),
+    ("fspo_ray.models", "fspo_ray.losses", "fspo_ray.attention", "fspo_ray.logprobs", "fspo_ray.engines",
+     "fspo_ray.judge", "fspo_ray.runinfo", "fspo_ray.scheduling"),
     ("fspo_ray.batch_inference",),  # engines as Ray Data replicas, for evaluation and data generation
     # the stages, in the order data flows through them
     ("fspo_ray.data",),  # readers → episodes → prompts → tokens; synthetic users

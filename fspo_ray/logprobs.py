@@ -21,9 +21,8 @@ We chose one packed row over a prompt forward whose KV cache the two completions
 drops the cache under gradient checkpointing, and the mask works the same under every ZeRO stage. The
 mask needs an attention kernel that takes arbitrary masks; flash-attention's varlen form cannot express
 "rejected skips chosen". A row carries O(L) segment ids, and the mask is made from them on the model's
-device by one predicate (`may_attend`): a FlexAttention `BlockMask` on CUDA, which skips the blocks a
-query never sees (one target's keys for another target's queries), and a dense boolean for SDPA elsewhere
-(`packed_attention` names the kernel to load a model with).
+device (attention.py): FlexAttention on CUDA and SDPA per branch on CPUs skip what a query never sees (one
+target's keys for another target's queries).
 
 The LM head and the log-softmax run only at the positions that predict a completion token: a prompt
 position never produces a vocabulary-sized row (for a 49k vocabulary that is most of a forward's cost).
@@ -46,6 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fspo_ray.attention import BranchLayout, Span, branch_layout, decoder_masks, packed_attention, packed_attention_mask
 from fspo_ray.losses import IGNORE_INDEX, sequence_logps
 
 logger = logging.getLogger(__name__)
@@ -78,11 +78,17 @@ class PackedBatch:
     num_sequences: int
     tokens: int  # real (non-padding) tokens
     padding: int  # padding tokens
+    prompt_lengths: tuple[int, ...]  # each row's prompt
+    spans: tuple[Span, ...]  # each branch's place in its row, for attention per branch (attention.py)
 
     @functools.cached_property
     def attention_mask(self) -> torch.Tensor:
         """(B, 1, L, L) bool, True = may attend: the dense mask SDPA takes, built on the batch's device."""
         return packed_attention_mask(self)
+
+    @functools.cached_property
+    def branch_layout(self) -> BranchLayout:
+        return branch_layout(self.prompt_lengths, self.spans, self.input_ids.shape[1], self.input_ids.device)
 
 
 # A branch continues the first `cut` tokens of its row's prompt with `tail` (the rest of its own prompt), then
@@ -165,7 +171,7 @@ def pack_branches(rows: Sequence[Row], pad_token_id: int, device: torch.device |
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     segment = torch.full((len(rows), width), -1, dtype=torch.long)  # -1 padding, 0 the prompt, then 3 per branch
     sees = torch.zeros((len(rows), 2 + 3 * max(len(bs) for _, bs in rows), width), dtype=torch.bool)
-    source, target, sequence = [], [], []
+    source, target, sequence, spans = [], [], [], []
     plain: list = [None] * (2 * n_branches if with_rejected else n_branches)
     j = 0
     for i, (prompt, branches) in enumerate(rows):
@@ -179,6 +185,7 @@ def pack_branches(rows: Sequence[Row], pad_token_id: int, device: torch.device |
                 raise ValueError(f"row {i}: empty prompt (a completion's first token needs a position to predict it)")
             tail_segment, context = 1 + 3 * b, cut + len(tail)
             tail_span = (at, at + len(tail))
+            spans.append((i, cut, at, len(tail), len(chosen), len(rejected) if with_rejected else 0))
             sees[i, 1 + tail_segment, :cut] = True
             completions = [(chosen, j)] + ([(rejected, n_branches + j)] if with_rejected else [])
             for n, (tokens, seq) in enumerate([(tail, None), *completions]):
@@ -213,49 +220,9 @@ def pack_branches(rows: Sequence[Row], pad_token_id: int, device: torch.device |
         num_sequences=len(plain),
         tokens=real,
         padding=len(rows) * width - real,
+        prompt_lengths=tuple(len(prompt) for prompt, _ in rows),
+        spans=tuple(spans),
     )
-
-
-def may_attend(batch: PackedBatch, window: int | None, b, q, k, visible: torch.Tensor | None = None) -> torch.Tensor:
-    """May token q of row b attend to token k (within `window` positions, for a sliding-window layer)? What its
-    segment sees, causally; a padding token sees itself alone (no NaN, never read). FlexAttention's mask_mod and,
-    on broadcast index tensors, the dense mask: one predicate for both. `visible`: `sees` read at
-    (b, 1 + q's segment, k), where the caller has it already."""
-    if visible is None:
-        visible = batch.sees[b, batch.segment[b, q] + 1, k]
-    # q == k at a padding key: a padding query's diagonal (read at the key, a broadcast the dense mask pays little for).
-    allowed = (visible & (k <= q)) | ((q == k) & (batch.segment[b, k] == -1))
-    if window is None:
-        return allowed
-    # Counted in positions, as each completion would sit after its prompt alone (the query's minus the key's).
-    return allowed & (batch.position_ids[b, q] - batch.position_ids[b, k] < window)
-
-
-def packed_attention(device: torch.device | str) -> str:
-    """The attention kernel to load a model with that runs packed rows on `device`: FlexAttention on CUDA
-    (its BlockMask skips fully masked blocks), SDPA elsewhere."""
-    return "flex_attention" if torch.device(device).type == "cuda" else "sdpa"
-
-
-def packed_attention_mask(batch: PackedBatch, block: bool = False, window: int | None = None):
-    """The batch's attention mask, built on its device from the segment ids: a FlexAttention BlockMask
-    (`block`), else a dense (B, 1, L, L) boolean for SDPA (True = may attend); cut to `window` positions."""
-    rows, width = batch.input_ids.shape
-    device = batch.input_ids.device
-    if block:
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        def mask_mod(b, h, q, k):
-            return may_attend(batch, window, b, q, k)
-
-        return create_block_mask(mask_mod, rows, None, width, width, device=device)
-    index = torch.arange(width, device=device)
-    b = torch.arange(rows, device=device)[:, None]
-    # Each query's row of `sees`, copied whole by one index_select: indexing with broadcast tensors reads element
-    # by element, ~20x slower on a CPU, and this mask is built every micro-batch.
-    picks = batch.segment + 1 + batch.sees.shape[1] * b
-    visible = batch.sees.flatten(0, 1).index_select(0, picks.flatten()).view(rows, width, width)
-    return may_attend(batch, window, b[..., None], index[None, :, None], index[None, None, :], visible).unsqueeze(1)
 
 
 def _softcap(config, logits: torch.Tensor) -> torch.Tensor:
@@ -289,22 +256,6 @@ def _packs(model_type: str, bidirectional: bool) -> bool:
     return False
 
 
-def _layer_masks(config, batch: PackedBatch):
-    """The packed mask as the decoder takes it (a BlockMask under FlexAttention): with sliding-window layers,
-    cut to their window — one mask when every layer slides (Mistral), a {layer type: mask} dict when some do
-    (Qwen2, Gemma)."""
-    block = config._attn_implementation == "flex_attention"
-    full = packed_attention_mask(batch, block) if block else batch.attention_mask
-    window = getattr(config, "sliding_window", None)
-    types = set(getattr(config, "layer_types", None) or ())
-    if window is None or (types and "sliding_attention" not in types):
-        return full
-    windowed = packed_attention_mask(batch, block, window)
-    if not types or types == {"sliding_attention"}:
-        return windowed
-    return {"full_attention": full, "sliding_attention": windowed}
-
-
 def packed_logps(model, batch: PackedBatch) -> torch.Tensor:
     """Σ log π(completion token | prompt, earlier completion tokens) per completion: (chosen..., rejected...),
     under a Hugging Face causal LM (or PEFT around one); families `LOGITS` does not list go the plain way."""
@@ -312,10 +263,7 @@ def packed_logps(model, batch: PackedBatch) -> torch.Tensor:
     if not _packs(config.model_type, bool(getattr(config, "use_bidirectional_attention", False))):
         return plain_logps(model, batch)
     hidden = model.get_decoder()(
-        input_ids=batch.input_ids,
-        attention_mask=_layer_masks(config, batch),
-        position_ids=batch.position_ids,
-        use_cache=False,
+        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **decoder_masks(config, batch)
     ).last_hidden_state
     logits = model.get_output_embeddings()(hidden.flatten(0, 1)[batch.source])
     token_logps = -F.cross_entropy(LOGITS[config.model_type](config, logits).float(), batch.target, reduction="none")

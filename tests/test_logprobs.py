@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fspo_ray.logprobs import pack, pack_branches, packed_attention_mask, packed_logps, plain_logps, share_shots
+from fspo_ray.attention import BRANCH_ATTENTION, packed_attention, packed_attention_mask
+from fspo_ray.logprobs import pack, pack_branches, packed_logps, plain_logps, share_shots
 
 # Mixed prompt lengths (a 1-token "0-shot" prompt among them), completions of different lengths,
 # chosen longer than rejected and the other way round.
@@ -334,6 +335,65 @@ def test_the_k_shot_branches_of_a_shot_sets_targets_share_one_row():
     assert pack_branches(merged, 0).tokens == pack_branches(rows, 0).tokens - len(shots)
     torch.testing.assert_close(together, apart, rtol=1e-5, atol=0)
     assert share_shots(rows, [6, 5])[0] == [[0], [1]]  # other shots: a row each
+
+
+def _keys_seen(batch):
+    """{flat query index: the flat key indices it may attend} of every real token, under the per-branch layout:
+    the prompts causally, each branch's slots through its own mask."""
+    layout, width = batch.branch_layout, batch.input_ids.shape[1]
+    seen = {}
+    for row, length in enumerate(batch.prompt_lengths):
+        for q in range(length):
+            seen[row * width + q] = {row * width + k for k in range(q + 1)}
+    real = set(layout.real.tolist())
+    for n, (queries, keys) in enumerate(zip(layout.queries.tolist(), layout.keys.tolist())):
+        for slot, q in enumerate(queries):
+            if n * len(queries) + slot in real:
+                seen[q] = {k for k, sees in zip(keys, layout.mask[n, 0, slot].tolist()) if sees}
+    return seen
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, "branches"])
+def test_the_per_branch_layout_lets_each_token_see_what_the_dense_mask_does(layout):
+    """branch_attention.py's index tensors and small masks, against the dense mask every other path uses: each
+    real token sees the same keys; padding is never a query there and never a key anyone sees."""
+    if layout == "branches":
+        batch = pack_branches(BRANCH_ROWS, pad_token_id=0)
+    else:
+        prompts, chosen, rejected, shots = LAYOUTS[layout]
+        batch = pack(prompts, chosen, rejected, pad_token_id=0, shots_lengths=shots)
+    width, dense = batch.input_ids.shape[1], batch.attention_mask[:, 0]
+    real = [(b, q) for b in range(dense.shape[0]) for q in range(width) if batch.segment[b, q] != -1]
+    want = {b * width + q: {b * width + k for k in dense[b, q].nonzero().flatten().tolist()} for b, q in real}
+    assert _keys_seen(batch) == want
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, "branches"])
+@pytest.mark.parametrize("with_rejected", [True, False])
+def test_attention_per_branch_equals_the_dense_mask_values_and_gradients(layout, with_rejected):
+    """The CPU training and scoring kernel (packed_attention('cpu')) against SDPA over the dense mask, on the same
+    weights: log-probs and every parameter's gradient, with grouped KV heads, padding rows and, for evaluation's
+    rows, branches cut at 0, mid-prompt and the whole prompt."""
+
+    assert packed_attention("cpu") == BRANCH_ATTENTION
+    if layout == "branches":
+        rows = [(p, [(cut, t, c, r if with_rejected else None) for cut, t, c, r in bs]) for p, bs in BRANCH_ROWS]
+        batches = [pack_branches(rows, pad_token_id=0) for _ in range(2)]
+    else:
+        prompts, chosen, rejected, shots = LAYOUTS[layout]
+        rejected = rejected if with_rejected else None
+        batches = [pack(prompts, chosen, rejected, pad_token_id=0, shots_lengths=shots) for _ in range(2)]
+    results = []
+    for attention, batch in zip(("sdpa", BRANCH_ATTENTION), batches):
+        model = _model().train()
+        model.set_attn_implementation(attention)
+        logps = packed_logps(model, batch)
+        logps.sum().backward()
+        results.append((logps.detach(), [p.grad for p in model.parameters()]))
+    assert "branch_layout" in vars(batches[1]) and "branch_layout" not in vars(batches[0])  # the path each took
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_branches_outside_the_prompt_or_mixed_are_refused():

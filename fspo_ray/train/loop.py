@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from fspo_ray.logprobs import CompletionLogps, packed_attention
+from fspo_ray.attention import packed_attention
+from fspo_ray.logprobs import CompletionLogps
 from fspo_ray.models import padding_id, resolve_dtype
 from fspo_ray.train.config import TrainConfig
 from fspo_ray.train.export import export_hf_folder
