@@ -56,8 +56,7 @@ class BranchLayout:
 def branch_layout(prompt_lengths: Sequence[int], spans: Sequence[Span], width: int, device) -> BranchLayout:
     """The index tensors and the per-branch mask for a batch of `len(prompt_lengths)` packed rows of `width`."""
     prompt_width = max(prompt_lengths)
-    rows = torch.tensor([(row, cut, start, t, c, r) for row, cut, start, t, c, r in spans], dtype=torch.long)
-    row, cut, start, tail, chosen, rejected = rows.unbind(1)
+    row, cut, start, tail, chosen, rejected = torch.tensor(list(spans), dtype=torch.long).unbind(1)
     length = tail + chosen + rejected
     q_width, c_width = int(length.max()), int(cut.max())
     slot = torch.arange(q_width)[None, :]
@@ -94,11 +93,10 @@ def branch_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if branch_layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)  # fmt: skip
-    layout: BranchLayout = branch_layout
+    layout = branch_layout
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     batch, heads, width, dim = query.shape
-    dropout = dropout if module.training else 0.0
     flat = [x.transpose(1, 2).reshape(batch * width, heads, dim) for x in (query, key, value)]
     n, q_width = layout.queries.shape
 
