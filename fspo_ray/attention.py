@@ -19,7 +19,14 @@ Each query sees exactly the keys the dense mask lets it see, so the outputs are 
 (tests/test_logprobs.py holds values and gradients to the dense path's). Models are loaded with
 `attn_implementation=BRANCH_ATTENTION` (registered with transformers here); called without a layout
 (sliding-window layers, which keep the dense mask cut to their window, or generation) it is transformers'
-own SDPA.
+own SDPA, to the bit.
+
+Who runs per branch is the caller's choice (`per_branch`), and today it is evaluation's scoring alone, whose
+rows hold many branches (an episode's k-shot prompts for each of a shot set's targets): there it halves the
+time. Training's K=4 rows gain 5-7% a step, the reference pass nothing measurable, and their different
+rounding trains a different model: the demo's and the demo test's thresholds are met by the trajectories the
+dense mask trains and missed by others (docs/benchmarks.md). Training and the reference pass keep the dense
+mask until the recipe holds across trajectories.
 """
 
 from __future__ import annotations
@@ -132,7 +139,7 @@ def may_attend(batch, window: int | None, b, q, k, visible: torch.Tensor | None 
 
 def packed_attention(device: torch.device | str) -> str:
     """The attention kernel to load a model with that runs packed rows on `device`: FlexAttention on CUDA
-    (its BlockMask skips fully masked blocks), SDPA per branch elsewhere."""
+    (its BlockMask skips fully masked blocks), elsewhere SDPA, per branch where the caller asks."""
     return "flex_attention" if torch.device(device).type == "cuda" else BRANCH_ATTENTION
 
 
@@ -180,11 +187,11 @@ def _layer_masks(config, batch):
     return {"full_attention": full, "sliding_attention": windowed}
 
 
-def decoder_masks(config, batch) -> dict:
-    """What a decoder's forward takes to attend over `batch` as packed: the branch layout, as a keyword each
-    layer's attention receives, with its 4-D mask (which transformers' mask building passes on untouched);
-    else the layers' masks."""
-    if config._attn_implementation == BRANCH_ATTENTION and _sliding_window(config) is None:
+def decoder_masks(config, batch, per_branch: bool) -> dict:
+    """What a decoder's forward takes to attend over `batch` as packed. `per_branch` (on a model loaded with
+    BRANCH_ATTENTION, no sliding window): the branch layout, as a keyword each layer's attention receives, with
+    its 4-D mask (which transformers' mask building passes on untouched); else the layers' dense masks."""
+    if per_branch and config._attn_implementation == BRANCH_ATTENTION and _sliding_window(config) is None:
         return {"attention_mask": batch.branch_layout.mask, "branch_layout": batch.branch_layout}
     return {"attention_mask": _layer_masks(config, batch)}
 
