@@ -9,7 +9,7 @@ boolean for SDPA.
 Over a whole row, the dense mask makes SDPA score every query against every key and throw most of it away:
 a training row of 6 shots and 4 targets is ~650 tokens, of which each target's ~85 see ~385; an evaluation
 row (4 targets, each at 5 shot counts) is ~2,000 tokens, each branch seeing ~400. FlexAttention has no
-backward on CPUs, so there attention runs per branch instead (`branch_attention`), two SDPA calls a layer:
+backward on CPUs; there attention can run per branch instead (`branch_attention`), two SDPA calls a layer:
 
 - the prompts, causally, over the rows' first `prompt_width` tokens;
 - every branch of the batch as a row of its own: its queries against its prompt keys (the first `cut`) and
