@@ -316,7 +316,8 @@ class CompletionScorer:
     """
 
     def __init__(self, models: dict[str, str], dtype: str = "auto", rows_per_forward: int = 8):
-        # Here, not at the top: packing needs torch alone (benchmarks/gpu_step.py runs it on a bare GPU box).
+        # Here, not at the top: packing needs torch and transformers alone (benchmarks/gpu_step.py runs it on a bare
+        # GPU box).
         from fspo_ray.models import load_for_inference, padding_id
 
         attention = packed_attention("cuda" if torch.cuda.is_available() else "cpu")
