@@ -3,6 +3,7 @@ and the shipped autoscaling config adds a replica under load and removes it afte
 
 import asyncio
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +78,40 @@ def test_a_users_requests_stay_on_the_replica_that_has_their_history(url):
         by_id = {client.post("/v1/personalize", json={"history": user_history(u), "query": "Q?", "user_id": "ada",
                                                       "max_new_tokens": 1}).json()["replica"] for u in range(8)}
         assert len(by_id) == 1, by_id
+
+
+def test_a_user_waits_for_their_replica_while_it_is_slow_to_answer_the_routers_probe(url):
+    """The router's queue length for a replica expires after Serve's cache timeout; then it probes it with a 0.1 s
+    deadline. A replica whose process is busy (here: a C call that holds its GIL for 0.6 s, as a long prefill on
+    busy CPUs can starve it) misses that probe; its user still goes to it, not to the replica that has none of
+    their history cached."""
+    import ctypes
+
+    from ray import serve
+    from ray.serve._private.constants import RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S as CACHE_S
+
+    @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0.25},
+                      request_router_config={"request_router_class": "fspo_ray.serve.routing:UserAffinityRouter"})
+    class Busy:
+        def __init__(self):
+            self.replica = serve.get_replica_context().replica_id.unique_id
+
+        async def hold_gil_later(self, delay_s: float, hold_s: float, affinity_key: str) -> str:
+            usleep = ctypes.PyDLL(None).usleep  # a PyDLL call keeps the GIL: no thread of the replica runs meanwhile
+            threading.Timer(delay_s, usleep, args=(int(hold_s * 1e6),)).start()
+            return self.replica
+
+        async def replica_id(self, affinity_key: str) -> str:
+            return self.replica
+
+    handle = serve.run(Busy.bind(), name="busy", route_prefix=None)
+    home = handle.replica_id.remote(affinity_key="ada").result()
+    # Ask the home replica to hold its GIL from just after the router's entry for it expires, then ask again.
+    sent = time.monotonic()
+    assert handle.hold_gil_later.remote(CACHE_S + 0.5, 0.6, affinity_key="ada").result() == home
+    time.sleep(max(0.0, CACHE_S + 0.7 - (time.monotonic() - sent)))
+    assert handle.replica_id.remote(affinity_key="ada").result() == home
+    serve.delete("busy")
 
 
 def test_the_shipped_autoscaling_config_adds_a_replica_under_load_and_removes_it_after(url):

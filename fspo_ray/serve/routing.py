@@ -23,9 +23,10 @@ def rendezvous_weight(key: str, replica: str) -> int:
 
 
 class UserAffinityRouter(FIFOMixin, RequestRouter):
-    """A request with an `affinity_key` goes to its key's replica, or to the runner-up when that one is full;
-    when the key's replica has `max_imbalance` more requests queued than the least-loaded one, or there is no
-    key, it goes to the less loaded of two random replicas (Serve's default)."""
+    """A request with an `affinity_key` goes to its key's replica, or to the runner-up when that one is full
+    or does not answer Serve's queue-length probe for 1.5 s; when the key's replica has `max_imbalance` more
+    requests queued than the least-loaded one, or there is no key, it goes to the less loaded of two random
+    replicas (Serve's default)."""
 
     def initialize_state(self, max_imbalance: int = 8):
         self.max_imbalance = max_imbalance
@@ -46,4 +47,7 @@ class UserAffinityRouter(FIFOMixin, RequestRouter):
         queued = [self.replica_queue_len_cache.get(r.replica_id) or 0 for r in ranked]
         if queued[0] - min(queued) > self.max_imbalance:
             return power_of_two
-        return [[ranked[0]], [ranked[1]]]
+        # Serve probes a replica whose queue length it has not heard of for 10 s with a 0.1 s deadline, doubled at
+        # each rank it moves on to. A replica prefilling on busy CPUs can miss that one, and its user then pays a
+        # whole-history prefill on the runner-up: the key's replica gets 0.1 + 0.2 + 0.4 + 0.8 s first.
+        return [[ranked[0]]] * 4 + [[ranked[1]]]
