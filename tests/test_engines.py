@@ -66,6 +66,18 @@ def test_a_stream_ends_when_the_engine_stops_producing(engine):
     assert asyncio.run(engine.probe(timeout_s=5, stall_timeout_s=5)) is None  # idle: a one-token generate works
 
 
+def test_the_health_probes_token_is_not_counted_as_generated(tmp_path):
+    """/healthz's `tokens_generated` counts requests' tokens: Serve's probe every 5 s adds none. (An engine
+    of its own: the shared one may still finish a cancelled stream's token.)"""
+    from fspo_ray.models import build_tiny_model
+
+    engine = TransformersEngine(build_tiny_model(str(tmp_path / "tiny")))
+    assert asyncio.run(engine.probe(timeout_s=5, stall_timeout_s=5)) is None
+    assert engine.tokens_generated == 0
+    engine.generate_batch([prompt(engine, "Hi?")] * 2, Sampling(max_new_tokens=3))  # the random model: no EOS
+    assert engine.tokens_generated == 2 * 3
+
+
 def test_a_slow_prefill_is_progress_not_a_stall(engine):
     """A prompt whose prefill takes over a second without a token (each of the tiny model's layers slowed
     to 0.3 s on the prompt's pass): a stream with a 0.5 s stall timeout waits it out and answers, and the
@@ -170,7 +182,10 @@ def test_vllm_streams_wait_through_engine_steps_and_stall_without_them():
 
     vllm.engine = Prefilling(steps=True)
     pieces = asyncio.run(collect(vllm.stream([1, 2, 3], Sampling(2), 0.3)))
-    assert pieces == ["Hello", Generation("Hello", 2, 0, "length")]
+    assert pieces == ["Hello", Generation("Hello", 2, 0, "length")] and vllm.tokens_generated == 2
+    vllm.engine.check_health, vllm.tokenizer = lambda: asyncio.sleep(0), SimpleNamespace(eos_token_id=0)
+    assert asyncio.run(vllm.probe(timeout_s=5, stall_timeout_s=5)) is None
+    assert vllm.tokens_generated == 2  # the probe's request is not a client's
     vllm.engine = Prefilling(steps=False)
     with pytest.raises(EngineStalled, match="no progress for 0.3 s"):
         asyncio.run(collect(vllm.stream([1, 2, 3], Sampling(2), 0.3)))
