@@ -32,6 +32,7 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from fspo_ray.data.prompts import Shot, answer_start, strip_completion_header
@@ -262,8 +263,17 @@ class Personalizer(OpenAIRoutes, HistoryRoutes):
         return Prompt(ids, sampling, len(shots) - dropped, dropped, key)
 
     async def _generate(self, prompt: Prompt):
-        """(the generation, the engine replica that wrote it)."""
-        return await self.generator.generate.remote(prompt.ids, prompt.sampling, affinity_key=prompt.affinity_key)
+        """(the generation, the engine replica that wrote it). An engine replica lost mid-request (its node
+        died, it was killed) costs the client nothing: Serve's router has marked it dead on that error, so
+        the one retry goes to a live replica."""
+        for attempt in range(2):
+            try:
+                return await self.generator.generate.remote(prompt.ids, prompt.sampling,
+                                                            affinity_key=prompt.affinity_key)  # fmt: skip
+            except RayActorError as lost:
+                if attempt:
+                    raise
+                logger.warning("an engine replica was lost mid-request (%s); trying another", type(lost).__name__)
 
     async def _answer_pieces(self, prompt: Prompt, answer: Answer, started: float):
         """The answer's text as the engine streams it, without the description or the header before it;

@@ -2,6 +2,7 @@
 and the shipped autoscaling config adds a replica under load and removes it after."""
 
 import asyncio
+import concurrent.futures
 import json
 import threading
 import time
@@ -112,6 +113,28 @@ def test_a_user_waits_for_their_replica_while_it_is_slow_to_answer_the_routers_p
     time.sleep(max(0.0, CACHE_S + 0.7 - (time.monotonic() - sent)))
     assert handle.replica_id.remote(affinity_key="ada").result() == home
     serve.delete("busy")
+
+
+def test_a_request_whose_engine_replica_dies_mid_answer_is_answered_by_the_other(url):
+    """The replica writing a user's 1,024-token answer (about 2 s alone) is killed a second in, as a node's
+    loss kills it: the client still gets 200 with the whole answer, from the other replica, not a 500."""
+    import ray
+    from ray import serve
+
+    deploy({"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}, "lost", "/lost")
+    body = {"user_id": "ada", "query": "Q?", "max_new_tokens": 1}
+    with httpx.Client(base_url=f"{url}/lost", timeout=120) as client:
+        home = client.post("/v1/personalize", json=body).json()["replica"]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(client.post, "/v1/personalize", json={**body, "max_new_tokens": 1024})
+            time.sleep(1.0)
+            (name,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith(f"#{home}")]
+            ray.kill(ray.get_actor(name["name"], namespace=name["namespace"]), no_restart=True)
+            response = answer.result()
+    assert response.status_code == 200, response.text
+    reply = response.json()
+    assert reply["replica"] != home and reply["usage"]["completion_tokens"] == 1024, reply  # the random model: no EOS
+    serve.delete("lost")
 
 
 def test_the_shipped_autoscaling_config_adds_a_replica_under_load_and_removes_it_after(url):

@@ -392,5 +392,9 @@ def test_serving_survives_losing_a_node_and_recovers_its_replicas(cluster, users
     print(f"\nserving across a node loss: before {before}, during {during}, after {after} (failed, sent); "
           f"failures at s after the kill: {failed}")
     assert before[0] == 0 and before[1] > 0, (before, failed)
-    assert during[1] >= 20 and during[0] <= 0.05 * during[1], (during, failed)
+    # Only requests in flight through the lost node's ingress replica die with it (Serve's proxy answers them
+    # 500; one a client at most); one whose engine replica died is tried again on the other. Nothing sent
+    # after the loss fails. (5% of requests were allowed before: 4 in flight of 62 broke it on CI's box.)
+    assert during[1] >= 20, (during, failed)
+    assert all(sent < killed_at for sent, _, status in results if status != 200), (during, failed)
     assert after[0] == 0 and after[1] > 0, (after, failed)
