@@ -152,7 +152,8 @@ def our_app(model: str, engine: str, layout: str):
             options["request_router_config"] = {"request_router_class": serve.config.RequestRouterConfig(
                 ).request_router_class}  # fmt: skip
         generator = Generator.options(**options).bind(model, engine)
-        serve.run(Personalizer.bind(generator), name="fspo", route_prefix="/")
+        # A model without a run gets 1,024 prompt tokens; these histories are ~1,000 tokens plus the query.
+        serve.run(Personalizer.bind(generator, base_max_prompt_length=2048), name="fspo", route_prefix="/")
         yield Ours(f"http://127.0.0.1:{port}")
     finally:
         serve.shutdown()
