@@ -266,14 +266,12 @@ class Personalizer(OpenAIRoutes, HistoryRoutes):
         """(the generation, the engine replica that wrote it). An engine replica lost mid-request (its node
         died, it was killed) costs the client nothing: Serve's router has marked it dead on that error, so
         the one retry goes to a live replica."""
-        for attempt in range(2):
-            try:
-                return await self.generator.generate.remote(prompt.ids, prompt.sampling,
-                                                            affinity_key=prompt.affinity_key)  # fmt: skip
-            except RayActorError as lost:
-                if attempt:
-                    raise
-                logger.warning("an engine replica was lost mid-request (%s); trying another", type(lost).__name__)
+        call = self.generator.generate
+        try:
+            return await call.remote(prompt.ids, prompt.sampling, affinity_key=prompt.affinity_key)
+        except RayActorError as lost:
+            logger.warning("an engine replica was lost mid-request (%s); trying another", type(lost).__name__)
+            return await call.remote(prompt.ids, prompt.sampling, affinity_key=prompt.affinity_key)
 
     async def _answer_pieces(self, prompt: Prompt, answer: Answer, started: float):
         """The answer's text as the engine streams it, without the description or the header before it;
