@@ -22,6 +22,7 @@ class DemoConfig:
     n_test_users: int = 64  # held-out synthetic users for evaluation and serving
     pairs_per_user: int = 16  # labelled preference pairs per user
     dims_per_user: int = 1  # properties each user cares about (synthetic.py)
+    train_dims_per_user: list[int] | None = None  # training users' property counts, cycled (default: dims_per_user)
     label_noise: float = 0.0  # the fraction of each user's pairs whose labels are flipped (synthetic.py)
     train_label_noise: float | None = None  # the training users' flip rate where it differs (default: label_noise)
     held_out_combinations: bool = True  # half the held-out users hold pole combinations no training user holds
@@ -85,7 +86,7 @@ def _demo(cfg: DemoConfig, out: str, log: str) -> dict:
     _step("1/5 synthetic users: preferences known exactly, held-out users unseen in training")
     data = write_synthetic(
         os.path.join(out, "data"), n_train_users=cfg.n_train_users, n_test_users=cfg.n_test_users,
-        pairs_per_user=cfg.pairs_per_user, dims_per_user=cfg.dims_per_user,
+        pairs_per_user=cfg.pairs_per_user, dims_per_user=cfg.dims_per_user, train_dims_per_user=cfg.train_dims_per_user,
         label_noise=cfg.label_noise, train_label_noise=cfg.train_label_noise,
         held_out_combinations=cfg.held_out_combinations, seed=cfg.seed,
     )  # fmt: skip

@@ -20,6 +20,7 @@ class SyntheticUsersConfig:
     n_test_users: int = 64  # held-out users in test.jsonl
     pairs_per_user: int = 40  # labelled preference pairs per user
     dims_per_user: int = 2  # properties each user cares about
+    train_dims_per_user: list[int] | None = None  # training users' property counts, cycled (default: dims_per_user)
     label_noise: float = 0.0  # fraction of pairs whose labels are flipped
     train_label_noise: float | None = None  # the training users' flip rate, where it differs (default: label_noise)
     held_out_combinations: bool = True  # half the held-out users hold pole combinations no training user holds

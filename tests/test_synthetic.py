@@ -126,6 +126,27 @@ def test_without_held_out_combinations_training_users_hold_every_combination_the
     assert len(unseen) == 6 and unseen <= {frozenset(u["preferences"].items()) for u in held_out}
 
 
+def test_training_users_can_care_about_fewer_properties_than_the_held_out_users(tmp_path):
+    # One property a user: 8 combinations (4 properties x 2 poles); two: 24. 96 training users alternate
+    # between one and two: the 48 one-property users hold each pole 6 times, the 48 others each pair twice.
+    paths = synthetic_users.main([f"out={tmp_path}", "n_train_users=96", "n_test_users=24", "pairs_per_user=2",
+                                  "train_dims_per_user=[1,2]", "held_out_combinations=false"])  # fmt: skip
+    users = load_users(paths)
+    train = [u["preferences"] for uid, u in sorted(users.items()) if u["split"] == "train"]
+    assert [len(p) for p in train] == [1, 2] * 48
+    singles = Counter(frozenset(p.items()) for p in train if len(p) == 1)
+    assert len(singles) == 8 and set(singles.values()) == {6}
+    pairs = Counter(frozenset(p.items()) for p in train if len(p) == 2)
+    assert len(pairs) == 24 and set(pairs.values()) == {2}
+    held_out = [u for u in users.values() if u["split"] == "test"]
+    assert len(held_out) == 24 and all(len(u["preferences"]) == 2 for u in held_out)
+    # Each training user's pairs differ only on the properties that user cares about.
+    for row in load_jsonl(paths["train"]):
+        cared = users[row["user_id"]]["preferences"]
+        won, lost = detect_properties(row["preferred"]), detect_properties(row["dispreferred"])
+        assert {d for d in DIMENSIONS if won[d] != lost[d]} <= set(cared), row
+
+
 @pytest.mark.parametrize("dims_per_user", [1, 2, 3, 4])
 def test_each_pole_is_equally_common_among_training_users(tmp_path, dims_per_user):
     def train_prefs(n_train, out):

@@ -243,16 +243,24 @@ def _profiles(dims_per_user: int) -> tuple[list[dict], list[dict]]:
     return trained, novel
 
 
-def make_users(n_train: int, n_test: int, dims_per_user: int = 2, held_out_combinations: bool = True
-               ) -> list[SyntheticUser]:
+def make_users(n_train: int, n_test: int, dims_per_user: int = 2, held_out_combinations: bool = True,
+               train_dims_per_user: list[int] | None = None) -> list[SyntheticUser]:
     """`n_train` training users, then `n_test` held-out ones; with `held_out_combinations`, half the held-out
-    users hold a combination of poles no training user holds, else every user cycles through them all."""
-    if not 1 <= dims_per_user <= len(DIMENSIONS):
-        raise ValueError(f"dims_per_user must be in 1..{len(DIMENSIONS)}, got {dims_per_user}")
-    trained, novel = _profiles(dims_per_user)
-    if not held_out_combinations:
-        trained = trained + novel
-    users = [SyntheticUser(f"train-{i:05d}", trained[i % len(trained)], "train", False) for i in range(n_train)]
+    users hold a combination of poles no training user holds, else every user cycles through them all.
+    `train_dims_per_user` gives the training users' numbers of properties, cycled over them (default: all
+    `dims_per_user`); each number's users cycle through that number's combinations."""
+    train_dims = list(train_dims_per_user or [dims_per_user])
+    pools = {}  # {number of properties: (the combinations training users hold, those only held-out users hold)}
+    for dims in {dims_per_user, *train_dims}:
+        if not 1 <= dims <= len(DIMENSIONS):
+            raise ValueError(f"dims_per_user must be in 1..{len(DIMENSIONS)}, got {dims}")
+        trained, novel = _profiles(dims)
+        pools[dims] = (trained, novel) if held_out_combinations else (trained + novel, [])
+    users = []
+    for i in range(n_train):
+        trained = pools[train_dims[i % len(train_dims)]][0]
+        users.append(SyntheticUser(f"train-{i:05d}", trained[(i // len(train_dims)) % len(trained)], "train", False))
+    trained, novel = pools[dims_per_user]
     seen = {tuple(sorted(u.preferences.items())) for u in users}
     for i in range(n_test):
         if not held_out_combinations:
@@ -307,6 +315,7 @@ def write_synthetic(
     n_test_users: int = 64,
     pairs_per_user: int = 40,
     dims_per_user: int = 2,
+    train_dims_per_user: list[int] | None = None,
     label_noise: float = 0.0,
     train_label_noise: float | None = None,
     held_out_combinations: bool = True,
@@ -315,9 +324,11 @@ def write_synthetic(
     """Write `train.jsonl` and `test.jsonl` (canonical schema) and `users.json`; return their paths.
 
     `train_label_noise` sets the training users' flip rate apart from the held-out users' `label_noise`:
-    consistent training users teach the reading in fewer steps than the noisy users it is then used on."""
+    consistent training users teach the reading in fewer steps than the noisy users it is then used on.
+    `train_dims_per_user` does the same for the number of properties (e.g. [1, 2] under `dims_per_user=2`):
+    a one-property user's every pair shows that property, which teaches reading it plainly."""
     os.makedirs(out_dir, exist_ok=True)
-    users = make_users(n_train_users, n_test_users, dims_per_user, held_out_combinations)
+    users = make_users(n_train_users, n_test_users, dims_per_user, held_out_combinations, train_dims_per_user)
     noise = {"train": label_noise if train_label_noise is None else train_label_noise, "test": label_noise}
     paths = {split: os.path.join(out_dir, f"{split}.jsonl") for split in ("train", "test")}
     files = {split: open(path, "w", encoding="utf-8") for split, path in paths.items()}
