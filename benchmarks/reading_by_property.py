@@ -1,8 +1,9 @@
 """How well a demo's model reads each property: on the held-out pairs whose answers differ in one property
 only, the share its implicit reward ranks right with k shots in the prompt, beside the ideal reader on the
 same pairs. A property the model never learned to read sits near 0.5 while the others sit near the reader.
-Each episode is scored in its own rows with plain transformers forwards (the evaluation packs a window's
-targets into one row; the verdicts agree but for margins within rounding of 0). Run after `make demo`:
+Each episode is packed in a row of its own and scored as training scores it (`packed_logps`; the evaluation
+packs a window's targets into one row: the verdicts agree but for margins within rounding of 0). Run after
+`make demo`:
 
     .venv/bin/python benchmarks/reading_by_property.py demo=runs/demo k=6
 """
@@ -15,21 +16,16 @@ import sys
 
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fspo_ray.data.episodes import build_episodes
 from fspo_ray.data.readers import read_pairs
 from fspo_ray.data.synthetic import DIMENSIONS, bayes_optimal_choice, detect_properties
 from fspo_ray.data.tokenize import PromptStyle, fit_episode
+from fspo_ray.logprobs import pack, packed_logps
+from fspo_ray.models import load_for_inference, padding_id
 
 # The demo's episodes and limits (jobs/demo.yaml): 6-shot windows with 4 targets, preferred-only prompts.
-DEFAULTS = dict(demo="runs/demo", k=6, shots=6, targets=4, seed=0, max_length=768, max_prompt_length=640)
-
-
-def completion_logp(model, prompt: list[int], completion: list[int]) -> float:
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + completion])).logits[0].log_softmax(-1)
-    return logits[len(prompt) - 1 : -1].gather(-1, torch.tensor([completion]).T).sum().item()
+DEFAULTS = dict(demo="runs/demo", k=6, shots=6, targets=4, seed=0, max_length=768, max_prompt_length=640, batch=16)
 
 
 def main(argv: list[str]) -> None:
@@ -38,11 +34,10 @@ def main(argv: list[str]) -> None:
     episodes, _ = build_episodes(read_pairs(os.path.join(cfg.demo, "data", "test.jsonl")), shots=cfg.shots,
                                  passes=1, seed=cfg.seed, targets=cfg.targets)  # fmt: skip
     runs = os.path.join(cfg.demo, "runs")
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(runs, "ipo", "LATEST"))
-    policy, reference = (AutoModelForCausalLM.from_pretrained(os.path.join(runs, r, "LATEST")).eval()
-                         for r in ("ipo", "sft"))  # fmt: skip
+    policy, tokenizer, device = load_for_inference(os.path.join(runs, "ipo", "LATEST"), attention="sdpa")
+    reference, _, _ = load_for_inference(os.path.join(runs, "sft", "LATEST"), attention="sdpa")
     style = PromptStyle(preferred_only=True)
-    verdicts = collections.defaultdict(list)  # {property: [(model right, ideal reader's credit)]}
+    scored = []  # (the property the pair differs in, its tokens, the ideal reader's credit)
     for episode in episodes:
         won, lost = detect_properties(episode.query.preferred), detect_properties(episode.query.dispreferred)
         differing = [d for d in DIMENSIONS if won[d] != lost[d]]
@@ -51,15 +46,21 @@ def main(argv: list[str]) -> None:
         shown = dataclasses.replace(episode, shots=episode.shots[: cfg.k])
         tokens = fit_episode(shown, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                              style=style).tokens  # fmt: skip
-        margin = 0.0
-        for sign, completion in ((1, tokens["chosen_ids"]), (-1, tokens["rejected_ids"])):
-            margin += sign * (completion_logp(policy, tokens["prompt_ids"], completion)
-                              - completion_logp(reference, tokens["prompt_ids"], completion))  # fmt: skip
         user = users[episode.user_id]
         ideal = bayes_optimal_choice([(s.preferred, s.dispreferred) for s in shown.shots],
                                      (episode.query.preferred, episode.query.dispreferred), len(user["preferences"]),
                                      label_noise=user["label_noise"], preferred_only=True)  # fmt: skip
-        verdicts[differing[0]].append((margin > 0, ideal))
+        scored.append((differing[0], tokens, ideal))
+    verdicts = collections.defaultdict(list)  # {property: [(model right, ideal reader's credit)]}
+    for start in range(0, len(scored), cfg.batch):
+        chunk = scored[start : start + cfg.batch]
+        batch = pack(*([t[key] for _, t, _ in chunk] for key in ("prompt_ids", "chosen_ids", "rejected_ids")),
+                     pad_token_id=padding_id(tokenizer), device=device)  # fmt: skip
+        with torch.no_grad():
+            policy_logps, reference_logps = packed_logps(policy, batch), packed_logps(reference, batch)
+        ratios = (policy_logps - reference_logps).tolist()  # chosen..., rejected...
+        for i, (dim, _, ideal) in enumerate(chunk):
+            verdicts[dim].append((ratios[i] > ratios[len(chunk) + i], ideal))
     print(f"held-out pairs that differ in one property, {cfg.k} shots: the share ranked right")
     print(f"{'property':<10}{'pairs':<7}{'model':<8}ideal reader")
     for dim in DIMENSIONS:
