@@ -132,7 +132,7 @@ def test_training_users_can_care_about_fewer_properties_than_the_held_out_users(
     paths = synthetic_users.main([f"out={tmp_path}", "n_train_users=96", "n_test_users=24", "pairs_per_user=2",
                                   "train_dims_per_user=[1,2]", "held_out_combinations=false"])  # fmt: skip
     users = load_users(paths)
-    train = [u["preferences"] for uid, u in sorted(users.items()) if u["split"] == "train"]
+    train = [u["preferences"] for _, u in sorted(users.items()) if u["split"] == "train"]
     assert [len(p) for p in train] == [1, 2] * 48
     singles = Counter(frozenset(p.items()) for p in train if len(p) == 1)
     assert len(singles) == 8 and set(singles.values()) == {6}
