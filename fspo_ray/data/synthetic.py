@@ -23,6 +23,7 @@ assumes, so that reader is the ceiling a model of the training users can reach.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -160,9 +161,16 @@ def _chance_of_differing(dims: set[str], cared: tuple[str, ...]) -> Fraction:
     return each + (each / len(cared) if len(dims) == 1 else 0)  # ... and one is drawn if none did
 
 
-def _likelihood(shown: dict, other: dict | None, preferences: dict, noise: Fraction) -> Fraction:
-    """P(a pair's preferred answer shows `shown`'s poles, its dispreferred `other`'s, | the user), up to
-    the same factor for every user; other=None: only the preferred answer is seen."""
+Poles = tuple[tuple[str, str], ...]  # (property, pole) items: a dict's, hashable
+
+
+@functools.cache  # an ideal reader of 1,024 episodes asks ~500k times for a few hundred distinct answers
+def _likelihood(shown_poles: Poles, other_poles: Poles | None, preference_poles: Poles, noise: Fraction) -> Fraction:
+    """P(a pair's preferred answer shows `shown_poles`, its dispreferred `other_poles`, | the user's
+    `preference_poles`), up to the same factor for every user; other_poles=None: only the preferred answer is
+    seen."""
+    shown, preferences = dict(shown_poles), dict(preference_poles)
+    other = dict(other_poles) if other_poles is not None else None
     cared = tuple(preferences)
     if other is not None:
         candidates = [{d for d in DIMENSIONS if shown[d] != other[d]}]
@@ -196,10 +204,11 @@ def bayes_optimal_choice(
         shown = detect_properties(text)
         if None in shown.values():
             raise ValueError(f"not a synthetic answer (it shows no pole of some property): {text!r}")
-        poles.append(shown)
+        poles.append(tuple(shown.items()))
     *shot_poles, won, lost = poles
     for_won = for_lost = Fraction(0)
     for profile in all_profiles(dims_per_user) if profiles is None else profiles:
+        profile = tuple(profile.items())
         weight = Fraction(1)
         for shown, other in zip(shot_poles[::2], shot_poles[1::2]):
             weight *= _likelihood(shown, None if preferred_only else other, profile, noise)
