@@ -9,7 +9,7 @@ boolean for SDPA.
 Over a whole row, the dense mask makes SDPA score every query against every key and throw most of it away:
 a training row of 6 shots and 4 targets is ~650 tokens, of which each target's ~85 see ~385; an evaluation
 row (4 targets, each at 5 shot counts) is ~2,000 tokens, each branch seeing ~400. FlexAttention has no
-backward on CPUs; there attention can run per branch instead (`branch_attention`), two SDPA calls a layer:
+backward on CPUs; there attention runs per branch instead (`branch_attention`), two SDPA calls a layer:
 
 - the prompts, causally, over the rows' first `prompt_width` tokens;
 - every branch of the batch as a row of its own: its queries against its prompt keys (the first `cut`) and
@@ -21,12 +21,11 @@ Each query sees exactly the keys the dense mask lets it see, so the outputs are 
 (sliding-window layers, which keep the dense mask cut to their window, or generation) it is transformers'
 own SDPA, to the bit.
 
-Who runs per branch is the caller's choice (`per_branch`), and today it is evaluation's scoring alone, whose
-rows hold many branches (an episode's k-shot prompts for each of a shot set's targets): there it halves the
-time. Training's K=4 rows gain 5-7% a step, the reference pass nothing measurable, and their different
-rounding trains a different model: the demo's and the demo test's thresholds are met by the trajectories the
-dense mask trains and missed by others (docs/benchmarks.md). Training and the reference pass keep the dense
-mask until the recipe holds across trajectories.
+Every packed forward of a model loaded with `packed_attention("cpu")` runs per branch: evaluation's rows
+(an episode's k-shot prompts for each of a shot set's targets) in half the time, training's K=4 rows 15-18%
+faster a step (fp32, one thread, an AMD EPYC), the reference pass 4-20% (docs/benchmarks.md). The rounding
+differs from the dense mask's, so a run trains another model than it did under the dense mask: the demo's
+results over trajectories are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -139,7 +138,7 @@ def may_attend(batch, window: int | None, b, q, k, visible: torch.Tensor | None 
 
 def packed_attention(device: torch.device | str) -> str:
     """The attention kernel to load a model with that runs packed rows on `device`: FlexAttention on CUDA
-    (its BlockMask skips fully masked blocks), elsewhere SDPA, per branch where the caller asks."""
+    (its BlockMask skips fully masked blocks), elsewhere SDPA per branch."""
     return "flex_attention" if torch.device(device).type == "cuda" else BRANCH_ATTENTION
 
 
@@ -187,11 +186,11 @@ def _layer_masks(config, batch):
     return {"full_attention": full, "sliding_attention": windowed}
 
 
-def decoder_masks(config, batch, per_branch: bool) -> dict:
-    """What a decoder's forward takes to attend over `batch` as packed. `per_branch` (on a model loaded with
-    BRANCH_ATTENTION, no sliding window): the branch layout, as a keyword each layer's attention receives, with
-    its 4-D mask (which transformers' mask building passes on untouched); else the layers' dense masks."""
-    if per_branch and config._attn_implementation == BRANCH_ATTENTION and _sliding_window(config) is None:
+def decoder_masks(config, batch) -> dict:
+    """What a decoder's forward takes to attend over `batch` as packed. On a model loaded with BRANCH_ATTENTION
+    (and no sliding window): the branch layout, as a keyword each layer's attention receives, with its 4-D mask
+    (which transformers' mask building passes on untouched); else the layers' dense masks."""
+    if config._attn_implementation == BRANCH_ATTENTION and _sliding_window(config) is None:
         return {"attention_mask": batch.branch_layout.mask, "branch_layout": batch.branch_layout}
     return {"attention_mask": _layer_masks(config, batch)}
 

@@ -59,7 +59,7 @@ SHOTS_LENGTH = "shots_length"
 BRANCH_COLUMNS = ("branch_cuts", "branch_tails")
 # Raise when the scores this module computes for the same model and tokens change: cached reference
 # scores (train/reference.py) are keyed on it.
-SCORER_VERSION = 1
+SCORER_VERSION = 2  # 2: training rows attend per branch on CPUs
 
 
 @dataclass(frozen=True)
@@ -256,14 +256,14 @@ def _packs(model_type: str, bidirectional: bool) -> bool:
     return False
 
 
-def packed_logps(model, batch: PackedBatch, per_branch: bool = False) -> torch.Tensor:
+def packed_logps(model, batch: PackedBatch) -> torch.Tensor:
     """Σ log π(completion token | prompt, earlier completion tokens) per completion: (chosen..., rejected...),
     under a Hugging Face causal LM (or PEFT around one); families `LOGITS` does not list go the plain way.
-    `per_branch`: attention per branch where the model was loaded for it (attention.py)."""
+    A model loaded with `packed_attention(device)` attends per branch on CPUs (attention.py)."""
     config = model.config
     if not _packs(config.model_type, bool(getattr(config, "use_bidirectional_attention", False))):
         return plain_logps(model, batch)
-    masks = decoder_masks(config, batch, per_branch)
+    masks = decoder_masks(config, batch)
     hidden = model.get_decoder()(
         input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **masks
     ).last_hidden_state
@@ -307,9 +307,8 @@ class CompletionScorer:
 
     A row is an episode's `TOKEN_COLUMNS`. With `BRANCH_COLUMNS` it holds several prompts that share their
     first tokens (evaluation's k-shot prompts of one episode, see `pack_branches`), scored in one packed row:
-    then each score column holds a list, one score per branch, and on CPUs attention runs per branch
-    (attention.py). Rows with `SHOTS_LENGTH` that begin with the same shots (the K targets of one shot set, in
-    training or evaluation) share one packed row.
+    then each score column holds a list, one score per branch. Rows with `SHOTS_LENGTH` that begin with the same
+    shots (the K targets of one shot set, in training or evaluation) share one packed row.
 
     Packed rows are run shortest first in groups of `rows_per_forward`, so little of a forward is padding; the
     output keeps the input's row order.
@@ -345,7 +344,7 @@ class CompletionScorer:
             packed = pack_branches([rows[g] for g in group], self.pad_id, self.device)
             for name, model in self.models.items():
                 with torch.no_grad():
-                    logps = packed_logps(model, packed, per_branch=branched).tolist()
+                    logps = packed_logps(model, packed).tolist()
                 half = len(logps) // 2
                 branch_owners = [i for g in group for i in owners[g]]
                 for i, chosen, rejected in zip(branch_owners, logps[:half], logps[half:]):

@@ -373,8 +373,8 @@ def test_the_per_branch_layout_lets_each_token_see_what_the_dense_mask_does(layo
 def test_attention_per_branch_equals_the_dense_mask_values_and_gradients(layout, with_rejected):
     """The CPU kernel (packed_attention('cpu')) per branch against SDPA over the dense mask, on the same weights:
     log-probs and every parameter's gradient, with grouped KV heads, padding rows and, for evaluation's rows,
-    branches cut at 0, mid-prompt and the whole prompt. Asked for the dense mask, as training asks, it is SDPA's
-    own path to the bit."""
+    branches cut at 0, mid-prompt and the whole prompt. Called without a branch layout (generation), it is
+    SDPA's own path to the bit."""
 
     assert packed_attention("cpu") == BRANCH_ATTENTION
     if layout == "branches":
@@ -384,20 +384,20 @@ def test_attention_per_branch_equals_the_dense_mask_values_and_gradients(layout,
         prompts, chosen, rejected, shots = LAYOUTS[layout]
         rejected = rejected if with_rejected else None
         batches = [pack(prompts, chosen, rejected, pad_token_id=0, shots_lengths=shots) for _ in range(2)]
-    batches.append(batches[0])  # the dense mask again, through the branch kernel's model
-    results = []
-    for attention, batch, per_branch in zip(("sdpa", BRANCH_ATTENTION, BRANCH_ATTENTION), batches, (0, 1, 0)):
+    results, logits = [], []
+    for attention, batch in zip(("sdpa", BRANCH_ATTENTION), batches):
         model = _model().train()
         model.set_attn_implementation(attention)
-        logps = packed_logps(model, batch, per_branch=bool(per_branch))
+        logps = packed_logps(model, batch)
         logps.sum().backward()
         results.append((logps.detach(), [p.grad for p in model.parameters()]))
+        with torch.no_grad():  # a plain causal forward, as generation runs it
+            logits.append(model(input_ids=batch.input_ids).logits)
     assert "branch_layout" in vars(batches[1]) and "branch_layout" not in vars(batches[0])  # the path each took
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     for got, want in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert torch.equal(results[2][0], results[0][0])
-    assert all(torch.equal(got, want) for got, want in zip(results[2][1], results[0][1]))
+    assert torch.equal(logits[1], logits[0])
 
 
 def test_branches_outside_the_prompt_or_mixed_are_refused():
