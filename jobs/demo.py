@@ -109,7 +109,9 @@ def _demo(cfg: DemoConfig, out: str, log: str) -> dict:
     _step("3/5 few-shot IPO from the SFT model, referenced to it")
     ipo = parse_train_config([*common, "loss=ipo", f"loss.beta={cfg.ipo_beta}", f"lr={cfg.ipo_lr}",
                               f"loss.sft_weight={cfg.ipo_sft_weight}", f"n_examples={cfg.ipo_examples}",
-                              "exp_name=ipo", f"model.archive={sft.run_dir}", "eval_every=4000"])  # fmt: skip
+                              "exp_name=ipo", f"model.archive={sft.run_dir}", "eval_every=4000",
+                              # one one-thread scorer per CPU: faster than one scorer on both (docs/benchmarks.md)
+                              "reference_concurrency=2"])  # fmt: skip
     run_training(ipo, fitted)
 
     # The win rate's opponent is the SFT model: on task but not personalized (the base model answers nothing
