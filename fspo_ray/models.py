@@ -58,7 +58,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
 
 
 # head_dim = 128 / 4 = 32: the smallest vLLM's CPU attention accepts. Two layers read the demo's users as well as
-# three did, in two thirds of the time (docs/benchmarks.md).
+# three did, in three quarters of the step time (docs/benchmarks.md).
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 
 
