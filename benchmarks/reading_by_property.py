@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from fspo_ray.data.episodes import build_episodes
 from fspo_ray.data.readers import read_pairs
 from fspo_ray.data.synthetic import DIMENSIONS, bayes_optimal_choice, detect_properties
+from fspo_ray.attention import packed_attention
 from fspo_ray.data.tokenize import PromptStyle, fit_episode
 from fspo_ray.logprobs import pack, packed_logps
 from fspo_ray.models import load_for_inference, padding_id
@@ -34,8 +35,9 @@ def main(argv: list[str]) -> None:
     episodes, _ = build_episodes(read_pairs(os.path.join(cfg.demo, "data", "test.jsonl")), shots=cfg.shots,
                                  passes=1, seed=cfg.seed, targets=cfg.targets)  # fmt: skip
     runs = os.path.join(cfg.demo, "runs")
-    policy, tokenizer, device = load_for_inference(os.path.join(runs, "ipo", "LATEST"), attention="sdpa")
-    reference, _, _ = load_for_inference(os.path.join(runs, "sft", "LATEST"), attention="sdpa")
+    attention = packed_attention("cuda" if torch.cuda.is_available() else "cpu")  # the kernel training scores with
+    policy, tokenizer, device = load_for_inference(os.path.join(runs, "ipo", "LATEST"), attention=attention)
+    reference, _, _ = load_for_inference(os.path.join(runs, "sft", "LATEST"), attention=attention)
     style = PromptStyle(preferred_only=True)
     scored = []  # (the property the pair differs in, its tokens, the ideal reader's credit)
     for episode in episodes:
